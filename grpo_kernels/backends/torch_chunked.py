@@ -1,0 +1,67 @@
+"""Portable row pass in torch ops: any device, any float dtype.
+
+Works on one chunk of raw logits at a time; its temporaries are a few fp32 copies of
+the chunk, which ``temp_bytes_per_elem`` tells the chunk sizing about.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
+    """u = softcap(z) / T in the accumulation dtype (a new [n, V] tensor)."""
+    u = logits.to(accumulation_dtype(logits.dtype))
+    if softcap is not None:
+        u = torch.tanh(u / softcap) * softcap
+    return u / temperature if temperature != 1.0 else u
+
+
+def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    valid = targets >= 0
+    picked = u.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+class TorchRowBackend(RowBackend):
+    name = "torch"
+    # u (fp32) and p (fp32) live at once next to the chunk
+    temp_bytes_per_elem = 8
+
+    def supports(self, device, dtype):
+        return None
+
+    def row_stats(self, logits, targets, temperature, softcap):
+        u = scaled_logits(logits, temperature, softcap)
+        lse = torch.logsumexp(u, dim=-1)
+        p = torch.exp(u - lse.unsqueeze(1))
+        # sum(p * u) with -inf logits masked out of the product (p = 0 there)
+        pu = torch.where(p > 0, p * u, torch.zeros_like(u)).sum(-1)
+        return RowStats(lse=lse, entropy=lse - pu, target_logit=_gather_targets(u, targets))
+
+    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
+        u = scaled_logits(logits, temperature, softcap)
+        g = torch.exp(u - lse.unsqueeze(1))  # p
+        if dentropy is not None:
+            # dH/du = -p (u - lse + H); computed before p is turned into the logp part
+            ent_term = g * (u - lse.unsqueeze(1) + entropy.unsqueeze(1))
+            ent_term = torch.where(g > 0, ent_term, torch.zeros_like(ent_term))
+        g.mul_(-dlogp.unsqueeze(1))
+        valid = targets >= 0
+        rows = torch.nonzero(valid).squeeze(1)
+        g[rows, targets[rows]] += dlogp[rows]
+        if dentropy is not None:
+            g.sub_(ent_term * dentropy.unsqueeze(1))
+            del ent_term
+        if temperature != 1.0:
+            g.div_(temperature)
+        if softcap is not None:
+            t = torch.tanh(logits.to(g.dtype) / softcap)
+            g.mul_(1 - t * t)
+        logits.copy_(g)
+
+
+BACKEND = TorchRowBackend()
