@@ -1,0 +1,103 @@
+"""Eager implementation of the whole GRPO loss over the vocabulary (no autograd here).
+
+Given flattened hidden states and per-token inputs, returns the loss together with
+its gradients (computed in the forward pass) and the per-token logps/entropy.
+Padding rows (mask == 0) are dropped before the vocabulary pass and get zeros.
+
+Paths, by what the per-token gradient coefficient depends on:
+- token-level importance sampling: the coefficient follows from the token's own
+  logp, so one fused sweep computes statistics, epilogue and gradients (6NHV flops);
+  ``top_entropy_quantile < 1`` first needs every entropy: one stats-only sweep more.
+- sequence-level importance sampling: the coefficient needs the whole row's logps:
+  a stats sweep, the coefficient by autograd through ``objective_loss`` on [B, T],
+  then a gradient sweep that recomputes the logits (8NHV flops).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from grpo_kernels import objective, vocab_pass
+from grpo_kernels.backends import get_backend
+from grpo_kernels.backends.base import accumulation_dtype
+from grpo_kernels.options import GRPOOptions
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
+    out = values.new_zeros((total,) + tuple(values.shape[1:]))
+    return out.index_copy_(0, rows, values)
+
+
+def fused_grpo_loss(
+    hidden: torch.Tensor,  # [B*T, H]
+    weight: torch.Tensor,  # [V, H]
+    bias: Optional[torch.Tensor],  # [V]
+    targets: torch.Tensor,  # [B*T] int64
+    mask: torch.Tensor,  # [B, T]
+    adv: torch.Tensor,  # [B, T] (broadcast)
+    old: Optional[torch.Tensor],  # [B, T]
+    ref: Optional[torch.Tensor],  # [B, T]
+    is_ratio: Optional[torch.Tensor],  # [B, T] (broadcast)
+    options: GRPOOptions,
+    needs: Tuple[bool, bool, bool],  # grads wanted for (hidden, weight, bias)
+):
+    """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias);
+    grads are None when not needed."""
+    B, T = mask.shape
+    total = B * T
+    acc = accumulation_dtype(hidden.dtype)
+    backend = get_backend(options.backend, hidden.device, hidden.dtype)
+    rows = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
+    h = hidden.index_select(0, rows)
+    tgt = targets.index_select(0, rows)
+    pick = lambda t: None if t is None else t.reshape(-1).index_select(0, rows).to(acc)  # noqa: E731
+    softcap, temp, chunk = options.logit_softcap, options.temperature, options.chunk_size
+    # padding positions may hold junk (even inf) old/ref logps: they must not reach a sum
+    keep = mask != 0
+    old = None if old is None else torch.where(keep, old.to(acc), torch.zeros((), dtype=acc, device=old.device))
+    ref = None if ref is None else torch.where(keep, ref.to(acc), torch.zeros((), dtype=acc, device=ref.device))
+    want_grads = any(needs)
+
+    entropy_mask = None
+    if options.top_entropy_quantile < 1.0 or not want_grads or options.importance_sampling_level == "sequence":
+        sel_stats = vocab_pass.forward_stats(backend, h, weight, bias, tgt, temp, softcap, chunk)
+        logp_full = _scatter_rows(sel_stats.logp, rows, total)
+        ent_full = _scatter_rows(sel_stats.entropy, rows, total)
+        if options.top_entropy_quantile < 1.0:
+            entropy_mask = objective.high_entropy_mask(ent_full.view(B, T), mask, options.top_entropy_quantile)
+
+    policy_scale = is_ratio
+    if entropy_mask is not None:
+        policy_scale = entropy_mask.to(acc) if policy_scale is None else policy_scale.to(acc) * entropy_mask
+
+    def loss_of(logp_full):
+        return objective.objective_loss(
+            logp_full.view(B, T), mask, adv, options, old=old, ref=ref, policy_scale=policy_scale
+        )
+
+    if not want_grads:
+        return loss_of(logp_full).detach(), logp_full, ent_full, None, None, None
+
+    if options.importance_sampling_level == "token":
+        token_inputs = objective.TokenInputs(
+            old=pick(old), adv=pick(adv), weight=pick(objective.token_weights(mask, options, acc)),
+            ref=pick(ref), policy_scale=pick(policy_scale),
+        )
+        stats, loss_t, _, gh, gw, gb = vocab_pass.fused_forward_backward(
+            backend, h, weight, bias, tgt, temp, softcap,
+            lambda s, e: (token_inputs.select(slice(s, e)), options), chunk, needs,
+        )
+        loss = loss_t.sum()
+        logp_full = _scatter_rows(stats.logp, rows, total)
+        ent_full = _scatter_rows(stats.entropy, rows, total)
+    else:
+        # torch.func rather than torch.autograd: this runs inside a custom op, below the
+        # autograd dispatch key, where only functorch's own transform still differentiates
+        dlogp_full, loss = torch.func.grad_and_value(loss_of)(logp_full)
+        gh, gw, gb = vocab_pass.backward_grads(
+            backend, h, weight, bias, tgt, temp, softcap, sel_stats.lse, sel_stats.entropy,
+            dlogp_full.index_select(0, rows), None, chunk, needs,
+        )
+    gh_full = _scatter_rows(gh, rows, total) if gh is not None else None
+    return loss, logp_full, ent_full, gh_full, gw, gb

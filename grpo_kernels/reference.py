@@ -1,0 +1,147 @@
+"""The oracle: plain torch, materialized logits, TRL 1.16 ``GRPOTrainer._compute_loss`` line by line.
+
+Runs in whatever dtype it is given (tests use float64). Deliberately naive and
+independent of ``objective.py``: it is what every fast path is tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from grpo_kernels.options import GRPOOptions
+
+
+def reference_logits(hidden, weight, bias=None, temperature=1.0, logit_softcap=None):
+    """[..., V] logits: lm_head, then Gemma-2 softcapping, then temperature."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    if logit_softcap is not None:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    return logits / temperature
+
+
+def reference_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0, logit_softcap=None):
+    """(logps, entropy), each shaped like ``targets``, from materialized logits."""
+    logits = reference_logits(hidden, weight, bias, temperature, logit_softcap)
+    logsm = torch.log_softmax(logits, dim=-1)
+    logps = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    probs = torch.softmax(logits, dim=-1)
+    entropy = -(probs * logsm).sum(-1)
+    return logps, entropy
+
+
+def _high_entropy_mask(entropies, mask, threshold):
+    local = entropies[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropies, dtype=torch.bool)
+    entropy_threshold = torch.quantile(local, threshold)
+    masked_entropies = entropies * mask.float()
+    return (masked_entropies >= entropy_threshold) & mask.bool()
+
+
+def reference_grpo_loss(
+    hidden,
+    weight,
+    targets,
+    advantages,
+    mask,
+    old_logps=None,
+    ref_logps=None,
+    *,
+    bias=None,
+    importance_sampling_ratio=None,
+    options: Optional[GRPOOptions] = None,
+    return_metrics: bool = False,
+    **option_overrides,
+):
+    """TRL's loss from hidden states. Same arguments as ``grpo_kernels.grpo_loss``."""
+    o = (options or GRPOOptions()).replace(**option_overrides) if option_overrides else (options or GRPOOptions())
+    eps_low, eps_high = o.epsilon_low, o.eps_high
+    mask = mask.to(hidden.dtype)
+    per_token_logps, entropies = reference_token_logprobs(
+        hidden, weight, targets, bias, o.temperature, o.logit_softcap
+    )
+
+    if o.top_entropy_quantile < 1.0:
+        entropy_mask = _high_entropy_mask(entropies.detach(), mask, 1 - o.top_entropy_quantile)
+    else:
+        entropy_mask = None
+
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    old_per_token_logps = per_token_logps.detach() if old_logps is None else old_logps
+
+    log_ratio = per_token_logps - old_per_token_logps
+    if o.importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_importance_weights = log_importance_weights.unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+
+    if o.beta != 0.0:
+        per_token_kl = torch.exp(ref_logps - per_token_logps) - (ref_logps - per_token_logps) - 1
+        if o.use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    if o.loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=eps_high).detach()
+        per_token_loss = -clamped_ratios * advantages * per_token_logps
+    elif o.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if o.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=o.delta)
+        per_token_loss1 = coef_1 * advantages
+        per_token_loss2 = coef_2 * advantages
+        per_token_loss = -torch.min(per_token_loss1, per_token_loss2)
+    elif o.loss_type == "sapo":
+        temperatures = torch.where(advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        per_token_loss = -soft_coef_1 * advantages
+    else:
+        raise ValueError(o.loss_type)
+
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio
+    if o.beta != 0.0:
+        per_token_loss = per_token_loss + o.beta * per_token_kl
+
+    if o.loss_type in ["grpo", "sapo"]:
+        loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif o.loss_type == "bnpo":
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    elif o.loss_type == "dr_grpo":
+        loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * o.max_completion_length)
+    elif o.loss_type in ["cispo", "dapo"]:
+        n = mask.sum() if o.num_items_in_batch is None else torch.as_tensor(float(o.num_items_in_batch), dtype=hidden.dtype)
+        loss = (per_token_loss * mask).sum() / n.clamp(min=1.0)
+    else:  # luspo
+        loss = (per_token_loss * mask).sum(-1).mean()
+
+    if not return_metrics:
+        return loss
+
+    def global_masked_mean(x):
+        if x.shape[1] == 1:
+            return x.sum() / x.shape[0]
+        return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+    metrics = {
+        "logps": per_token_logps.detach(),
+        "entropy": entropies.detach(),
+        "entropy_mean": global_masked_mean(entropies.detach()),
+        "kl_mean": global_masked_mean(per_token_kl.detach()) if o.beta != 0.0 else None,
+    }
+    if o.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
+        is_low = (coef_1 < 1 - eps_low) & (advantages < 0)
+        is_high = (coef_1 > 1 + eps_high) & (advantages > 0)
+        metrics["clip_ratio_low"] = global_masked_mean(is_low.to(hidden.dtype))
+        metrics["clip_ratio_high"] = global_masked_mean(is_high.to(hidden.dtype))
+        metrics["clip_ratio_region"] = global_masked_mean((is_low | is_high).to(hidden.dtype))
+    elif o.loss_type == "cispo":
+        metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (advantages > 0)).to(hidden.dtype))
+    return loss, metrics
