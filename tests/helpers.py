@@ -1,0 +1,69 @@
+"""Shared test inputs and comparisons (fresh random data, never zeros)."""
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels.reference import reference_token_logprobs
+
+# (relative tolerance for the loss, for the gradients) by input dtype, against the fp64 oracle
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (2e-2, 3e-2),
+}
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), "non-finite values"
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / max(denom, 1e-30)
+
+
+def make_batch(B=3, T=5, H=16, V=37, dtype=torch.float64, device="cpu", seed=0, bias=True,
+               full_row_masked=True, single_token_row=True, token_advantages=False, off_policy=0.2):
+    """Random GRPO inputs whose old/ref logps sit near the current ones, so some ratios clip."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64) * 0.7
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.3 if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 0], targets[-1, -1] = 0, V - 1
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[:, 0] = True
+    if full_row_masked and B > 1:
+        mask[1] = False
+    if single_token_row and B > 2:
+        mask[2] = False
+        mask[2, 0] = True
+    adv_shape = (B, T) if token_advantages else (B,)
+    advantages = torch.randn(adv_shape, generator=g, dtype=torch.float64)
+    # round inputs to the tested dtype first, so the oracle sees exactly what the kernel sees
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    b = None if b is None else b.to(dtype)
+    with torch.no_grad():
+        cur, _ = reference_token_logprobs(hidden.double(), weight.double(), targets,
+                                          None if b is None else b.double())
+    old = cur + off_policy * torch.randn(B, T, generator=g, dtype=torch.float64)
+    ref = cur + off_policy * torch.randn(B, T, generator=g, dtype=torch.float64)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(hidden=to(hidden), weight=to(weight), bias=to(b), targets=to(targets), mask=to(mask),
+                advantages=to(advantages), old_logps=to(old), ref_logps=to(ref))
+
+
+def run_loss(loss_fn, batch, **kwargs):
+    """Loss and (grad_hidden, grad_weight, grad_bias) of ``loss_fn`` on leaf copies of the batch."""
+    leaves = {k: batch[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight")}
+    bias = None if batch["bias"] is None else batch["bias"].detach().clone().requires_grad_(True)
+    out = loss_fn(leaves["hidden"], leaves["weight"], batch["targets"], batch["advantages"], batch["mask"],
+                  batch["old_logps"], batch["ref_logps"], bias=bias, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    grads = (leaves["hidden"].grad, leaves["weight"].grad, None if bias is None else bias.grad)
+    return out, grads
+
+
+def as_double(batch):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in batch.items()}
