@@ -1,8 +1,5 @@
 """grpo_kernels: a fused, memory-lean GRPO loss that never materializes [N, V] logits."""
-try:
-    from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, process_advantages
-except ImportError:  # TEMP while advantages.py is written
-    pass
+from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, process_advantages
 from grpo_kernels.api import GRPOLoss, grpo_loss, token_logprobs
 from grpo_kernels.objective import GRPOMetrics
 from grpo_kernels.options import GRPOOptions
