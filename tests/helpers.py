@@ -1,9 +1,11 @@
 """Shared test inputs and comparisons (fresh random data, never zeros)."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 
-from grpo_kernels.reference import reference_token_logprobs
+from grpo_kernels.reference import reference_grpo_loss, reference_token_logprobs
 
 # (relative tolerance for the loss, for the gradients) by input dtype, against the fp64 oracle
 TOLERANCES = {
@@ -67,3 +69,39 @@ def run_loss(loss_fn, batch, **kwargs):
 def as_double(batch):
     return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
             for k, v in batch.items()}
+
+
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that, unlike hash(), does not change with PYTHONHASHSEED."""
+    return zlib.crc32(repr(parts).encode()) % 100_000
+
+
+def well_conditioned_batch(dtype, seed, opts, tries=64, **batch_kwargs):
+    """make_batch at the first seed from ``seed`` whose oracle result survives input rounding.
+
+    A token whose ratio sits within a rounding error of a clip boundary (measured: log-ratio
+    margins of 3e-4 in 3 of 200 bf16 seeds) flips between clipped and unclipped when the kernel
+    rounds its logits, and its whole gradient appears or vanishes: a 30-60% difference that no
+    tolerance should absorb and no kernel can avoid. The oracle itself is the judge: a batch is
+    kept when scaling hidden by (1 +- ulp/2 * noise), the size of the kernel's own rounding, moves
+    the float64 loss and gradients by less than half the tolerance (a smooth move is ~1 ulp, a
+    flip tens of percent). float64 batches are taken as they come.
+    """
+    if dtype == torch.float64:
+        return make_batch(dtype=dtype, seed=seed, **batch_kwargs)
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    half_ulp = torch.finfo(dtype).eps / 2
+    for s in range(seed, seed + tries):
+        batch = make_batch(dtype=dtype, seed=s, **batch_kwargs)
+        base = as_double(batch)
+        out, grads = run_loss(reference_grpo_loss, base, **opts)
+        noise = torch.randn(base["hidden"].shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+        stable = True
+        for sign in (1.0, -1.0):
+            bumped = dict(base, hidden=base["hidden"] * (1 + sign * half_ulp * noise.to(base["hidden"].device)))
+            out2, grads2 = run_loss(reference_grpo_loss, bumped, **opts)
+            stable &= rel_err(out2, out) < tol_loss / 2
+            stable &= all(rel_err(a, b) < tol_grad / 2 for a, b in zip(grads2, grads) if b is not None)
+        if stable:
+            return batch
+    raise AssertionError(f"no well-conditioned batch in seeds {seed}..{seed + tries}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss
+from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss, stable_seed, well_conditioned_batch
 from grpo_kernels import grpo_loss
 from grpo_kernels.options import LOSS_TYPES
 from grpo_kernels.reference import reference_grpo_loss
@@ -50,8 +50,9 @@ def check_against_oracle(backend, batch, dtype, **opts):
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_loss_and_grads_match_oracle(backend, dtype, level, loss_type):
     dtype = low_precision(backend) if dtype == "low" else getattr(torch, dtype)
-    batch = make_batch(dtype=dtype, device=DEVICE, seed=hash((loss_type, level)) % 1000)
-    check_against_oracle(backend, batch, dtype, **loss_options(loss_type, level))
+    opts = loss_options(loss_type, level)
+    batch = well_conditioned_batch(dtype, stable_seed(loss_type, level), opts, device=DEVICE)
+    check_against_oracle(backend, batch, dtype, **opts)
 
 
 OPTION_CASES = {
