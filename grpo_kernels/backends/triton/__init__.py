@@ -1,0 +1,87 @@
+"""The Triton row backend: fused kernels for the vocabulary pass and the O(B*T) math.
+
+Runs on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (Triton's numpy
+interpreter: slow, for tests; it must be set before this package is imported, and has
+no bfloat16). Kernels live in:
+
+- ``row_kernels``: ``row_stats``, ``row_grad_`` and the fused ``row_fused_`` (statistics,
+  GRPO epilogue and gradient in one launch per chunk);
+- ``objective_kernel``: the per-token epilogue (``objective.token_epilogue``), shared as a
+  device function by the fused row kernel and a standalone elementwise kernel;
+- ``advantages_kernel``: ``advantages.normalize_groups``.
+
+Environment: ``GRPO_KERNELS_TRITON_AUTOTUNE=0`` (no autotuning on the GPU: a fixed tile),
+``GRPO_KERNELS_TRITON_BLOCK_V=<power of 2>`` (that fixed tile). Autotuning is also off
+in deterministic runs (``torch.use_deterministic_algorithms`` or ``deterministic=True``).
+The first call per (V, dtype) on the GPU benchmarks a few configurations; the in-place
+kernels then keep one extra copy of the chunk while they do.
+"""
+from __future__ import annotations
+
+import torch
+
+from grpo_kernels.backends.base import RowBackend, accumulation_dtype
+from grpo_kernels.backends.triton import advantages_kernel, objective_kernel, row_kernels
+from grpo_kernels.backends.triton._common import INTERPRET
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class TritonRowBackend(RowBackend):
+    """Fused Triton kernels; no [n, V] temporaries beyond the chunk itself."""
+
+    name = "triton"
+    temp_bytes_per_elem = 0
+    #: per-row reductions in a fixed order for a fixed tile (autotuning is off when deterministic)
+    deterministic = True
+
+    def supports(self, device, dtype):
+        device = torch.device(device)
+        if dtype not in _DTYPES:
+            return f"dtype {dtype} is not supported (float16, bfloat16, float32, float64)"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            return None
+        if device.type == "cpu":
+            if not INTERPRET:
+                return ("Triton runs on the CPU only through its interpreter: set TRITON_INTERPRET=1 "
+                        "before importing grpo_kernels")
+            if dtype == torch.bfloat16:
+                return "the Triton interpreter (numpy) has no bfloat16"
+            return None
+        return f"device type {device.type!r} is not supported (cuda; cpu with TRITON_INTERPRET=1)"
+
+    # -- the row primitives --
+
+    def row_stats(self, logits, targets, temperature, softcap):
+        return row_kernels.row_stats(logits, targets, temperature, softcap)
+
+    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
+        row_kernels.row_grad_(logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap)
+
+    def row_fused_(self, logits, targets, temperature, softcap, token_inputs, options):
+        return row_kernels.row_fused_(logits, targets, temperature, softcap, token_inputs, options)
+
+    # -- O(B*T) kernels --
+
+    def token_epilogue(self, logp, token_inputs, options):
+        if (
+            logp.dtype not in (torch.float32, torch.float64)
+            or self.supports(logp.device, logp.dtype) is not None
+        ):
+            return super().token_epilogue(logp, token_inputs, options)
+        return objective_kernel.token_epilogue(logp, token_inputs, options)
+
+    def group_normalize(self, rewards, num_generations, scale_rewards, eps):
+        if (
+            not isinstance(rewards, torch.Tensor)
+            or self.supports(rewards.device, accumulation_dtype(rewards.dtype)) is not None
+        ):
+            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
+        return advantages_kernel.group_normalize(rewards, num_generations, scale_rewards, eps)
+
+
+BACKEND = TritonRowBackend()
+
+__all__ = ["TritonRowBackend", "BACKEND"]

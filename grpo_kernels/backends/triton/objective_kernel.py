@@ -1,0 +1,199 @@
+"""The GRPO per-token epilogue in Triton: ``objective.token_epilogue``, operation for operation.
+
+``grpo_token_epilogue`` is a ``@triton.jit`` device function on tensors of any shape (a
+scalar per row in the fused row kernel, a block of tokens in ``token_epilogue_kernel``).
+Loss family, delta, KL and the optional inputs are compile-time flags; the numbers
+(clip bounds, delta, beta, SAPO temperatures) are runtime scalars already in ACC.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from grpo_kernels.backends.triton import _common
+from grpo_kernels.backends.triton._common import INTERPRET, exp_cap, next_pow2, tl_acc, to_acc
+from grpo_kernels.options import CLIPPED_LOSS_TYPES
+
+# LOSS constexpr values
+CLIPPED, CISPO, SAPO = 0, 1, 2
+
+
+@triton.jit
+def _exp_sat(x, cap):
+    # objective._exp_sat: exp(clamp(x, max=cap)); NaN stays NaN (x > cap is False)
+    return tl.exp(tl.where(x > cap, cap, x))
+
+
+@triton.jit
+def _scale(x, s):
+    # objective._scale: x * s, exactly 0 where s == 0
+    return tl.where(s == 0, 0.0, x * s)
+
+
+@triton.jit
+def grpo_token_epilogue(
+    logp, old, A, weight, ref, scale,
+    lo, hi, delta, eh, beta, tau_pos, tau_neg, cap,
+    LOSS: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+):
+    """(weight * loss_t, dL/dlogp) of one token (or a block of tokens), all in ACC.
+
+    ``old`` is ``logp`` itself on-policy; ``ref`` / ``scale`` are ignored unless HAS_KL /
+    HAS_SCALE. ``lo, hi`` = 1 - eps_low, 1 + eps_high; ``eh`` = eps_high (cispo's clamp);
+    ``cap`` = the exp saturation point of ACC.
+    """
+    w = _exp_sat(logp - old, cap)
+    if LOSS == 1:  # cispo
+        clamped = tl.where(w > eh, eh, w)
+        loss = -clamped * A * logp
+        dlogp = -clamped * A
+    elif LOSS == 2:  # sapo
+        tau = tl.where(A > 0, tau_pos, tau_neg)
+        sig = tl.sigmoid(tau * (w - 1.0))
+        loss = -sig * 4.0 / tau * A
+        dlogp = -4.0 * sig * (1.0 - sig) * A * w
+    else:  # grpo / bnpo / dr_grpo / dapo / luspo
+        w2 = tl.where(w < lo, lo, tl.where(w > hi, hi, w))  # clamp(w, lo, hi), NaN kept
+        dw2 = ((w >= lo) & (w <= hi)).to(w.dtype)
+        if HAS_DELTA:
+            w1 = tl.where(w > delta, delta, w)  # clamp(w, max=delta)
+        else:
+            w1 = w
+        a = w1 * A
+        b = w2 * A
+        # torch.minimum (NaN-propagating) and its backward: ties split the gradient evenly
+        tie = (a == b).to(w.dtype)
+        wa = (a < b).to(w.dtype) + 0.5 * tie
+        wb = (a > b).to(w.dtype) + 0.5 * tie
+        loss = -tl.where((a < b) | (a != a), a, b)
+        if HAS_DELTA:
+            dw1 = (w <= delta).to(w.dtype)
+            dlogp = -(wa * dw1 + wb * dw2) * A * w
+        else:  # dw1 = 1
+            dlogp = -(wa + wb * dw2) * A * w
+    if HAS_SCALE:
+        loss = _scale(loss, scale)
+        dlogp = _scale(dlogp, scale)
+    if HAS_KL:
+        e = _exp_sat(ref - logp, cap)
+        kl = e - (ref - logp) - 1.0
+        dkl = 1.0 - e
+        if BIAS_KL:
+            dkl = dkl * w + kl * w
+            kl = kl * w
+        loss = loss + beta * kl
+        dlogp = dlogp + beta * dkl
+    return _scale(loss, weight), _scale(dlogp, weight)
+
+
+@triton.jit
+def token_epilogue_kernel(
+    logp_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, scale_ptr, loss_ptr, dlogp_ptr, n,
+    lo: tl.float64, hi: tl.float64, delta: tl.float64, eh: tl.float64, beta: tl.float64,
+    tau_pos: tl.float64, tau_neg: tl.float64,
+    CAP: tl.constexpr, ACC: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    logp = tl.load(logp_ptr + offs, mask=m, other=0.0)
+    if HAS_OLD:
+        old = tl.load(old_ptr + offs, mask=m, other=0.0)
+    else:
+        old = logp
+    A = tl.load(adv_ptr + offs, mask=m, other=0.0)
+    wt = tl.load(weight_ptr + offs, mask=m, other=0.0)
+    if HAS_KL:
+        ref = tl.load(ref_ptr + offs, mask=m, other=0.0)
+    else:
+        ref = logp
+    if HAS_SCALE:
+        sc = tl.load(scale_ptr + offs, mask=m, other=0.0)
+    else:
+        sc = logp
+    loss, dlogp = grpo_token_epilogue(
+        logp, old, A, wt, ref, sc,
+        to_acc(lo, ACC), to_acc(hi, ACC), to_acc(delta, ACC), to_acc(eh, ACC), to_acc(beta, ACC),
+        to_acc(tau_pos, ACC), to_acc(tau_neg, ACC), to_acc(CAP, ACC),
+        LOSS, HAS_DELTA, HAS_SCALE, HAS_KL, BIAS_KL,
+    )
+    tl.store(loss_ptr + offs, loss, mask=m)
+    tl.store(dlogp_ptr + offs, dlogp, mask=m)
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+def _default_dtype_round(x: float) -> float:
+    # TRL / objective: torch.where(A > 0, tau_pos, tau_neg) is a tensor of the default dtype
+    return torch.tensor(float(x), dtype=torch.get_default_dtype()).item()
+
+
+def epilogue_params(options, dtype: torch.dtype) -> dict:
+    """Runtime scalars and constexpr flags of ``grpo_token_epilogue`` for ``options``."""
+    lt = options.loss_type
+    if lt == "cispo":
+        kind = CISPO
+    elif lt == "sapo":
+        kind = SAPO
+    elif lt in CLIPPED_LOSS_TYPES:
+        kind = CLIPPED
+    else:
+        raise ValueError(f"unknown loss_type {lt!r}")
+    eh = float(options.eps_high)
+    has_delta = kind == CLIPPED and options.delta is not None
+    return dict(
+        lo=1.0 - float(options.epsilon_low), hi=1.0 + eh,
+        delta=float(options.delta) if has_delta else 0.0, eh=eh, beta=float(options.beta),
+        tau_pos=_default_dtype_round(options.sapo_temperature_pos),
+        tau_neg=_default_dtype_round(options.sapo_temperature_neg),
+        CAP=exp_cap(dtype), ACC=tl_acc(dtype), LOSS=kind, HAS_DELTA=has_delta,
+        HAS_KL=options.beta != 0.0, BIAS_KL=bool(options.use_bias_correction_kl),
+    )
+
+
+def token_vectors(token_inputs, shape, dtype: torch.dtype, device, beta: float):
+    """(old, adv, weight, ref, policy_scale) as contiguous flat ``dtype`` vectors (None kept)."""
+    if beta != 0.0 and token_inputs.ref is None:
+        raise ValueError("ref logps are required when beta != 0")
+
+    def vec(x: Optional[torch.Tensor]):
+        if x is None:
+            return None
+        x = torch.as_tensor(x).detach().to(device=device, dtype=dtype)
+        return torch.broadcast_to(x, shape).reshape(-1).contiguous()
+
+    return (
+        vec(token_inputs.old), vec(token_inputs.adv), vec(token_inputs.weight),
+        vec(token_inputs.ref) if beta != 0.0 else None, vec(token_inputs.policy_scale),
+    )
+
+
+def token_epilogue(logp: torch.Tensor, token_inputs, options):
+    """``objective.token_epilogue`` in one elementwise kernel (logp float32/float64)."""
+    from grpo_kernels.objective import TokenEpilogue
+
+    if options.importance_sampling_level != "token":
+        raise ValueError("token_epilogue needs importance_sampling_level='token'")
+    logp = logp.detach()
+    shape = logp.shape
+    flat = logp.reshape(-1).contiguous()
+    n = flat.numel()
+    old, adv, weight, ref, scale = token_vectors(token_inputs, shape, flat.dtype, flat.device, options.beta)
+    loss = _common.empty(flat.shape, flat.dtype, flat.device)
+    dlogp = _common.empty(flat.shape, flat.dtype, flat.device)
+    if n:
+        params = epilogue_params(options, flat.dtype)
+        block = min(1024, max(16, next_pow2(n))) if not INTERPRET else max(16, min(next_pow2(n), 4096))
+        with _common.device_guard(flat):
+            token_epilogue_kernel[(triton.cdiv(n, block),)](
+                flat, flat if old is None else old, adv, weight, flat if ref is None else ref,
+                flat if scale is None else scale, loss, dlogp, n,
+                HAS_OLD=old is not None, HAS_SCALE=scale is not None, BLOCK=block, **params,
+            )
+    return TokenEpilogue(loss.reshape(shape), dlogp.reshape(shape))
