@@ -1,0 +1,315 @@
+// The vocabulary row pass of grpo_kernels: parameter structs, the per-token GRPO
+// epilogue (shared by the CPU and CUDA code) and the launcher declarations.
+//
+// No torch here: the CUDA kernels (row_pass.cu) include CUDA headers only, the
+// C++/OpenMP implementation (row_pass_cpu.cpp) and the bindings (bindings.cpp)
+// include torch. The semantics are those of grpo_kernels/backends/base.py:
+//
+//   s = c * tanh(z / c) (softcap c > 0, else s = z), u = s / T
+//   lse = logsumexp(u), entropy = lse - sum(softmax(u) * u), target_logit = u[target]
+//   (0 where target < 0 or target >= V)
+//   g_u = dlogp * (onehot - p) - dentropy * p * (u - lse + entropy), p = exp(u - lse)
+//   g_z = g_u / T * (1 - tanh(z / c)^2)
+//
+// Storage dtypes: fp32, fp64, fp16, bf16 logits; every reduction accumulates in fp32
+// (fp64 for fp64 logits). Per-row vectors (lse, entropy, target_logit, dlogp,
+// dentropy, token inputs, outputs) are contiguous [n] in the accumulation dtype.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define GRPO_HD __host__ __device__
+#else
+#define GRPO_HD
+#endif
+
+namespace grpo {
+
+enum DType : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+
+// grpo, bnpo, dr_grpo, dapo and luspo share the clipped objective (they differ only
+// in the normalization, folded into the per-token weight).
+enum LossKind : int { kClipped = 0, kCispo = 1, kSapo = 2 };
+
+enum ScaleMode : int { kScaleGroup = 0, kScaleBatch = 1, kScaleNone = 2 };
+
+// One chunk of raw logits z [n, V]: row r starts at logits + r * ld (elements), unit
+// column stride.
+struct RowArgs {
+  void* logits;
+  const int64_t* targets;  // [n]
+  int64_t n;
+  int64_t V;
+  int64_t ld;
+  double temperature;  // > 0
+  double softcap;      // <= 0: no softcap
+  int dtype;           // DType of the logits
+};
+
+struct StatsOut {
+  void* lse;
+  void* entropy;
+  void* target_logit;
+};
+
+// The objective's options, already resolved on the host.
+struct EpilogueOptions {
+  int kind;              // LossKind
+  double lo;             // 1 - epsilon_low (clipped)
+  double hi;             // 1 + epsilon_high (clipped)
+  int has_delta;
+  double delta;          // upper clamp of the unclipped ratio (clipped, has_delta)
+  double eps_high;       // cispo's clamp
+  float sapo_pos;        // sapo temperatures, fp32 like torch.where(A > 0, float, float)
+  float sapo_neg;
+  double beta;           // k3 KL weight (0: no KL term)
+  int bias_correction_kl;
+};
+
+// Per-token inputs, [n] in the accumulation dtype; old/ref/policy_scale may be null
+// (old null: on-policy, old = logp; ref is read only when beta != 0).
+struct TokenArgs {
+  const void* old;
+  const void* adv;
+  const void* weight;
+  const void* ref;
+  const void* policy_scale;
+};
+
+struct RowStatsParams {
+  RowArgs row;
+  StatsOut out;
+};
+
+struct RowGradParams {
+  RowArgs row;
+  const void* lse;
+  const void* entropy;
+  const void* dlogp;
+  const void* dentropy;  // may be null
+};
+
+struct RowFusedParams {
+  RowArgs row;
+  StatsOut out;
+  TokenArgs tok;
+  EpilogueOptions opt;
+  void* loss;   // [n] weight * loss_t
+  void* dlogp;  // [n] dL/dlogp
+};
+
+struct EpilogueParams {
+  int64_t n;
+  int dtype;  // kF32 or kF64: the dtype of every vector
+  const void* logp;
+  TokenArgs tok;
+  EpilogueOptions opt;
+  void* loss;
+  void* dlogp;
+};
+
+struct GroupNormParams {
+  int64_t B;  // rewards [B], B % G == 0
+  int64_t G;  // num_generations
+  int mode;   // ScaleMode
+  double eps;
+  int dtype;  // kF32 or kF64 (rewards and out)
+  const void* rewards;
+  void* out;
+};
+
+// ---------------------------------------------------------------------------------
+// The per-token GRPO epilogue: objective.token_epilogue for one token, same op order
+// (saturating exp, zero-wins scaling).
+
+template <class A>
+GRPO_HD inline A grpo_exp(A x);
+template <>
+GRPO_HD inline float grpo_exp<float>(float x) { return ::expf(x); }
+template <>
+GRPO_HD inline double grpo_exp<double>(double x) { return ::exp(x); }
+
+template <class A>
+GRPO_HD inline bool grpo_isnan(A x) { return x != x; }
+
+// objective._exp_sat: exp with its argument clamped at floor(log(finfo.max) * 1000) / 1000,
+// so that a huge log-ratio saturates at a finite value instead of overflowing to inf
+template <class A>
+GRPO_HD inline A grpo_exp_cap();
+template <>
+GRPO_HD inline float grpo_exp_cap<float>() { return float(88.722); }
+template <>
+GRPO_HD inline double grpo_exp_cap<double>() { return 709.782; }
+
+template <class A>
+GRPO_HD inline A grpo_exp_sat(A x) {
+  const A cap = grpo_exp_cap<A>();
+  return grpo_exp<A>(x > cap ? cap : x);  // torch.clamp(max=): NaN passes through
+}
+
+// objective._scale: x * s, exactly 0 where s == 0 (even for an infinite x)
+template <class A>
+GRPO_HD inline A grpo_scale(A x, A s) {
+  return s == A(0) ? A(0) : x * s;
+}
+
+template <class A>
+GRPO_HD inline void token_epilogue_one(A logp, const A* old, A adv, A weight, const A* ref, const A* scale,
+                                       const EpilogueOptions& o, A* loss_out, A* dlogp_out) {
+  const A one = A(1), zero = A(0);
+  const A w = grpo_exp_sat<A>(logp - (old ? *old : logp));
+  A loss, d;
+  if (o.kind == kCispo) {
+    const A eh = A(o.eps_high);
+    const A c = w > eh ? eh : w;  // torch.clamp(max=): NaN passes through
+    loss = -c * adv * logp;
+    d = -c * adv;
+  } else if (o.kind == kSapo) {
+    const A tau = adv > zero ? A(o.sapo_pos) : A(o.sapo_neg);
+    const A sig = one / (one + grpo_exp<A>(-(tau * (w - one))));
+    loss = -sig * A(4) / tau * adv;
+    d = A(-4) * sig * (one - sig) * adv * w;
+  } else {
+    const A lo = A(o.lo), hi = A(o.hi);
+    A w2 = w < lo ? lo : w;
+    w2 = w2 > hi ? hi : w2;
+    const A dw2 = (w >= lo && w <= hi) ? one : zero;
+    A w1 = w, dw1 = one;
+    if (o.has_delta) {
+      const A dl = A(o.delta);
+      w1 = w > dl ? dl : w;
+      dw1 = w <= dl ? one : zero;
+    }
+    const A a = w1 * adv, b = w2 * adv;
+    const A tie = a == b ? A(0.5) : zero;
+    const A wa = (a < b ? one : zero) + tie;
+    const A wb = (a > b ? one : zero) + tie;
+    const A mn = grpo_isnan(a) ? a : (grpo_isnan(b) ? b : (a < b ? a : b));  // torch.minimum
+    loss = -mn;
+    d = -(wa * dw1 + wb * dw2) * adv * w;
+  }
+  if (scale) {
+    loss = grpo_scale(loss, *scale);
+    d = grpo_scale(d, *scale);
+  }
+  if (o.beta != 0.0) {
+    const A diff = *ref - logp;
+    const A e = grpo_exp_sat<A>(diff);
+    A kl = e - diff - one;
+    A dkl = one - e;
+    if (o.bias_correction_kl) {
+      const A klw = kl * w;
+      dkl = dkl * w + kl * w;
+      kl = klw;
+    }
+    loss = loss + A(o.beta) * kl;
+    d = d + A(o.beta) * dkl;
+  }
+  *loss_out = grpo_scale(loss, weight);
+  *dlogp_out = grpo_scale(d, weight);
+}
+
+// ---------------------------------------------------------------------------------
+// Group normalization helpers (advantages.normalize_groups): NaN rewards are unscored and
+// left out of the mean and the std; std is the unbiased sample std as TRL's nanstd
+// computes it (sqrt(nanmean((x - mean)^2) * n / (n - 1)), NaN when n <= 1).
+
+template <class A>
+GRPO_HD inline A grpo_finite_max();
+template <>
+GRPO_HD inline float grpo_finite_max<float>() { return 3.40282347e+38f; }
+template <>
+GRPO_HD inline double grpo_finite_max<double>() { return 1.7976931348623157e+308; }
+
+template <class A>
+GRPO_HD inline A grpo_nan() {
+  return A(0) / A(0) * A(0);  // NaN without <limits> in device code
+}
+
+template <class A>
+GRPO_HD inline A grpo_sqrt(A x);
+template <>
+GRPO_HD inline float grpo_sqrt<float>(float x) { return ::sqrtf(x); }
+template <>
+GRPO_HD inline double grpo_sqrt<double>(double x) { return ::sqrt(x); }
+
+// torch.nan_to_num(a, nan=0.0)
+template <class A>
+GRPO_HD inline A grpo_nan_to_num(A a) {
+  const A big = grpo_finite_max<A>();
+  if (a != a) return A(0);
+  if (a > big) return big;
+  if (a < -big) return -big;
+  return a;
+}
+
+// std from the sum of squared deviations q over n non-NaN entries
+template <class A>
+GRPO_HD inline A grpo_nanstd_from(A q, int64_t n) {
+  const A cnt = A(n);
+  const A var = q / cnt;
+  const A corr = n > 1 ? cnt / (cnt - A(1)) : grpo_nan<A>();
+  return grpo_sqrt<A>(var * corr);
+}
+
+// mean and std of the non-NaN entries of x[0..len)
+template <class A>
+GRPO_HD inline void grpo_nan_mean_std(const A* x, int64_t len, A* mean, A* std) {
+  A s = A(0);
+  int64_t n = 0;
+  for (int64_t k = 0; k < len; ++k) {
+    if (x[k] == x[k]) {
+      s += x[k];
+      ++n;
+    }
+  }
+  const A m = s / A(n);
+  A q = A(0);
+  for (int64_t k = 0; k < len; ++k) {
+    if (x[k] == x[k]) {
+      const A d = x[k] - m;
+      q += d * d;
+    }
+  }
+  *mean = m;
+  *std = grpo_nanstd_from<A>(q, n);
+}
+
+// the advantages of one group given its mean and the std used (none: no division)
+template <class A>
+GRPO_HD inline void grpo_group_advantages(const A* x, A* out, int64_t G, int mode, A mean, A sigma, A eps) {
+  for (int64_t k = 0; k < G; ++k) {
+    A a = x[k] - mean;
+    if (mode != kScaleNone) a = a / (sigma + eps);
+    out[k] = grpo_nan_to_num<A>(a);
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// CPU implementation (row_pass_cpu.cpp); throws std::invalid_argument on a bad dtype.
+
+void row_stats_cpu(const RowStatsParams& p);
+void row_grad_cpu(const RowGradParams& p);
+void row_fused_cpu(const RowFusedParams& p);
+void token_epilogue_cpu(const EpilogueParams& p);
+void group_normalize_cpu(const GroupNormParams& p);
+
+}  // namespace grpo
+
+// ---------------------------------------------------------------------------------
+// CUDA launchers (row_pass.cu). Each launches on `stream` on device `device` (the
+// caller's current device is restored) and returns cudaGetLastError() after its launch.
+#if defined(GRPO_WITH_CUDA) || defined(__CUDACC__)
+#include <cuda_runtime_api.h>
+
+namespace grpo {
+cudaError_t row_stats_cuda(const RowStatsParams& p, int device, cudaStream_t stream);
+cudaError_t row_grad_cuda(const RowGradParams& p, int device, cudaStream_t stream);
+cudaError_t row_fused_cuda(const RowFusedParams& p, int device, cudaStream_t stream);
+cudaError_t token_epilogue_cuda(const EpilogueParams& p, int device, cudaStream_t stream);
+cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStream_t stream);
+}  // namespace grpo
+#endif

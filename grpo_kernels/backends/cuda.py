@@ -1,0 +1,413 @@
+"""The compiled row pass (``csrc/``): CUDA kernels for CUDA tensors, C++/OpenMP for CPU ones.
+
+The extension comes from, in this order:
+
+1. an installed module ``grpo_kernels._C`` (``GRPO_KERNELS_BUILD_EXT=1 pip install
+   --no-build-isolation -e .``), or
+2. a JIT build of ``csrc/`` cached on disk by a previous run (keyed by a hash of the
+   sources, the flags, torch and Python), imported directly, or
+3. a fresh JIT build with ``torch.utils.cpp_extension.load`` (ninja + a C++ compiler;
+   the CUDA sources too when CUDA is available and ``nvcc`` is found). About 25 s for
+   the CPU-only build on 2 cores; the result is cached for every later process.
+
+Importing this module never compiles; ``prebuilt_available()`` never compiles either
+(it is what ``backend="auto"`` asks). The first call of a ``CppRowBackend`` method
+loads (and if needed builds) the extension.
+
+Environment: ``GRPO_KERNELS_BUILD_DIR`` (cache root, default
+``~/.cache/grpo_kernels/torch_extensions``), ``GRPO_KERNELS_NO_CUDA=1`` (build the
+CPU-only extension even where CUDA is available), ``GRPO_KERNELS_VERBOSE_BUILD=1``.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
+
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_CPP_SOURCES = ("row_pass_cpu.cpp", "bindings.cpp")
+_CUDA_SOURCES = ("row_pass.cu",)
+_HEADERS = ("row_pass.h",)
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+if sys.platform == "win32":
+    _EXTRA_CFLAGS, _EXTRA_LDFLAGS = ["/O2", "/openmp"], []
+elif sys.platform == "darwin":  # Apple clang has no -fopenmp; rows still spread over at::parallel_for
+    _EXTRA_CFLAGS, _EXTRA_LDFLAGS = ["-O3", "-fno-trapping-math"], []
+else:  # -fno-trapping-math lets the exp / select loops vectorize
+    _EXTRA_CFLAGS, _EXTRA_LDFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"]
+_EXTRA_CUDA_CFLAGS = ["-O3", "-DGRPO_WITH_CUDA"]
+
+# loss kinds and scale modes: the enums of csrc/row_pass.h
+_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
+_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
+
+_lock = threading.Lock()
+_ext = None
+
+
+# -- locating / building the extension (never at import) ------------------------------
+
+
+def _cxx() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _nvcc() -> Optional[str]:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is not None:
+        path = os.path.join(CUDA_HOME, "bin", "nvcc")
+        if os.path.exists(path):
+            return path
+    return shutil.which("nvcc")
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_with_cuda_cached(no_cuda: bool) -> bool:
+    if no_cuda:
+        return False
+    return torch.version.cuda is not None and torch.cuda.is_available() and _nvcc() is not None
+
+
+def _jit_with_cuda() -> bool:
+    """Whether a JIT build here includes the CUDA kernels."""
+    return _jit_with_cuda_cached(os.environ.get("GRPO_KERNELS_NO_CUDA") == "1")
+
+
+def _sources(with_cuda: bool) -> List[str]:
+    names = _CPP_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+    return [str(_CSRC / n) for n in names]
+
+
+_name_cache: dict = {}
+
+
+def _build_name(with_cuda: bool) -> Optional[str]:
+    """Module name of the JIT build: changes with the sources, flags, torch and Python."""
+    files = [_CSRC / n for n in _CPP_SOURCES + _CUDA_SOURCES + _HEADERS]
+    try:
+        key = (with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+               tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    except OSError:
+        return None  # no csrc/ next to the package (a wheel install): no JIT build
+    if key in _name_cache:
+        return _name_cache[key]
+    h = hashlib.sha256()
+    try:
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    except OSError:
+        return None
+    h.update(repr((_EXTRA_CFLAGS, _EXTRA_LDFLAGS, _EXTRA_CUDA_CFLAGS, with_cuda)).encode())
+    h.update(repr((torch.__version__, torch.version.cuda, sys.version_info[:2], sys.platform)).encode())
+    if with_cuda:
+        h.update(key[1].encode())
+    name = f"grpo_kernels_{'cuda' if with_cuda else 'cpu'}_{h.hexdigest()[:12]}"
+    _name_cache[key] = name
+    return name
+
+
+def _build_root() -> Path:
+    root = os.environ.get("GRPO_KERNELS_BUILD_DIR")
+    if root:
+        return Path(root)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "grpo_kernels" / "torch_extensions"
+
+
+def _cached_library(with_cuda: bool) -> Optional[Path]:
+    name = _build_name(with_cuda)
+    if name is None:
+        return None
+    from torch.utils.cpp_extension import LIB_EXT
+
+    lib = _build_root() / name / f"{name}{LIB_EXT}"
+    return lib if lib.is_file() else None
+
+
+def _import_library(path: Path):
+    name = path.name.split(".")[0]
+    spec = importlib.util.spec_from_file_location(name, str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _prebuilt_module_exists() -> bool:
+    try:
+        return importlib.util.find_spec("grpo_kernels._C") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def prebuilt_available() -> bool:
+    """True when the extension loads without compiling: an installed ``grpo_kernels._C``
+    or an up-to-date JIT build in the cache (imported here if so). Never compiles."""
+    try:
+        return load_extension(allow_build=False) is not None
+    except Exception:  # noqa: BLE001 - a broken or missing library just means "not available"
+        return False
+
+
+def _jit_build(with_cuda: bool):
+    name = _build_name(with_cuda)
+    if name is None:
+        raise RuntimeError(
+            f"grpo_kernels: the C++ sources are not at {_CSRC} (a wheel install without the compiled "
+            "extension); install from a source checkout, with GRPO_KERNELS_BUILD_EXT=1 to prebuild it"
+        )
+    if _cxx() is None:
+        raise RuntimeError(
+            "grpo_kernels: backend 'cpp' needs a C++ compiler (set CXX or install g++) to JIT-build csrc/, "
+            "or a prebuilt extension (GRPO_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .)"
+        )
+    from torch.utils.cpp_extension import load, verify_ninja_availability
+
+    try:
+        verify_ninja_availability()
+    except RuntimeError as exc:
+        raise RuntimeError("grpo_kernels: the JIT build of backend 'cpp' needs ninja (pip install ninja)") from exc
+    build_dir = _build_root() / name
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(
+            f"grpo_kernels: cannot create the JIT build directory {build_dir} ({exc}); "
+            "set GRPO_KERNELS_BUILD_DIR to a writable folder"
+        ) from exc
+    return load(
+        name=name,
+        sources=_sources(with_cuda),
+        extra_cflags=_EXTRA_CFLAGS + (["-DGRPO_WITH_CUDA"] if with_cuda else []),
+        extra_cuda_cflags=_EXTRA_CUDA_CFLAGS if with_cuda else None,
+        extra_ldflags=_EXTRA_LDFLAGS,
+        extra_include_paths=[str(_CSRC)],
+        build_directory=str(build_dir),
+        with_cuda=with_cuda,
+        verbose=os.environ.get("GRPO_KERNELS_VERBOSE_BUILD") == "1",
+    )
+
+
+def _import_prebuilt():
+    if not _prebuilt_module_exists():
+        return None
+    try:
+        return importlib.import_module("grpo_kernels._C")
+    except ImportError:
+        return None
+
+
+def load_extension(allow_build: bool = True):
+    """The compiled extension module: the installed ``grpo_kernels._C``, else the cached JIT
+    build, else (``allow_build``) a fresh JIT build. Where CUDA is usable, a module without
+    the CUDA kernels is replaced by the CUDA build when one can be loaded or built.
+    Raises RuntimeError when nothing can be loaded (or built)."""
+    global _ext
+    ext = _ext
+    if ext is not None and (not allow_build or ext.has_cuda() or not _jit_with_cuda()):
+        return ext
+    want_cuda = _jit_with_cuda()
+    with _lock:
+        module = _ext if _ext is not None else _import_prebuilt()
+        if module is None or (want_cuda and not module.has_cuda()):
+            lib = _cached_library(want_cuda)
+            if lib is not None:
+                module = _import_library(lib)
+            elif allow_build:
+                module = _jit_build(want_cuda)
+        if module is None:
+            raise RuntimeError(
+                "grpo_kernels: no prebuilt compiled extension (grpo_kernels._C or a cached JIT build)"
+            )
+        _ext = module
+        return module
+
+
+def extension_has_cuda() -> bool:
+    return bool(load_extension().has_cuda())
+
+
+# -- the backend -----------------------------------------------------------------------
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def _vec(t: Optional[torch.Tensor], dtype: torch.dtype, device) -> Optional[torch.Tensor]:
+    """[n] contiguous in ``dtype`` on ``device`` (None stays None)."""
+    if t is None:
+        return None
+    return t.reshape(-1).to(device=device, dtype=dtype).contiguous()
+
+
+def _option_args(options) -> dict:
+    lt = options.loss_type
+    if lt not in _KIND:
+        raise ValueError(f"unknown loss_type {lt!r}")
+    return dict(
+        kind=_KIND[lt],
+        lo=1.0 - options.epsilon_low,
+        hi=1.0 + options.eps_high,
+        delta=None if options.delta is None else float(options.delta),
+        eps_high=float(options.eps_high),
+        sapo_pos=float(options.sapo_temperature_pos),
+        sapo_neg=float(options.sapo_temperature_neg),
+        beta=float(options.beta),
+        bias_correction_kl=bool(options.use_bias_correction_kl),
+    )
+
+
+def _token_args(token_inputs, acc: torch.dtype, device, beta: float) -> dict:
+    ref = token_inputs.ref if beta != 0.0 else None
+    if beta != 0.0 and ref is None:
+        raise ValueError("ref logps are required when beta != 0")
+    return dict(
+        old=_vec(token_inputs.old, acc, device),
+        adv=_vec(token_inputs.adv, acc, device),
+        weight=_vec(token_inputs.weight, acc, device),
+        ref=_vec(ref, acc, device),
+        policy_scale=_vec(token_inputs.policy_scale, acc, device),
+    )
+
+
+class CppRowBackend(RowBackend):
+    """The csrc extension: one fused kernel per chunk, no [n, V] temporaries."""
+
+    name = "cpp"
+    temp_bytes_per_elem = 0
+    #: fixed reduction order: one block (CUDA; its size depends on V and the dtype only) or
+    #: one thread (CPU) per row, the same sequence of partial sums on every run
+    deterministic = True
+
+    def supports(self, device, dtype):
+        device = torch.device(device)
+        if dtype not in _SUPPORTED_DTYPES:
+            return f"dtype {dtype} is not supported (float32, float64, float16, bfloat16)"
+        if device.type not in ("cpu", "cuda"):
+            return f"device type {device.type!r} is not supported (cpu, cuda)"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        try:
+            module = load_extension(allow_build=False)  # imports a built library; never compiles
+        except Exception:  # noqa: BLE001
+            module = None
+        if module is not None and (device.type == "cpu" or module.has_cuda()):
+            return None
+        if not (_CSRC / "bindings.cpp").is_file():
+            return f"no prebuilt extension and no sources at {_CSRC} to build it"
+        if _cxx() is None:
+            return "no C++ compiler to build the extension (and no prebuilt grpo_kernels._C)"
+        if device.type == "cuda" and not _jit_with_cuda():
+            if os.environ.get("GRPO_KERNELS_NO_CUDA") == "1":
+                return "GRPO_KERNELS_NO_CUDA=1"
+            return "no nvcc (CUDA toolkit) to build the CUDA kernels, and no prebuilt extension with them"
+        return None  # JIT-built on first use
+
+    # -- the row primitives --
+
+    def row_stats(self, logits, targets, temperature, softcap):
+        ext = load_extension()
+        n = logits.shape[0]
+        acc = accumulation_dtype(logits.dtype)
+        out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
+        ext.row_stats(
+            logits, _vec(targets, torch.int64, logits.device), *out,
+            float(temperature), None if softcap is None else float(softcap), _stream(logits),
+        )
+        return RowStats(lse=out[0], entropy=out[1], target_logit=out[2])
+
+    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
+        ext = load_extension()
+        acc = accumulation_dtype(logits.dtype)
+        dev = logits.device
+        ext.row_grad_(
+            logits, _vec(targets, torch.int64, dev), _vec(lse, acc, dev), _vec(entropy, acc, dev),
+            _vec(dlogp, acc, dev), _vec(dentropy, acc, dev),
+            float(temperature), None if softcap is None else float(softcap), _stream(logits),
+        )
+
+    def row_fused_(self, logits, targets, temperature, softcap, token_inputs, options):
+        from grpo_kernels.objective import TokenEpilogue
+
+        if options.importance_sampling_level != "token":
+            raise ValueError("row_fused_ needs importance_sampling_level='token'")
+        ext = load_extension()
+        n = logits.shape[0]
+        acc = accumulation_dtype(logits.dtype)
+        dev = logits.device
+        lse, ent, tl, loss, dlogp = (torch.empty(n, dtype=acc, device=dev) for _ in range(5))
+        ext.row_fused_(
+            logits, _vec(targets, torch.int64, dev),
+            **_token_args(token_inputs, acc, dev, options.beta),
+            lse=lse, entropy=ent, target_logit=tl, loss=loss, dlogp=dlogp,
+            temperature=float(temperature), softcap=None if softcap is None else float(softcap),
+            **_option_args(options), stream=_stream(logits),
+        )
+        return RowStats(lse=lse, entropy=ent, target_logit=tl), TokenEpilogue(loss, dlogp)
+
+    # -- O(B*T) kernels --
+
+    def token_epilogue(self, logp, token_inputs, options):
+        from grpo_kernels.objective import TokenEpilogue
+
+        if options.importance_sampling_level != "token":
+            raise ValueError("token_epilogue needs importance_sampling_level='token'")
+        if logp.dtype not in (torch.float32, torch.float64) or logp.device.type not in ("cpu", "cuda"):
+            return super().token_epilogue(logp, token_inputs, options)
+        ext = load_extension()
+        if logp.is_cuda and not ext.has_cuda():
+            return super().token_epilogue(logp, token_inputs, options)
+        logp = logp.detach()
+        shape = logp.shape
+        flat = logp.reshape(-1).contiguous()
+        loss, dlogp = torch.empty_like(flat), torch.empty_like(flat)
+        ext.token_epilogue(
+            flat, **_token_args(token_inputs, flat.dtype, flat.device, options.beta),
+            loss=loss, dlogp=dlogp, **_option_args(options), stream=_stream(flat),
+        )
+        return TokenEpilogue(loss.reshape(shape), dlogp.reshape(shape))
+
+    def group_normalize(self, rewards, num_generations: int, scale_rewards: str, eps: float):
+        """``advantages.normalize_groups`` in one kernel; result in the accumulation dtype."""
+        if isinstance(scale_rewards, bool):
+            scale_rewards = "group" if scale_rewards else "none"
+        mode = _SCALE_MODE.get(scale_rewards) if isinstance(scale_rewards, str) else None
+        if (
+            mode is None
+            or not isinstance(rewards, torch.Tensor)
+            or rewards.dim() != 1
+            or rewards.dtype not in _SUPPORTED_DTYPES
+            or rewards.device.type not in ("cpu", "cuda")
+            or isinstance(num_generations, bool)
+            or not isinstance(num_generations, int)
+            or num_generations < 1
+            or rewards.shape[0] % num_generations != 0
+            or isinstance(eps, bool)
+            or not isinstance(eps, (int, float))
+            or not (0.0 <= eps < float("inf"))
+        ):  # let the torch version raise its errors
+            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
+        ext = load_extension()
+        if rewards.is_cuda and not ext.has_cuda():
+            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
+        r = rewards.detach().to(accumulation_dtype(rewards.dtype)).contiguous()
+        out = torch.empty_like(r)
+        ext.group_normalize(r, out, int(num_generations), mode, float(eps), stream=_stream(r))
+        return out
+
+
+BACKEND = CppRowBackend()
