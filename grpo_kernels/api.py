@@ -27,6 +27,31 @@ def _num_items(value) -> Optional[float]:
     return value
 
 
+def _divide(loss: torch.Tensor, num_items: torch.Tensor) -> torch.Tensor:
+    return loss / num_items.to(loss.dtype).clamp(min=1.0)
+
+
+def _deterministic_chunk(opts: GRPOOptions, rows: int, hidden: torch.Tensor, weight: torch.Tensor):
+    """``chunk_size`` to run with: under ``deterministic`` (or torch's deterministic mode),
+    a fixed row count resolved here in Python from (rows, V, dtype, backend) alone, so the
+    chunking (hence the order of grad_weight's accumulation) never depends on run-time state;
+    the backend must declare a fixed reduction order. Otherwise ``opts.chunk_size`` as given."""
+    if not (opts.deterministic or torch.are_deterministic_algorithms_enabled()):
+        return opts.chunk_size
+    if opts.backend == "reference":
+        return opts.chunk_size
+    from grpo_kernels import vocab_pass
+    from grpo_kernels.backends import get_backend
+
+    backend = get_backend(opts.backend, hidden.device, hidden.dtype)
+    if not getattr(backend, "deterministic", True):
+        raise ValueError(
+            f"backend {backend.name!r} does not guarantee bitwise-reproducible results; "
+            "use backend='torch' (or 'cpp'/'triton') with deterministic=True"
+        )
+    return int(vocab_pass.chunk_rows(max(rows, 1), weight.shape[0], hidden.dtype, backend, opts.chunk_size))
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -50,11 +75,14 @@ def token_logprobs(
     check.tensor("hidden", hidden, floating=True)
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size)")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
     _check_head(hidden, weight, bias)
     check.tensor("targets", targets)
     check.same_device("targets", targets, hidden.device)
     check.shape("targets", targets, hidden.shape[:-1], " (hidden's leading dimensions)")
     check.token_ids("targets", targets, weight.shape[0])
+    check.finite("hidden", hidden)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).to(torch.int64)
@@ -65,8 +93,9 @@ def token_logprobs(
     else:
         from grpo_kernels.ops import token_logprobs_op
 
+        chunk = _deterministic_chunk(opts, h2.shape[0], hidden, weight)
         logp, ent, _ = token_logprobs_op(
-            h2, weight, bias, t1, float(opts.temperature), opts.logit_softcap, opts.backend, opts.chunk_size
+            h2, weight, bias, t1, float(opts.temperature), opts.logit_softcap, opts.backend, chunk
         )
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
@@ -83,6 +112,8 @@ def _check_head(hidden, weight, bias):
         )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary (V = 0)")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight have an empty hidden size (H = 0)")
     if bias is not None:
         check.tensor("bias", bias, ndim=(1,), floating=True)
         check.same_device("bias", bias, hidden.device)
@@ -115,9 +146,19 @@ def grpo_loss(
     may be [B, 1]). Options as in ``GRPOOptions``. Returns the scalar loss (fp32, fp64
     for fp64 inputs), or ``(loss, GRPOMetrics)`` with ``return_metrics=True``.
     """
+    items_divisor = None  # a tensor num_items_in_batch under torch.compile: .item() would break the graph
     if "num_items_in_batch" in options:
-        options["num_items_in_batch"] = _num_items(options["num_items_in_batch"])
+        value = options["num_items_in_batch"]
+        if torch.compiler.is_compiling() and value is not None and not isinstance(value, (torch.Tensor, bool)):
+            value = torch.ones((), dtype=torch.float64) * value  # a per-step count stays symbolic: no recompiles
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and torch.compiler.is_compiling():
+            items_divisor, value = value.reshape(()), 1.0  # the loss is linear in 1 / num_items: divide after
+        options["num_items_in_batch"] = _num_items(value)
     opts = _options_from(options)
+    if items_divisor is not None and opts.loss_type not in ("dapo", "cispo"):
+        items_divisor = None
+    if not isinstance(return_metrics, bool):
+        raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
     check.tensor("hidden", hidden, ndim=(3,), floating=True)
     B, T, _ = hidden.shape
     if B * T == 0:
@@ -128,22 +169,26 @@ def grpo_loss(
     check.same_device("mask", mask, dev)
     check.shape("mask", mask, (B, T), " ([B, T])")
     if mask.is_complex():
-        raise TypeError("mask must be bool or real numeric")
+        raise TypeError(f"mask must be bool or real numeric, got {mask.dtype}")
+    if mask.dtype != torch.bool:
+        if torch.is_floating_point(mask):
+            check.finite("mask", mask)
+        check.nonnegative("mask", mask, " (a 0/1 completion mask, or non-negative token weights)")
     keep = mask != 0
-    if mask.dtype != torch.bool and torch.is_floating_point(mask):
-        check.finite("mask", mask)
-    if mask.dtype != torch.bool and check._value_checks_enabled() and bool((mask < 0).any()):
-        raise ValueError("mask must be >= 0 (a 0/1 completion mask)")
     check.tensor("targets", targets, ndim=(2,))
     check.same_device("targets", targets, dev)
     check.shape("targets", targets, (B, T), " ([B, T])")
+    # ids are checked at unmasked positions only: padding may hold anything (-100, pad ids)
     check.token_ids("targets", targets, weight.shape[0], where=keep)
     check.tensor("advantages", advantages, ndim=(1, 2), floating=True)
     check.same_device("advantages", advantages, dev)
-    if tuple(advantages.shape) not in ((B,), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if tuple(advantages.shape) == (B, 1) and T != 1:
+        advantages = advantages.reshape(B)
     check.finite("advantages", advantages)
     check.finite("hidden", hidden)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is None:
             continue
@@ -158,20 +203,28 @@ def grpo_loss(
         check.same_device("importance_sampling_ratio", importance_sampling_ratio, dev)
         if tuple(importance_sampling_ratio.shape) not in ((B, T), (B, 1), (B,)):
             raise ValueError(
-                f"importance_sampling_ratio must have shape ({B}, {T}) or ({B}, 1), "
+                f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), "
                 f"got {tuple(importance_sampling_ratio.shape)}"
             )
         check.finite("importance_sampling_ratio", importance_sampling_ratio)
+        check.nonnegative("importance_sampling_ratio", importance_sampling_ratio)
         if importance_sampling_ratio.dim() == 1:
             importance_sampling_ratio = importance_sampling_ratio.unsqueeze(1)
+    # padding positions may hold junk (out-of-range ids, inf logps): neutral values from here on,
+    # so no path (the oracle, sequence-level sums, the metrics) can pick them up
+    targets = torch.where(keep, targets.to(torch.int64), zero)
+    old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
+    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
 
     if opts.backend == "reference":
         from grpo_kernels.reference import reference_grpo_loss
 
         out = reference_grpo_loss(
-            hidden, weight, targets.to(torch.int64), advantages, mask, old_logps, ref_logps, bias=bias,
+            hidden, weight, targets, advantages, mask, old_logps, ref_logps, bias=bias,
             importance_sampling_ratio=importance_sampling_ratio, options=opts, return_metrics=return_metrics,
         )
+        if items_divisor is not None:
+            out = (_divide(out[0], items_divisor), out[1]) if return_metrics else _divide(out, items_divisor)
         if not return_metrics:
             return out
         loss, m = out
@@ -191,16 +244,19 @@ def grpo_loss(
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     ]
+    chunk = _deterministic_chunk(opts, B * T, hidden, weight)
     loss, logp, ent, _, _, _ = grpo_loss_op(
-        hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1).to(torch.int64), mask,
+        hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1), mask,
         adv2.expand(B, T), old_logps, ref_logps,
         None if importance_sampling_ratio is None else importance_sampling_ratio.expand(B, T),
         opts.loss_type, opts.importance_sampling_level, float(opts.beta), float(opts.epsilon_low),
         float(opts.eps_high), opts.delta, float(opts.temperature), opts.logit_softcap,
         opts.max_completion_length, opts.num_items_in_batch, float(opts.sapo_temperature_pos),
         float(opts.sapo_temperature_neg), opts.use_bias_correction_kl, float(opts.top_entropy_quantile),
-        opts.backend, opts.chunk_size, needs,
+        opts.backend, chunk, needs,
     )
+    if items_divisor is not None:
+        loss = _divide(loss, items_divisor)
     if not return_metrics:
         return loss
     metrics = objective.compute_metrics(

@@ -14,19 +14,38 @@ Paths, by what the per-token gradient coefficient depends on:
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
 
 from grpo_kernels import objective, vocab_pass
 from grpo_kernels.backends import get_backend
-from grpo_kernels.backends.base import accumulation_dtype
+from grpo_kernels.backends.base import RowBackend, accumulation_dtype
 from grpo_kernels.options import GRPOOptions
 
 
 def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
     out = values.new_zeros((total,) + tuple(values.shape[1:]))
     return out.index_copy_(0, rows, values)
+
+
+def _functorch_keys_enabled():
+    """Re-enable functorch's dispatch keys for an inner ``torch.func`` transform.
+
+    Under a ``TorchDispatchMode`` (torch.compile's first-call custom-op aliasing check,
+    FlopCounterMode, ...) an op runs with every key above Python excluded, functorch's
+    included, and ``torch.func.grad`` fails with "Cannot access storage of TensorWrapper".
+    """
+    K = torch._C.DispatchKey
+    keys = [K.FuncTorchDynamicLayerFrontMode, K.FuncTorchDynamicLayerBackMode, K.FuncTorchGradWrapper,
+            K.FuncTorchBatched, K.FuncTorchVmapMode]
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    if not hasattr(torch._C, "_ForceDispatchKeyGuard") or not any(excluded.has(k) for k in keys):
+        return contextlib.nullcontext()
+    for k in keys:
+        excluded = excluded.remove(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
 
 
 def fused_grpo_loss(
@@ -41,13 +60,14 @@ def fused_grpo_loss(
     is_ratio: Optional[torch.Tensor],  # [B, T] (broadcast)
     options: GRPOOptions,
     needs: Tuple[bool, bool, bool],  # grads wanted for (hidden, weight, bias)
+    row_backend: Optional[RowBackend] = None,  # overrides options.backend (vocab-parallel wraps one)
 ):
     """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias);
     grads are None when not needed."""
     B, T = mask.shape
     total = B * T
     acc = accumulation_dtype(hidden.dtype)
-    backend = get_backend(options.backend, hidden.device, hidden.dtype)
+    backend = row_backend if row_backend is not None else get_backend(options.backend, hidden.device, hidden.dtype)
     rows = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
     h = hidden.index_select(0, rows)
     tgt = targets.index_select(0, rows)
@@ -94,7 +114,8 @@ def fused_grpo_loss(
     else:
         # torch.func rather than torch.autograd: this runs inside a custom op, below the
         # autograd dispatch key, where only functorch's own transform still differentiates
-        dlogp_full, loss = torch.func.grad_and_value(loss_of)(logp_full)
+        with _functorch_keys_enabled():
+            dlogp_full, loss = torch.func.grad_and_value(loss_of)(logp_full)
         gh, gw, gb = vocab_pass.backward_grads(
             backend, h, weight, bias, tgt, temp, softcap, sel_stats.lse, sel_stats.entropy,
             dlogp_full.index_select(0, rows), None, chunk, needs,

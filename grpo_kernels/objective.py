@@ -14,6 +14,7 @@ The normalization of every loss type is folded into one per-token weight
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,6 +72,22 @@ class TokenEpilogue:
     dlogp: torch.Tensor
 
 
+def _exp_sat(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) saturated at the dtype's largest finite value instead of overflowing to inf.
+
+    The clamp is straight-through (its gradient is 1), so d exp_sat(x)/dx = exp_sat(x):
+    a zero upstream gradient then gives 0, never 0 * inf = NaN. Below the overflow
+    threshold (log ratios < 88.7 in fp32, < 709.7 in fp64) it is exactly ``torch.exp``.
+    """
+    cap = math.floor(math.log(torch.finfo(x.dtype).max) * 1000) / 1000  # 88.722 (fp32), 709.782 (fp64)
+    return torch.exp(x.detach().clamp(max=cap) + (x - x.detach()))
+
+
+def _scale(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x * s, exactly 0 where s == 0 (a zero scale or weight wins over an overflowed x)."""
+    return torch.where(s == 0, torch.zeros((), dtype=x.dtype, device=x.device), x * s)
+
+
 def _min_grad_split(a: torch.Tensor, b: torch.Tensor):
     """Weights torch.minimum's backward gives its two arguments (ties split evenly)."""
     tie = (a == b).to(a.dtype)
@@ -86,7 +103,7 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
     logp = logp.detach()
     A = inputs.adv.to(logp.dtype)
     old = logp if inputs.old is None else inputs.old.to(logp.dtype)
-    w = torch.exp(logp - old)
+    w = _exp_sat(logp - old)
     lt = options.loss_type
     eh = options.eps_high
     if lt == "cispo":
@@ -115,10 +132,10 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
         raise ValueError(f"unknown loss_type {lt!r}")
     if inputs.policy_scale is not None:
         scale = inputs.policy_scale.to(logp.dtype)
-        loss, dlogp = loss * scale, dlogp * scale
+        loss, dlogp = _scale(loss, scale), _scale(dlogp, scale)
     if options.beta != 0.0:
         ref = inputs.ref.to(logp.dtype)
-        e = torch.exp(ref - logp)
+        e = _exp_sat(ref - logp)
         kl = e - (ref - logp) - 1
         dkl = 1 - e
         if options.use_bias_correction_kl:
@@ -126,7 +143,7 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
         loss = loss + options.beta * kl
         dlogp = dlogp + options.beta * dkl
     weight = inputs.weight.to(logp.dtype)
-    return TokenEpilogue(loss * weight, dlogp * weight)
+    return TokenEpilogue(_scale(loss, weight), _scale(dlogp, weight))
 
 
 def importance_weights(logp, old, mask, level: str) -> torch.Tensor:
@@ -135,7 +152,7 @@ def importance_weights(logp, old, mask, level: str) -> torch.Tensor:
     if level == "sequence":
         m = mask.to(logp.dtype)
         log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    return torch.exp(log_ratio)
+    return _exp_sat(log_ratio)
 
 
 def policy_term(w: torch.Tensor, A: torch.Tensor, logp: torch.Tensor, options: GRPOOptions) -> torch.Tensor:
@@ -155,7 +172,7 @@ def policy_term(w: torch.Tensor, A: torch.Tensor, logp: torch.Tensor, options: G
 
 def k3_kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     d = ref - logp
-    return torch.exp(d) - d - 1
+    return _exp_sat(d) - d - 1
 
 
 def objective_loss(
@@ -172,7 +189,7 @@ def objective_loss(
     w = importance_weights(logp, old, mask, options.importance_sampling_level)
     per_token = policy_term(w, adv.to(logp.dtype), logp, options).expand_as(logp)
     if policy_scale is not None:
-        per_token = per_token * policy_scale.to(logp.dtype)
+        per_token = _scale(per_token, policy_scale.to(logp.dtype))
     if options.beta != 0.0:
         kl = k3_kl(logp, ref.to(logp.dtype))
         per_token = per_token + options.beta * (kl * w if options.use_bias_correction_kl else kl)

@@ -58,8 +58,8 @@ def token_logprobs_backward_op(
         grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
         chunk_size, tuple(needs),
     )
-    empty = hidden.new_empty(_EMPTY)
-    return (empty if gh is None else gh, empty if gw is None else gw, empty if gb is None else gb)
+    empty = lambda: hidden.new_empty(_EMPTY)  # noqa: E731 - one per output: outputs may not alias
+    return (empty() if gh is None else gh, empty() if gw is None else gw, empty() if gb is None else gb)
 
 
 @token_logprobs_backward_op.register_fake
@@ -128,9 +128,9 @@ def grpo_loss_op(
         hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
         options, needs_t,
     )
-    empty = hidden.new_empty(_EMPTY)
-    return (loss, logp, ent, empty if gh is None else gh, empty if gw is None else gw,
-            empty if gb is None else gb)
+    empty = lambda: hidden.new_empty(_EMPTY)  # noqa: E731 - one per output: outputs may not alias
+    return (loss, logp, ent, empty() if gh is None else gh, empty() if gw is None else gw,
+            empty() if gb is None else gb)
 
 
 @grpo_loss_op.register_fake

@@ -42,6 +42,10 @@ class GRPOOptions:
     top_entropy_quantile: float = 1.0
     backend: str = "auto"
     chunk_size: Optional[int] = None
+    #: bitwise-reproducible runs: chunking fixed in Python, only backends that declare a
+    #: fixed reduction order (see docs/bad_inputs.md, "Determinism"). Also on when
+    #: ``torch.are_deterministic_algorithms_enabled()``.
+    deterministic: bool = False
 
     @property
     def eps_high(self) -> float:
@@ -79,6 +83,8 @@ class GRPOOptions:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError("use_bias_correction_kl must be a bool")
+        if not isinstance(self.deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {type(self.deterministic).__name__}")
         if self.loss_type == "dr_grpo":
             if self.max_completion_length is None:
                 raise ValueError("max_completion_length is required for loss_type='dr_grpo'")

@@ -1,4 +1,14 @@
-"""Argument checks for the public API: clear TypeError/ValueError naming the argument."""
+"""Argument checks for the public API: clear TypeError/ValueError naming the argument.
+
+Two kinds of checks:
+
+- structural (type, layout, rank, shape, dtype, device): always, they cost nothing;
+- value checks (NaN/inf, token ids in range, signs): they read tensors back to the host,
+  so they are skipped while ``torch.compile`` traces and for tensors without data
+  (the ``meta`` device, used for shape-only runs).
+
+docs/bad_inputs.md lists every check with its error type and message.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -6,16 +16,22 @@ from typing import Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def _value_checks_enabled() -> bool:
-    # value checks read tensors back to the host: skipped while torch.compile traces
-    return not torch.compiler.is_compiling()
+def _value_checks_enabled(x: Optional[torch.Tensor] = None) -> bool:
+    """Whether a value check may read ``x`` back: not while torch.compile traces, and
+    never for tensors that hold no data (meta)."""
+    if torch.compiler.is_compiling():
+        return False
+    return x is None or x.device.type != "meta"
 
 
 def tensor(name: str, x, *, ndim: Optional[Sequence[int]] = None, floating: bool = False) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or getattr(x, "is_nested", False):
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if ndim is not None and x.dim() not in ndim:
         want = " or ".join(f"{d}-D" for d in ndim)
         raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
@@ -34,22 +50,37 @@ def shape(name: str, x: torch.Tensor, expected, what: str = "") -> None:
         raise ValueError(f"{name} must have shape {tuple(expected)}{what}, got {tuple(x.shape)}")
 
 
+def _select(x: torch.Tensor, where: Optional[torch.Tensor]) -> torch.Tensor:
+    if where is None:
+        return x
+    return x[where] if where.shape == x.shape else x[where.expand_as(x)]
+
+
 def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
-    if not _value_checks_enabled() or x.numel() == 0:
+    if not _value_checks_enabled(x) or x.numel() == 0:
         return
-    vals = x if where is None else x[where.expand_as(x)] if where.shape != x.shape else x[where]
-    if not bool(torch.isfinite(vals).all()):
+    if not bool(torch.isfinite(_select(x, where)).all()):
         scope = "" if where is None else " at unmasked positions"
         raise ValueError(f"{name} contains NaN or inf{scope}")
 
 
-def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torch.Tensor] = None) -> None:
-    if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor of token ids, got {targets.dtype}")
-    if not _value_checks_enabled() or targets.numel() == 0:
+def nonnegative(name: str, x: torch.Tensor, what: str = "") -> None:
+    if not _value_checks_enabled(x) or x.numel() == 0:
         return
-    vals = targets if where is None else targets[where]
+    if bool((x < 0).any()):
+        raise ValueError(f"{name} must be >= 0{what}, got min {float(x.min())}")
+
+
+def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torch.Tensor] = None) -> None:
+    """Integer dtype always; ids in [0, vocab) where ``where`` is true (everywhere without it)."""
+    if targets.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of token ids (int64/int32/int16/int8/uint8), "
+                        f"got {targets.dtype}")
+    if not _value_checks_enabled(targets) or targets.numel() == 0:
+        return
+    vals = _select(targets, where)
     if vals.numel() and (bool((vals < 0).any()) or bool((vals >= vocab).any())):
+        scope = "" if where is None else " at unmasked positions"
         raise ValueError(
-            f"{name} holds token ids outside [0, {vocab}) (min {int(vals.min())}, max {int(vals.max())})"
+            f"{name} holds token ids outside [0, {vocab}){scope} (min {int(vals.min())}, max {int(vals.max())})"
         )

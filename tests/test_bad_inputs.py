@@ -1,0 +1,388 @@
+"""Invalid inputs: each gets a TypeError/ValueError naming the argument (docs/bad_inputs.md).
+
+Also the inputs that are *valid* although unusual: junk at padding positions, non-contiguous
+and expanded (stride-0) tensors, integer targets of every width, empty token_logprobs
+inputs. Those must give exactly what the plain inputs give.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from backends import backend_params, device_for_tests, require
+from grpo_kernels import GRPOLoss, grpo_loss, token_logprobs
+from grpo_kernels.backends import BackendUnavailable
+
+DEVICE = device_for_tests()
+B, T, H, V = 3, 4, 8, 11
+
+
+def batch(dtype=torch.float32, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = (0.5 * torch.randn(V, H, generator=g)).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 2:] = False
+    mask[2] = False
+    mask[2, 0] = True
+    adv = torch.randn(B, generator=g)
+    old = -3 + 0.2 * torch.randn(B, T, generator=g)
+    ref = -3 + 0.2 * torch.randn(B, T, generator=g)
+    d = dict(hidden=hidden, weight=weight, targets=targets, advantages=adv, mask=mask, old_logps=old,
+             ref_logps=ref)
+    return {k: v.to(device) for k, v in d.items()}
+
+
+def call(b, **kw):
+    args = dict(b)
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    return grpo_loss(args["hidden"], args["weight"], args["targets"], args["advantages"], args["mask"],
+                     args["old_logps"], args["ref_logps"], **kw)
+
+
+def meta_like(x):
+    return torch.empty(x.shape, dtype=x.dtype, device="meta")
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def with_value(x, value, index=(0, 0)):
+    x = x.clone()
+    x[index] = value
+    return x
+
+
+# (case id, overrides of call(), expected exception, regex the message must match)
+BAD = [
+    # hidden
+    ("hidden_not_tensor", lambda b: dict(hidden=b["hidden"].tolist()), TypeError, r"hidden must be a torch\.Tensor"),
+    ("hidden_2d", lambda b: dict(hidden=b["hidden"][0]), ValueError, r"hidden must be 3-D"),
+    ("hidden_4d", lambda b: dict(hidden=b["hidden"][None]), ValueError, r"hidden must be 3-D"),
+    ("hidden_int", lambda b: dict(hidden=b["hidden"].long()), TypeError, r"hidden must be a floating tensor"),
+    ("hidden_complex", lambda b: dict(hidden=b["hidden"].to(torch.complex64)), TypeError,
+     r"hidden must be a floating tensor"),
+    ("hidden_sparse", lambda b: dict(hidden=b["hidden"].cpu().to_sparse()), TypeError,
+     r"hidden must be a dense \(strided\) tensor"),
+    ("hidden_no_tokens", lambda b: dict(hidden=b["hidden"][:0]), ValueError, r"hidden must have at least one token"),
+    ("hidden_zero_T", lambda b: dict(hidden=b["hidden"][:, :0]), ValueError, r"hidden must have at least one token"),
+    ("hidden_H0", lambda b: dict(hidden=b["hidden"][..., :0], weight=b["weight"][:, :0]), ValueError,
+     r"empty hidden size \(H = 0\)"),
+    ("hidden_nan", lambda b: dict(hidden=with_value(b["hidden"], NAN, (0, 0, 0))), ValueError,
+     r"hidden contains NaN or inf"),
+    ("hidden_inf_in_padding_row", lambda b: dict(hidden=with_value(b["hidden"], INF, (2, 3, 0))), ValueError,
+     r"hidden contains NaN or inf"),
+    # weight
+    ("weight_1d", lambda b: dict(weight=b["weight"][0]), ValueError, r"weight must be 2-D"),
+    ("weight_int", lambda b: dict(weight=b["weight"].long()), TypeError, r"weight must be a floating tensor"),
+    ("weight_dtype_mismatch", lambda b: dict(weight=b["weight"].double()), TypeError,
+     r"weight dtype torch\.float64 must match hidden dtype"),
+    ("weight_H_mismatch", lambda b: dict(weight=b["weight"][:, :-1]), ValueError, r"weight must be \[V, H\]"),
+    ("weight_transposed", lambda b: dict(weight=b["weight"].t()), ValueError, r"weight must be \[V, H\]"),
+    ("weight_V0", lambda b: dict(weight=b["weight"][:0]), ValueError, r"empty vocabulary \(V = 0\)"),
+    ("weight_other_device", lambda b: dict(weight=meta_like(b["weight"])), ValueError,
+     r"weight is on meta but hidden is on"),
+    ("weight_nan", lambda b: dict(weight=with_value(b["weight"], NAN)), ValueError, r"weight contains NaN or inf"),
+    ("weight_inf", lambda b: dict(weight=with_value(b["weight"], -INF)), ValueError, r"weight contains NaN or inf"),
+    # bias
+    ("bias_2d", lambda b: dict(bias=torch.zeros(1, V, device=DEVICE)), ValueError, r"bias must be 1-D"),
+    ("bias_wrong_V", lambda b: dict(bias=torch.zeros(V + 1, device=DEVICE)), ValueError,
+     r"bias must have shape \(11,\) \(\[V\]\)"),
+    ("bias_dtype", lambda b: dict(bias=torch.zeros(V, dtype=torch.float64, device=DEVICE)), TypeError,
+     r"bias dtype torch\.float64 must match"),
+    ("bias_int", lambda b: dict(bias=torch.zeros(V, dtype=torch.int64, device=DEVICE)), TypeError,
+     r"bias must be a floating tensor"),
+    ("bias_other_device", lambda b: dict(bias=torch.zeros(V, device="meta")), ValueError, r"bias is on meta"),
+    ("bias_inf", lambda b: dict(bias=with_value(torch.zeros(V, device=DEVICE), INF, (3,))), ValueError,
+     r"bias contains NaN or inf"),
+    # mask
+    ("mask_1d", lambda b: dict(mask=b["mask"].reshape(-1)), ValueError, r"mask must be 2-D"),
+    ("mask_shape", lambda b: dict(mask=b["mask"][:, :-1]), ValueError, r"mask must have shape \(3, 4\)"),
+    ("mask_complex", lambda b: dict(mask=b["mask"].to(torch.complex64)), TypeError, r"mask must be bool or real"),
+    ("mask_negative", lambda b: dict(mask=with_value(b["mask"].float(), -1.0)), ValueError, r"mask must be >= 0"),
+    ("mask_nan", lambda b: dict(mask=with_value(b["mask"].float(), NAN)), ValueError, r"mask contains NaN or inf"),
+    ("mask_other_device", lambda b: dict(mask=meta_like(b["mask"])), ValueError, r"mask is on meta"),
+    ("mask_not_tensor", lambda b: dict(mask=b["mask"].tolist()), TypeError, r"mask must be a torch\.Tensor"),
+    # targets
+    ("targets_float", lambda b: dict(targets=b["targets"].float()), TypeError,
+     r"targets must be an integer tensor of token ids"),
+    ("targets_bool", lambda b: dict(targets=b["targets"] > 3), TypeError, r"targets must be an integer tensor"),
+    ("targets_shape", lambda b: dict(targets=b["targets"][:, :-1]), ValueError, r"targets must have shape \(3, 4\)"),
+    ("targets_3d", lambda b: dict(targets=b["targets"][..., None]), ValueError, r"targets must be 2-D"),
+    ("targets_too_large", lambda b: dict(targets=with_value(b["targets"], V)), ValueError,
+     r"targets holds token ids outside \[0, 11\) at unmasked positions"),
+    ("targets_negative", lambda b: dict(targets=with_value(b["targets"], -100)), ValueError,
+     r"targets holds token ids outside \[0, 11\)"),
+    ("targets_other_device", lambda b: dict(targets=meta_like(b["targets"])), ValueError, r"targets is on meta"),
+    # advantages
+    ("advantages_int", lambda b: dict(advantages=b["advantages"].long()), TypeError,
+     r"advantages must be a floating tensor"),
+    ("advantages_wrong_B", lambda b: dict(advantages=torch.zeros(B + 1, device=DEVICE)), ValueError,
+     r"advantages must have shape \(3,\), \(3, 1\) or \(3, 4\)"),
+    ("advantages_wrong_T", lambda b: dict(advantages=torch.zeros(B, T + 1, device=DEVICE)), ValueError,
+     r"advantages must have shape"),
+    ("advantages_3d", lambda b: dict(advantages=torch.zeros(B, T, 1, device=DEVICE)), ValueError,
+     r"advantages must be 1-D or 2-D"),
+    ("advantages_nan", lambda b: dict(advantages=with_value(b["advantages"], NAN, (0,))), ValueError,
+     r"advantages contains NaN or inf"),
+    ("advantages_inf_padding_row", lambda b: dict(advantages=with_value(torch.zeros(B, T, device=DEVICE), INF,
+                                                                          (2, 3))), ValueError,
+     r"advantages contains NaN or inf"),
+    ("advantages_other_device", lambda b: dict(advantages=meta_like(b["advantages"])), ValueError,
+     r"advantages is on meta"),
+    # old / ref logps
+    ("old_logps_shape", lambda b: dict(old_logps=b["old_logps"][:, :-1]), ValueError,
+     r"old_logps must have shape \(3, 4\)"),
+    ("old_logps_1d", lambda b: dict(old_logps=b["old_logps"].reshape(-1)), ValueError, r"old_logps must be 2-D"),
+    ("old_logps_int", lambda b: dict(old_logps=b["old_logps"].long()), TypeError,
+     r"old_logps must be a floating tensor"),
+    ("old_logps_nan", lambda b: dict(old_logps=with_value(b["old_logps"], NAN)), ValueError,
+     r"old_logps contains NaN or inf at unmasked positions"),
+    ("old_logps_other_device", lambda b: dict(old_logps=meta_like(b["old_logps"])), ValueError,
+     r"old_logps is on meta"),
+    ("ref_logps_inf", lambda b: dict(ref_logps=with_value(b["ref_logps"], -INF), beta=0.1), ValueError,
+     r"ref_logps contains NaN or inf at unmasked positions"),
+    ("ref_logps_shape", lambda b: dict(ref_logps=b["ref_logps"].t()), ValueError, r"ref_logps must have shape"),
+    ("ref_logps_missing", lambda b: dict(ref_logps=None, beta=0.04), ValueError,
+     r"ref_logps is required when beta != 0"),
+    # importance sampling ratio
+    ("is_ratio_shape", lambda b: dict(importance_sampling_ratio=torch.ones(B, T + 1, device=DEVICE)), ValueError,
+     r"importance_sampling_ratio must have shape"),
+    ("is_ratio_3d", lambda b: dict(importance_sampling_ratio=torch.ones(B, T, 1, device=DEVICE)), ValueError,
+     r"importance_sampling_ratio must be 1-D or 2-D"),
+    ("is_ratio_negative", lambda b: dict(importance_sampling_ratio=-torch.ones(B, T, device=DEVICE)), ValueError,
+     r"importance_sampling_ratio must be >= 0"),
+    ("is_ratio_nan", lambda b: dict(importance_sampling_ratio=with_value(torch.ones(B, T, device=DEVICE), NAN)),
+     ValueError, r"importance_sampling_ratio contains NaN or inf"),
+    ("is_ratio_int", lambda b: dict(importance_sampling_ratio=torch.ones(B, T, dtype=torch.int64, device=DEVICE)),
+     TypeError, r"importance_sampling_ratio must be a floating tensor"),
+    ("is_ratio_other_device", lambda b: dict(importance_sampling_ratio=torch.ones(B, T, device="meta")),
+     ValueError, r"importance_sampling_ratio is on meta"),
+    # options
+    ("unknown_option", lambda b: dict(epsilon=0.2), TypeError, r"unknown option\(s\): \['epsilon'\]"),
+    ("loss_type", lambda b: dict(loss_type="ppo"), ValueError, r"loss_type must be one of"),
+    ("loss_type_none", lambda b: dict(loss_type=None), ValueError, r"loss_type must be one of"),
+    ("is_level", lambda b: dict(importance_sampling_level="seq"), ValueError,
+     r"importance_sampling_level must be one of"),
+    ("backend_name", lambda b: dict(backend="cudnn"), ValueError, r"backend must be one of"),
+    ("dr_grpo_without_max_len", lambda b: dict(loss_type="dr_grpo"), ValueError,
+     r"max_completion_length is required for loss_type='dr_grpo'"),
+    ("max_len_zero", lambda b: dict(loss_type="dr_grpo", max_completion_length=0), ValueError,
+     r"max_completion_length must be > 0"),
+    ("max_len_float", lambda b: dict(loss_type="dr_grpo", max_completion_length=4.0), TypeError,
+     r"max_completion_length must be an int"),
+    ("max_len_bool", lambda b: dict(max_completion_length=True), TypeError, r"max_completion_length must be an int"),
+    ("chunk_size_zero", lambda b: dict(chunk_size=0), ValueError, r"chunk_size must be > 0"),
+    ("chunk_size_negative", lambda b: dict(chunk_size=-4), ValueError, r"chunk_size must be > 0"),
+    ("chunk_size_float", lambda b: dict(chunk_size=2.5), TypeError, r"chunk_size must be an int"),
+    ("chunk_size_bool", lambda b: dict(chunk_size=True), TypeError, r"chunk_size must be an int"),
+    ("temperature_zero", lambda b: dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+    ("temperature_negative", lambda b: dict(temperature=-1.0), ValueError, r"temperature must be > 0"),
+    ("temperature_nan", lambda b: dict(temperature=NAN), ValueError, r"temperature must be finite"),
+    ("temperature_inf", lambda b: dict(temperature=INF), ValueError, r"temperature must be finite"),
+    ("temperature_str", lambda b: dict(temperature="1.0"), TypeError, r"temperature must be a number"),
+    ("temperature_tensor", lambda b: dict(temperature=torch.tensor(1.0)), TypeError, r"temperature must be a number"),
+    ("softcap_zero", lambda b: dict(logit_softcap=0.0), ValueError, r"logit_softcap must be > 0"),
+    ("beta_nan", lambda b: dict(beta=NAN), ValueError, r"beta must be finite"),
+    ("beta_str", lambda b: dict(beta="0.1"), TypeError, r"beta must be a number"),
+    ("epsilon_low_negative", lambda b: dict(epsilon_low=-0.1), ValueError, r"epsilon_low and epsilon_high must be >= 0"),
+    ("epsilon_high_negative", lambda b: dict(epsilon_high=-0.1), ValueError,
+     r"epsilon_low and epsilon_high must be >= 0"),
+    ("epsilon_low_ge_1", lambda b: dict(loss_type="grpo", epsilon_low=1.0), ValueError,
+     r"epsilon_low must be < 1 for loss_type='grpo'"),
+    ("cispo_epsilon_high_zero", lambda b: dict(loss_type="cispo", epsilon_low=0.0, epsilon_high=0.0), ValueError,
+     r"epsilon_high must be > 0 for loss_type='cispo'"),
+    ("delta_zero", lambda b: dict(delta=0.0), ValueError, r"delta must be > 0"),
+    ("top_entropy_quantile_zero", lambda b: dict(top_entropy_quantile=0.0), ValueError,
+     r"top_entropy_quantile must be in \(0, 1\]"),
+    ("top_entropy_quantile_gt1", lambda b: dict(top_entropy_quantile=1.5), ValueError,
+     r"top_entropy_quantile must be in \(0, 1\]"),
+    ("sapo_temperature_zero", lambda b: dict(loss_type="sapo", sapo_temperature_neg=0.0), ValueError,
+     r"sapo_temperature_neg must be > 0"),
+    ("num_items_negative", lambda b: dict(num_items_in_batch=-1), ValueError, r"num_items_in_batch must be >= 0"),
+    ("num_items_nan", lambda b: dict(num_items_in_batch=NAN), ValueError, r"num_items_in_batch must be finite"),
+    ("num_items_vector", lambda b: dict(num_items_in_batch=torch.tensor([3, 4])), ValueError,
+     r"num_items_in_batch must be a scalar"),
+    ("bias_correction_not_bool", lambda b: dict(use_bias_correction_kl=1), TypeError,
+     r"use_bias_correction_kl must be a bool"),
+    ("deterministic_not_bool", lambda b: dict(deterministic="yes"), TypeError, r"deterministic must be a bool"),
+    ("return_metrics_not_bool", lambda b: dict(return_metrics="yes"), TypeError, r"return_metrics must be a bool"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_raises_naming_the_argument(case):
+    _, make, exc, pattern = case
+    b = batch()
+    with pytest.raises(exc, match=pattern):
+        call(b, **make(b))
+
+
+def test_every_option_value_error_is_raised_before_any_tensor_work():
+    # options are validated first: a bad option with bad tensors reports the option
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_loss(None, None, None, None, None, loss_type="ppo")
+
+
+def test_unavailable_backend_is_a_runtime_error_with_the_reason():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    b = batch()
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' needs CUDA tensors"):
+        call(b, backend="cuda")
+    assert issubclass(BackendUnavailable, RuntimeError)
+
+
+def test_grpo_loss_module_validates_at_construction():
+    with pytest.raises(TypeError, match=r"unknown option\(s\): \['lr'\]"):
+        GRPOLoss(lr=1e-3)
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match="max_completion_length is required"):
+        GRPOLoss(loss_type="dr_grpo")
+    module = GRPOLoss(loss_type="bnpo")
+    b = batch()
+    with pytest.raises(ValueError, match="ref_logps is required"):
+        module(b["hidden"], b["weight"], b["targets"], b["advantages"], b["mask"], b["old_logps"], None, beta=0.1)
+
+
+# ------------------------------------------------------------------ token_logprobs
+
+TL_BAD = [
+    ("hidden_0d", lambda b: dict(hidden=torch.tensor(1.0, device=DEVICE)), ValueError,
+     r"hidden must have at least one dimension"),
+    ("hidden_int", lambda b: dict(hidden=b["hidden"].long()), TypeError, r"hidden must be a floating tensor"),
+    ("hidden_nan", lambda b: dict(hidden=with_value(b["hidden"], NAN, (1, 1, 1))), ValueError,
+     r"hidden contains NaN or inf"),
+    ("H0", lambda b: dict(hidden=b["hidden"][..., :0], weight=b["weight"][:, :0]), ValueError, r"H = 0"),
+    ("weight_H_mismatch", lambda b: dict(weight=b["weight"][:, 1:]), ValueError, r"weight must be \[V, H\]"),
+    ("weight_other_device", lambda b: dict(weight=meta_like(b["weight"])), ValueError, r"weight is on meta"),
+    ("targets_shape", lambda b: dict(targets=b["targets"][:, :1]), ValueError,
+     r"targets must have shape \(3, 4\) \(hidden's leading dimensions\)"),
+    ("targets_out_of_range", lambda b: dict(targets=with_value(b["targets"], -100, (2, 3))), ValueError,
+     r"targets holds token ids outside \[0, 11\) \(min -100"),
+    ("targets_float", lambda b: dict(targets=b["targets"].double()), TypeError, r"targets must be an integer"),
+    ("temperature_zero", lambda b: dict(temperature=0), ValueError, r"temperature must be > 0"),
+    ("chunk_size_zero", lambda b: dict(chunk_size=0), ValueError, r"chunk_size must be > 0"),
+    ("backend_name", lambda b: dict(backend="jax"), ValueError, r"backend must be one of"),
+    ("return_entropy_not_bool", lambda b: dict(return_entropy=None), TypeError, r"return_entropy must be a bool"),
+]
+
+
+@pytest.mark.parametrize("case", TL_BAD, ids=[c[0] for c in TL_BAD])
+def test_token_logprobs_bad_input(case):
+    _, make, exc, pattern = case
+    b = batch()
+    args = dict(hidden=b["hidden"], weight=b["weight"], targets=b["targets"])
+    kw = make(b)
+    args.update({k: kw.pop(k) for k in list(kw) if k in args})
+    with pytest.raises(exc, match=pattern):
+        token_logprobs(args["hidden"], args["weight"], args["targets"], **kw)
+
+
+def test_token_logprobs_of_no_tokens_is_empty():
+    b = batch()
+    logp, ent = token_logprobs(b["hidden"][:0], b["weight"], b["targets"][:0], return_entropy=True, backend="torch")
+    assert logp.shape == (0, T) and ent.shape == (0, T)
+
+
+# ------------------------------------------------------------------ valid but unusual inputs
+
+
+def _grads(b, **kw):
+    h = b["hidden"].detach().clone().requires_grad_(True) if b["hidden"].is_leaf else b["hidden"]
+    w = b["weight"].detach().clone().requires_grad_(True) if b["weight"].is_leaf else b["weight"]
+    loss = grpo_loss(h, w, b["targets"], b["advantages"], b["mask"], b["old_logps"], b["ref_logps"], **kw)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad
+
+
+OPTS = [dict(loss_type="dapo", beta=0.05), dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.05)]
+
+
+@pytest.mark.parametrize("backend", backend_params() + [pytest.param("reference", id="reference")])
+@pytest.mark.parametrize("opts", OPTS, ids=["token", "sequence"])
+def test_junk_at_padding_positions_is_ignored(backend, opts):
+    """Masked positions may hold any token id (-100, >= V) and non-finite old/ref logps:
+    they are not checked and change nothing (ids are checked at unmasked positions only)."""
+    if backend != "reference":
+        require(backend, DEVICE, torch.float32)
+    clean = batch()
+    dirty = dict(clean)
+    pad = ~clean["mask"]
+    dirty["targets"] = torch.where(pad, torch.full_like(clean["targets"], -100), clean["targets"])
+    dirty["targets"][1, 3] = V + 5
+    dirty["old_logps"] = torch.where(pad, torch.full_like(clean["old_logps"], -INF), clean["old_logps"])
+    dirty["ref_logps"] = torch.where(pad, torch.full_like(clean["ref_logps"], NAN), clean["ref_logps"])
+    # the values at padding positions are irrelevant: compare against zeros there
+    zeroed = dict(clean)
+    zeroed["targets"] = torch.where(pad, 0, clean["targets"])
+    zeroed["old_logps"] = torch.where(pad, 0.0, clean["old_logps"])
+    zeroed["ref_logps"] = torch.where(pad, 0.0, clean["ref_logps"])
+    out = _grads(dirty, backend=backend, **opts)
+    expect = _grads(zeroed, backend=backend, **opts)
+    for a, e in zip(out, expect):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    # and the metrics stay finite too
+    _, m = call(dirty, backend=backend, return_metrics=True, **opts)
+    for name in ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
+        v = getattr(m, name)
+        assert v is None or bool(torch.isfinite(v)), name
+
+
+def _non_contiguous_variants(b):
+    """The same values with other strides: transposed storage, every-other-column slices,
+    stride-0 expansions."""
+    out = {}
+    h = b["hidden"]
+    out["hidden_transposed"] = dict(hidden=h.transpose(0, 1).contiguous().transpose(0, 1))
+    out["hidden_strided"] = dict(hidden=torch.stack([h, h], dim=-1)[..., 0])
+    w = b["weight"]
+    out["weight_from_transpose"] = dict(weight=w.t().contiguous().t())  # tied embeddings: [H, V] storage
+    out["weight_strided_rows"] = dict(weight=torch.stack([w, w], 1)[:, 0])
+    out["targets_strided"] = dict(targets=torch.stack([b["targets"], b["targets"]], -1)[..., 1])
+    out["targets_int32"] = dict(targets=b["targets"].int())
+    out["targets_uint8"] = dict(targets=b["targets"].to(torch.uint8))
+    out["mask_float_strided"] = dict(mask=torch.stack([b["mask"].float()] * 2, -1)[..., 0])
+    out["mask_int64"] = dict(mask=b["mask"].long())
+    out["advantages_expanded_BT"] = dict(advantages=b["advantages"][:, None].expand(B, T))
+    out["advantages_B1"] = dict(advantages=b["advantages"][:, None])
+    out["old_logps_transposed"] = dict(old_logps=b["old_logps"].t().contiguous().t())
+    out["ref_logps_strided"] = dict(ref_logps=torch.stack([b["ref_logps"]] * 3, 0)[1])
+    return out
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_inputs_equal_contiguous(backend):
+    require(backend, DEVICE, torch.float32)
+    b = batch()
+    opts = dict(loss_type="bnpo", beta=0.05, backend=backend)
+    expect = _grads(b, **opts)
+    for name, change in _non_contiguous_variants(b).items():
+        other = dict(b)
+        other.update(change)
+        got = _grads(other, **opts)
+        for a, e in zip(got, expect):
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_contiguous_token_logprobs(backend):
+    require(backend, DEVICE, torch.float32)
+    b = batch()
+    expect = token_logprobs(b["hidden"], b["weight"], b["targets"], backend=backend)
+    got = token_logprobs(b["hidden"].transpose(0, 1), b["weight"].t().contiguous().t(), b["targets"].t(),
+                         backend=backend)
+    torch.testing.assert_close(got.t(), expect, rtol=1e-6, atol=1e-7)
+
+
+def test_negative_strides_cannot_reach_the_api():
+    # torch tensors never have negative strides: flip() copies, and numpy views with a
+    # negative stride are refused by torch itself (so nothing for grpo_kernels to check)
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::-1]
+    with pytest.raises(ValueError, match="negative stride"):
+        torch.from_numpy(a)
+    assert all(s >= 0 for s in torch.arange(6.0).flip(0).stride())
