@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one command on a CUDA machine:
+#   bash .ci/gpu_check.sh tests   # GPU parity + kernel tests (bf16/fp16/fp32/fp64, every backend)
+#   bash .ci/gpu_check.sh bench   # the GPU benchmark set (bench/report.py), tables + plot under $OUT
+#   bash .ci/gpu_check.sh         # both
+# Peers' wheels (trl, liger-kernel) are picked up from .whl/ when present (offline machines).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/grpo_gpu_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+mode="${1:-all}"
+status=0
+if [[ "$mode" == "all" || "$mode" == "tests" ]]; then
+  python3 -m pytest -q -rs -p no:cacheprovider --durations=10 \
+    tests/test_parity.py tests/test_token_logprobs.py tests/test_triton_backend.py tests/test_cuda_gpu.py \
+    tests/test_large_index.py tests/test_determinism.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
+  status=${PIPESTATUS[0]}
+fi
+if [[ "$mode" == "all" || "$mode" == "bench" ]]; then
+  python3 bench/report.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 80
+  [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
+fi
+exit $status

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of grpo_kernels against its peers (see bench/RESULTS.md)."""
