@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one command on a CUDA machine:
 #   bash .ci/gpu_check.sh tests   # GPU parity + kernel tests (bf16/fp16/fp32/fp64, every backend)
 #   bash .ci/gpu_check.sh bench   # the GPU benchmark set (bench/report.py), tables + plot under $OUT
-#   bash .ci/gpu_check.sh         # both
+#   bash .ci/gpu_check.sh         # both (BENCH_ARGS="--budget-s 200" etc. passes through)
 # Peers' wheels (trl, liger-kernel) are picked up from .whl/ when present (offline machines).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ if [[ "$mode" == "all" || "$mode" == "tests" ]]; then
   status=${PIPESTATUS[0]}
 fi
 if [[ "$mode" == "all" || "$mode" == "bench" ]]; then
-  python3 bench/report.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -n 80
+  python3 bench/report.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 80
   [[ ${PIPESTATUS[0]} -ne 0 ]] && status=1
 fi
 exit $status

@@ -202,7 +202,7 @@ GRPO_HD inline void token_epilogue_one(A logp, const A* old, A adv, A weight, co
     A dkl = one - e;
     if (o.bias_correction_kl) {
       const A klw = kl * w;
-      dkl = dkl * w + kl * w;
+      dkl = -diff * w;  // = (dkl + kl) * w without cancelling a saturated e (NaN, or inf under FMA)
       kl = klw;
     }
     loss = loss + A(o.beta) * kl;

@@ -139,7 +139,9 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
         kl = e - (ref - logp) - 1
         dkl = 1 - e
         if options.use_bias_correction_kl:
-            kl, dkl = kl * w, dkl * w + kl * w
+            # d(kl * w)/dlogp = (dkl + kl) * w, and dkl + kl = -(ref - logp) exactly: summing the
+            # two saturated halves would cancel e (inf - inf = NaN, or with FMA, +inf)
+            kl, dkl = kl * w, -(ref - logp) * w
         loss = loss + options.beta * kl
         dlogp = dlogp + options.beta * dkl
     weight = inputs.weight.to(logp.dtype)

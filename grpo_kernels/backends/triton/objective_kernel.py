@@ -83,7 +83,7 @@ def grpo_token_epilogue(
         kl = e - (ref - logp) - 1.0
         dkl = 1.0 - e
         if BIAS_KL:
-            dkl = dkl * w + kl * w
+            dkl = -(ref - logp) * w  # = (dkl + kl) * w without cancelling a saturated e
             kl = kl * w
         loss = loss + beta * kl
         dlogp = dlogp + beta * dkl
