@@ -97,7 +97,34 @@ def build_liger_loss(inp: Inputs, device: torch.device):
 # ------------------------------------------------------------------ TRL 1.16
 
 
+class _Placeholder(type(torch)):  # a module whose every attribute is an empty class
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = type(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+def _placeholder_datasets_if_missing() -> None:
+    """``trl.trainer.utils`` imports ``datasets`` at module level, and TRL's chunked kernel imports
+    that module in its backward; the offline GPU machine has no ``datasets`` (nor pyarrow). Neither
+    path uses it, so a placeholder module lets TRL import there. Never used when it is installed."""
+    import importlib.util
+    import sys
+
+    if "datasets" in sys.modules or importlib.util.find_spec("datasets") is not None:
+        return
+    root = _Placeholder("datasets")
+    root.__path__ = []  # a package, so ``datasets.fingerprint`` etc. resolve too
+    sys.modules["datasets"] = root
+    for sub in ("fingerprint", "utils", "features"):
+        sys.modules[f"datasets.{sub}"] = _Placeholder(f"datasets.{sub}")
+        setattr(root, sub, sys.modules[f"datasets.{sub}"])
+
+
 def _trl_chunked():
+    _placeholder_datasets_if_missing()
     mod = _import("trl.kernels", lambda: __import__("trl.kernels.chunked_logprob", fromlist=["x"]))
     try:
         from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
@@ -143,6 +170,7 @@ def build_trl_chunked_logprobs(inp: Inputs, device: torch.device):
 
 
 def _trl_selective():
+    _placeholder_datasets_if_missing()
     utils = _import("trl.trainer.utils", lambda: __import__("trl.trainer.utils", fromlist=["x"]))
     return utils.selective_log_softmax, utils.entropy_from_logits
 

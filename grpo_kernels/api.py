@@ -49,7 +49,8 @@ def _deterministic_chunk(opts: GRPOOptions, rows: int, hidden: torch.Tensor, wei
             f"backend {backend.name!r} does not guarantee bitwise-reproducible results; "
             "use backend='torch' (or 'cpp'/'triton') with deterministic=True"
         )
-    return int(vocab_pass.chunk_rows(max(rows, 1), weight.shape[0], hidden.dtype, backend, opts.chunk_size))
+    return int(vocab_pass.chunk_rows(max(rows, 1), weight.shape[0], hidden.dtype, backend, opts.chunk_size,
+                                        hidden.device))
 
 
 def token_logprobs(

@@ -220,7 +220,7 @@ def _plan(hidden2d, weight_shard, vocab_start, n_valid, backend_name, chunk_size
         start_code = -2  # raised below, on every rank
     else:
         start_code = vocab_start
-    rows = vocab_pass.chunk_rows(n, v_local, hidden2d.dtype, inner, chunk_size)
+    rows = vocab_pass.chunk_rows(n, v_local, hidden2d.dtype, inner, chunk_size, hidden2d.device)
     mine = torch.tensor([start_code, v_local, n, H, n_valid, rows], dtype=torch.int64, device=hidden2d.device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
