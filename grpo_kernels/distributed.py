@@ -8,7 +8,7 @@ Data parallelism (DDP, FSDP2 ``fully_shard``)
     ``num_items_in_batch=global_num_items(mask, divide_by_world_size=True)``. TRL takes the
     ``top_entropy_quantile`` threshold over every rank's tokens: ``global_high_entropy_mask``.
     Under FSDP2 the lm_head weight read outside its FSDP unit's forward may be the sharded
-    ``DTensor``: wrap it in ``lm_head_weight`` (docs/distributed.md).
+    ``DTensor``: wrap it in ``lm_head_weight`` (README, "Distributed training").
 
 Vocab-parallel tensor parallelism
     ``vocab_parallel_grpo_loss`` and ``vocab_parallel_token_logprobs``: each rank of ``group``
@@ -128,7 +128,7 @@ def lm_head_weight(weight: torch.Tensor, *, grad_reduction: str = "avg") -> torc
     so its backward is a reduce-scatter: ``grad_reduction="avg"`` averages over the mesh like
     FSDP2 does for every other parameter, ``"sum"`` sums. A plain tensor is returned as is.
 
-    Prefer computing the loss inside the module's forward (docs/distributed.md): FSDP2 then
+    Prefer computing the loss inside the module's forward (README, "Distributed training"): FSDP2 then
     hands ``grpo_loss`` the already all-gathered weight and reduces its gradient itself.
     """
     try:

@@ -43,7 +43,7 @@ class GRPOOptions:
     backend: str = "auto"
     chunk_size: Optional[int] = None
     #: bitwise-reproducible runs: chunking fixed in Python, only backends that declare a
-    #: fixed reduction order (see docs/bad_inputs.md, "Determinism"). Also on when
+    #: fixed reduction order (see the README, "Determinism"). Also on when
     #: ``torch.are_deterministic_algorithms_enabled()``.
     deterministic: bool = False
 

@@ -7,7 +7,7 @@ Two kinds of checks:
   so they are skipped while ``torch.compile`` traces and for tensors without data
   (the ``meta`` device, used for shape-only runs).
 
-docs/bad_inputs.md lists every check with its error type and message.
+The README ("Inputs, errors and guarantees") lists every check with its error type and message.
 """
 from __future__ import annotations
 

@@ -23,8 +23,10 @@ _MiB = 2**20
 _ENV_CHUNK_BYTES = os.environ.get("GRPO_KERNELS_CHUNK_BYTES")
 DEFAULT_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 256 * _MiB)
 #: on CUDA every extra chunk costs one more read-modify-write of grad_weight (1.2 GB at
-#: V=151936, H=4096 bf16, ~0.75 ms on an H100), so chunks are larger there
-CUDA_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 512 * _MiB)
+#: V=151936, H=4096 bf16, ~0.75 ms on an H100), so chunks are larger there. Measured on an
+#: H100 at N=8192, H=4096, V=151936 (bench/RESULTS.md): 320 MiB 41.7 ms / 681 MiB beyond
+#: inputs+grads, 384 MiB 39.4 ms / 809 MiB, 512 MiB 39.5 ms / 1064 MiB.
+CUDA_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 384 * _MiB)
 
 
 def chunk_budget(device=None) -> int:

@@ -1,4 +1,4 @@
-"""Invalid inputs: each gets a TypeError/ValueError naming the argument (docs/bad_inputs.md).
+"""Invalid inputs: each gets a TypeError/ValueError naming the argument (the README table).
 
 Also the inputs that are *valid* although unusual: junk at padding positions, non-contiguous
 and expanded (stride-0) tensors, integer targets of every width, empty token_logprobs
