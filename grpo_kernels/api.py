@@ -164,58 +164,10 @@ def grpo_loss(
     B, T, _ = hidden.shape
     if B * T == 0:
         raise ValueError(f"hidden must have at least one token, got shape {tuple(hidden.shape)}")
-    dev = hidden.device
     _check_head(hidden, weight, bias)
-    check.tensor("mask", mask, ndim=(2,))
-    check.same_device("mask", mask, dev)
-    check.shape("mask", mask, (B, T), " ([B, T])")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real numeric, got {mask.dtype}")
-    if mask.dtype != torch.bool:
-        if torch.is_floating_point(mask):
-            check.finite("mask", mask)
-        check.nonnegative("mask", mask, " (a 0/1 completion mask, or non-negative token weights)")
-    keep = mask != 0
-    check.tensor("targets", targets, ndim=(2,))
-    check.same_device("targets", targets, dev)
-    check.shape("targets", targets, (B, T), " ([B, T])")
-    # ids are checked at unmasked positions only: padding may hold anything (-100, pad ids)
-    check.token_ids("targets", targets, weight.shape[0], where=keep)
-    check.tensor("advantages", advantages, ndim=(1, 2), floating=True)
-    check.same_device("advantages", advantages, dev)
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
-    if tuple(advantages.shape) == (B, 1) and T != 1:
-        advantages = advantages.reshape(B)
-    check.finite("advantages", advantages)
-    check.finite("hidden", hidden)
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
-    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if x is None:
-            continue
-        check.tensor(name, x, ndim=(2,), floating=True)
-        check.same_device(name, x, dev)
-        check.shape(name, x, (B, T), " ([B, T])")
-        check.finite(name, x, where=keep)
-    if opts.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"ref_logps is required when beta != 0 (beta={opts.beta})")
-    if importance_sampling_ratio is not None:
-        check.tensor("importance_sampling_ratio", importance_sampling_ratio, ndim=(1, 2), floating=True)
-        check.same_device("importance_sampling_ratio", importance_sampling_ratio, dev)
-        if tuple(importance_sampling_ratio.shape) not in ((B, T), (B, 1), (B,)):
-            raise ValueError(
-                f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), "
-                f"got {tuple(importance_sampling_ratio.shape)}"
-            )
-        check.finite("importance_sampling_ratio", importance_sampling_ratio)
-        check.nonnegative("importance_sampling_ratio", importance_sampling_ratio)
-        if importance_sampling_ratio.dim() == 1:
-            importance_sampling_ratio = importance_sampling_ratio.unsqueeze(1)
-    # padding positions may hold junk (out-of-range ids, inf logps): neutral values from here on,
-    # so no path (the oracle, sequence-level sums, the metrics) can pick them up
-    targets = torch.where(keep, targets.to(torch.int64), zero)
-    old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
-    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
+    batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
+                             opts.beta, vocab=weight.shape[0])
+    keep, targets, advantages, old_logps, ref_logps, importance_sampling_ratio = batch
 
     if opts.backend == "reference":
         from grpo_kernels.reference import reference_grpo_loss

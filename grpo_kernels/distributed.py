@@ -432,51 +432,11 @@ def vocab_parallel_grpo_loss(
     B, T, _ = hidden.shape
     if B * T == 0:
         raise ValueError(f"hidden must have at least one token, got shape {tuple(hidden.shape)}")
-    dev = hidden.device
     _check_head(hidden, weight_shard, bias)
-    check.tensor("mask", mask, ndim=(2,))
-    check.same_device("mask", mask, dev)
-    check.shape("mask", mask, (B, T), " ([B, T])")
-    if mask.is_complex():
-        raise TypeError(f"mask must be bool or real numeric, got {mask.dtype}")
-    if mask.dtype != torch.bool and torch.is_floating_point(mask):
-        check.finite("mask", mask)
-    keep = mask != 0
-    check.tensor("targets", targets, ndim=(2,))
-    check.same_device("targets", targets, dev)
-    check.shape("targets", targets, (B, T), " ([B, T])")
-    check.tensor("advantages", advantages, ndim=(1, 2), floating=True)
-    check.same_device("advantages", advantages, dev)
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
-    if tuple(advantages.shape) == (B, 1):
-        advantages = advantages.reshape(B)
-    check.finite("advantages", advantages)
-    check.finite("hidden", hidden)
-    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
-        if x is None:
-            continue
-        check.tensor(name, x, ndim=(2,), floating=True)
-        check.same_device(name, x, dev)
-        check.shape(name, x, (B, T), " ([B, T])")
-        check.finite(name, x, where=keep)
-    if opts.beta != 0.0 and ref_logps is None:
-        raise ValueError(f"ref_logps is required when beta != 0 (beta={opts.beta})")
-    ratio = importance_sampling_ratio
-    if ratio is not None:
-        check.tensor("importance_sampling_ratio", ratio, ndim=(1, 2), floating=True)
-        check.same_device("importance_sampling_ratio", ratio, dev)
-        if tuple(ratio.shape) not in ((B, T), (B, 1), (B,)):
-            raise ValueError(
-                f"importance_sampling_ratio must have shape ({B}, {T}) or ({B}, 1), got {tuple(ratio.shape)}"
-            )
-        check.finite("importance_sampling_ratio", ratio)
-        ratio = (ratio.unsqueeze(1) if ratio.dim() == 1 else ratio).expand(B, T)
-    # padding may hold junk (-100 ids, inf logps): neutral values, as grpo_loss does
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
-    targets = torch.where(keep, targets.to(torch.int64), zero)
-    old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
-    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
+    batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
+                             opts.beta, vocab=None)  # ids are checked against the global vocab below
+    keep, targets, advantages, old_logps, ref_logps, ratio = batch
+    ratio = None if ratio is None else ratio.expand(B, T)
 
     h2 = hidden.reshape(B * T, -1)
     n_valid = int(keep.sum())

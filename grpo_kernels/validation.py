@@ -11,7 +11,7 @@ The README ("Inputs, errors and guarantees") lists every check with its error ty
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -92,3 +92,75 @@ def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torc
         raise ValueError(
             f"{name} holds token ids outside [0, {vocab}){scope} (min {int(vals.min())}, max {int(vals.max())})"
         )
+
+
+class GRPOBatch(NamedTuple):
+    """The per-token inputs of a GRPO loss after checking, padding junk replaced by 0."""
+
+    keep: torch.Tensor  # [B, T] bool
+    targets: torch.Tensor  # [B, T] int64
+    advantages: torch.Tensor  # [B] or [B, T]
+    old_logps: Optional[torch.Tensor]
+    ref_logps: Optional[torch.Tensor]
+    importance_sampling_ratio: Optional[torch.Tensor]  # [B, 1] or [B, T]
+
+
+def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
+               beta: float, vocab: Optional[int]) -> GRPOBatch:
+    """Checks everything but hidden's own structure and the lm_head (already checked), in the
+    order the README's table lists. ``vocab=None`` leaves the token-id range to the caller
+    (vocab-parallel callers know the global vocabulary only later)."""
+    B, T, _ = hidden.shape
+    dev = hidden.device
+    tensor("mask", mask, ndim=(2,))
+    same_device("mask", mask, dev)
+    shape("mask", mask, (B, T), " ([B, T])")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or real numeric, got {mask.dtype}")
+    if mask.dtype != torch.bool:
+        if torch.is_floating_point(mask):
+            finite("mask", mask)
+        nonnegative("mask", mask, " (a 0/1 completion mask, or non-negative token weights)")
+    keep = mask != 0
+    tensor("targets", targets, ndim=(2,))
+    same_device("targets", targets, dev)
+    shape("targets", targets, (B, T), " ([B, T])")
+    if vocab is not None:
+        # ids are checked at unmasked positions only: padding may hold anything (-100, pad ids)
+        token_ids("targets", targets, vocab, where=keep)
+    tensor("advantages", advantages, ndim=(1, 2), floating=True)
+    same_device("advantages", advantages, dev)
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
+    if tuple(advantages.shape) == (B, 1) and T != 1:
+        advantages = advantages.reshape(B)
+    finite("advantages", advantages)
+    finite("hidden", hidden)
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if x is None:
+            continue
+        tensor(name, x, ndim=(2,), floating=True)
+        same_device(name, x, dev)
+        shape(name, x, (B, T), " ([B, T])")
+        finite(name, x, where=keep)
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"ref_logps is required when beta != 0 (beta={beta})")
+    ratio = importance_sampling_ratio
+    if ratio is not None:
+        tensor("importance_sampling_ratio", ratio, ndim=(1, 2), floating=True)
+        same_device("importance_sampling_ratio", ratio, dev)
+        if tuple(ratio.shape) not in ((B, T), (B, 1), (B,)):
+            raise ValueError(
+                f"importance_sampling_ratio must have shape ({B}, {T}), ({B}, 1) or ({B},), got {tuple(ratio.shape)}"
+            )
+        finite("importance_sampling_ratio", ratio)
+        nonnegative("importance_sampling_ratio", ratio)
+        if ratio.dim() == 1:
+            ratio = ratio.unsqueeze(1)
+    # padding positions may hold junk (out-of-range ids, inf logps): neutral values from here on,
+    # so no path (the oracle, sequence-level sums, the metrics) can pick them up
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    targets = torch.where(keep, targets.to(torch.int64), zero)
+    old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
+    ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
+    return GRPOBatch(keep, targets, advantages, old_logps, ref_logps, ratio)
