@@ -2,9 +2,10 @@
 
 The extension comes from, in this order:
 
-1. an installed module ``grpo_kernels._C`` (``GRPO_KERNELS_BUILD_EXT=1 pip install
-   --no-build-isolation -e .``), or
-2. a JIT build of ``csrc/`` cached on disk by a previous run (keyed by a hash of the
+1. an installed module ``grpo_kernels._C`` (built by ``pip install --no-build-isolation
+   -e .`` when torch is importable at build time), or
+2. a JIT build of ``csrc/`` (or, in a wheel install, of its packaged copy
+   ``grpo_kernels/_csrc``) cached on disk by a previous run (keyed by a hash of the
    sources, the flags, torch and Python), imported directly, or
 3. a fresh JIT build with ``torch.utils.cpp_extension.load`` (ninja + a C++ compiler;
    the CUDA sources too when CUDA is available and ``nvcc`` is found). About 25 s for
@@ -35,7 +36,17 @@ import torch
 
 from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
 
-_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The C++/CUDA sources: ``csrc/`` of a source checkout (editable install), else the
+    copy that ``setup.py`` packs into wheels as ``grpo_kernels/_csrc``."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "csrc"
+    return checkout if (checkout / "bindings.cpp").is_file() else package / "_csrc"
+
+
+_CSRC = _find_csrc()
 _CPP_SOURCES = ("row_pass_cpu.cpp", "bindings.cpp")
 _CUDA_SOURCES = ("row_pass.cu",)
 _HEADERS = ("row_pass.h",)
@@ -101,7 +112,7 @@ def _build_name(with_cuda: bool) -> Optional[str]:
         key = (with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
                tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     except OSError:
-        return None  # no csrc/ next to the package (a wheel install): no JIT build
+        return None  # no sources found (a broken install): no JIT build
     if key in _name_cache:
         return _name_cache[key]
     h = hashlib.sha256()
@@ -166,13 +177,13 @@ def _jit_build(with_cuda: bool):
     name = _build_name(with_cuda)
     if name is None:
         raise RuntimeError(
-            f"grpo_kernels: the C++ sources are not at {_CSRC} (a wheel install without the compiled "
-            "extension); install from a source checkout, with GRPO_KERNELS_BUILD_EXT=1 to prebuild it"
+            f"grpo_kernels: the C++ sources are not at {_CSRC} (an install that lost them); reinstall "
+            "grpo_kernels, or prebuild the extension with pip install --no-build-isolation from a checkout"
         )
     if _cxx() is None:
         raise RuntimeError(
             "grpo_kernels: backend 'cpp' needs a C++ compiler (set CXX or install g++) to JIT-build csrc/, "
-            "or a prebuilt extension (GRPO_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .)"
+            "or a prebuilt extension (pip install --no-build-isolation -e . with torch installed)"
         )
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
