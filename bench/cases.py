@@ -12,6 +12,7 @@ grad_W = G.T @ h, in the inputs' dtype through cuBLAS / MKL; "floor" over all N 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
@@ -70,6 +71,46 @@ def ours_loss(backend: str):
 
         def run():
             loss = grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, backend=backend)
+            loss.backward()
+            return loss
+
+        return run
+
+    return build
+
+
+@contextlib.contextmanager
+def _sequence_level_recompute():
+    """The sequence-level path as it was before one-sweep chunks: stats sweep, then a
+    gradient sweep that recomputes the logits (what a sequence longer than a chunk gets)."""
+    from grpo_kernels import vocab_pass
+
+    real = vocab_pass.sequence_chunks
+    vocab_pass.sequence_chunks = lambda lengths, max_rows: None
+    try:
+        yield
+    finally:
+        vocab_pass.sequence_chunks = real
+
+
+def ours_level_loss(backend: str, level: str, recompute: bool = False):
+    """grpo_loss with token- or sequence-level (GSPO) importance sampling, slightly off-policy
+    (a sequence's coefficient then depends on all its tokens)."""
+
+    def build(inp: Inputs, device: torch.device):
+        _check_backend(backend, device, inp.hidden.dtype, _allow_build())
+        from grpo_kernels import grpo_loss, token_logprobs
+
+        with torch.no_grad():
+            g = torch.Generator(device=device).manual_seed(3)
+            old = token_logprobs(inp.hidden, inp.weight, inp.targets, backend=backend).float()
+            old += 0.05 * torch.randn(old.shape, device=device, generator=g)
+        context = _sequence_level_recompute if recompute else contextlib.nullcontext
+
+        def run():
+            with context():
+                loss = grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, old_logps=old,
+                                 importance_sampling_level=level, backend=backend)
             loss.backward()
             return loss
 
@@ -140,6 +181,20 @@ CASES = [Case(c.id, c.kind, c.group, c.label, c.build, 2) if c.id == "ours:cpp" 
 BY_KEY: Dict[str, Case] = {f"{c.kind}/{c.id}": c for c in CASES}
 # peers every time is compared to, in table-column order
 RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "trl:chunked", "trl:selective")
+
+
+# Sequence-level importance sampling (GSPO) against token level, same backend, same run:
+# its own pytest-benchmark module (bench/test_bench_sequence_level.py), not in the report
+LEVEL_CASES: List[Case] = [
+    c for b in ("triton", "cpp", "torch") for c in (
+        Case(f"ours:{b}:token", "loss", "ours", f"backend={b}, token-level IS", ours_level_loss(b, "token")),
+        Case(f"ours:{b}:sequence", "loss", "ours", f"backend={b}, sequence-level IS, one sweep",
+             ours_level_loss(b, "sequence")),
+        Case(f"ours:{b}:sequence-recompute", "loss", "ours", f"backend={b}, sequence-level IS, recomputing sweep",
+             ours_level_loss(b, "sequence", recompute=True)),
+    )
+]
+LEVEL_BY_KEY: Dict[str, Case] = {f"{c.kind}/{c.id}": c for c in LEVEL_CASES}
 
 
 def select(kinds=None, ids=None) -> List[Case]:

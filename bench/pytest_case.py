@@ -17,10 +17,11 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_benchmark(benchmark, kind: str, case_id: str, shape, device, inputs, rounds=None):
+def run_benchmark(benchmark, kind: str, case_id: str, shape, device, inputs, rounds=None, cases=BY_KEY,
+                  group=None):
     """Benchmark one case: untimed first call, peak memory of one call, then timed rounds."""
-    case = BY_KEY[f"{kind}/{case_id}"]
-    benchmark.group = f"{'loss' if kind == 'floor' else kind} {shape.name}"
+    case = cases[f"{kind}/{case_id}"]
+    benchmark.group = f"{group or ('loss' if kind == 'floor' else kind)} {shape.name}"
     info = benchmark.extra_info
     info.update(case=case.id, kind=kind, label=case.label, N=shape.N, H=shape.H, V=shape.V, dtype=shape.dtype,
                 real_tokens=inputs.real_tokens)

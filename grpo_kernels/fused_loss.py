@@ -8,9 +8,13 @@ Paths, by what the per-token gradient coefficient depends on:
 - token-level importance sampling: the coefficient follows from the token's own
   logp, so one fused sweep computes statistics, epilogue and gradients (6NHV flops);
   ``top_entropy_quantile < 1`` first needs every entropy: one stats-only sweep more.
-- sequence-level importance sampling: the coefficient needs the whole row's logps:
-  a stats sweep, the coefficient by autograd through ``objective_loss`` on [B, T],
-  then a gradient sweep that recomputes the logits (8NHV flops).
+- sequence-level importance sampling: the coefficient needs the whole row's logps.
+  When every sequence fits in one chunk, chunks are cut at sequence boundaries and
+  each chunk's coefficient comes from its own statistics before its gradient is
+  written (6NHV flops). A sequence longer than a chunk forces a stats sweep, the
+  coefficient for all rows, then a gradient sweep that recomputes the logits (8NHV).
+  The coefficient is autograd through ``objective_loss`` on [B, T] (the loss is a sum
+  of per-sequence terms, so a sequence's coefficient needs only its own logps).
 """
 from __future__ import annotations
 
@@ -78,9 +82,16 @@ def fused_grpo_loss(
     old = None if old is None else torch.where(keep, old.to(acc), torch.zeros((), dtype=acc, device=old.device))
     ref = None if ref is None else torch.where(keep, ref.to(acc), torch.zeros((), dtype=acc, device=ref.device))
     want_grads = any(needs)
+    sequence_bounds = None
+    if want_grads and options.importance_sampling_level == "sequence":
+        max_rows = vocab_pass.chunk_rows(h.shape[0], weight.shape[0], h.dtype, backend, chunk, h.device)
+        # a meta mask (shape checks) has no values: every position counts, as in nonzero()
+        lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
+        sequence_bounds = vocab_pass.sequence_chunks(lengths, max_rows)
 
     entropy_mask = None
-    if options.top_entropy_quantile < 1.0 or not want_grads or options.importance_sampling_level == "sequence":
+    recompute = want_grads and options.importance_sampling_level == "sequence" and sequence_bounds is None
+    if options.top_entropy_quantile < 1.0 or not want_grads or recompute:
         sel_stats = vocab_pass.forward_stats(backend, h, weight, bias, tgt, temp, softcap, chunk)
         logp_full = _scatter_rows(sel_stats.logp, rows, total)
         ent_full = _scatter_rows(sel_stats.entropy, rows, total)
@@ -95,6 +106,12 @@ def fused_grpo_loss(
         return objective.objective_loss(
             logp_full.view(B, T), mask, adv, options, old=old, ref=ref, policy_scale=policy_scale
         )
+
+    def grad_and_loss(logp_full):
+        # torch.func rather than torch.autograd: this runs inside a custom op, below the
+        # autograd dispatch key, where only functorch's own transform still differentiates
+        with _functorch_keys_enabled():
+            return torch.func.grad_and_value(loss_of)(logp_full)
 
     if not want_grads:
         return loss_of(logp_full).detach(), logp_full, ent_full, None, None, None
@@ -111,11 +128,21 @@ def fused_grpo_loss(
         loss = loss_t.sum()
         logp_full = _scatter_rows(stats.logp, rows, total)
         ent_full = _scatter_rows(stats.entropy, rows, total)
+    elif sequence_bounds is not None:
+        logp_full = torch.zeros(total, dtype=acc, device=h.device)
+
+        def coefficient(s, e, chunk_stats):
+            # rows of later sequences still hold 0: they do not reach these rows' gradient
+            logp_full.index_copy_(0, rows[s:e], chunk_stats.logp)
+            return grad_and_loss(logp_full)[0].index_select(0, rows[s:e])
+
+        stats, gh, gw, gb = vocab_pass.sequence_forward_backward(
+            backend, h, weight, bias, tgt, temp, softcap, sequence_bounds, coefficient, needs,
+        )
+        loss = loss_of(logp_full).detach()
+        ent_full = _scatter_rows(stats.entropy, rows, total)
     else:
-        # torch.func rather than torch.autograd: this runs inside a custom op, below the
-        # autograd dispatch key, where only functorch's own transform still differentiates
-        with _functorch_keys_enabled():
-            dlogp_full, loss = torch.func.grad_and_value(loss_of)(logp_full)
+        dlogp_full, loss = grad_and_loss(logp_full)
         gh, gw, gb = vocab_pass.backward_grads(
             backend, h, weight, bias, tgt, temp, softcap, sel_stats.lse, sel_stats.entropy,
             dlogp_full.index_select(0, rows), None, chunk, needs,

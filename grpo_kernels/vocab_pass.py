@@ -221,3 +221,58 @@ def fused_forward_backward(
         loss_t[s:e], dlogp[s:e] = epi.loss, epi.dlogp
         grads.accumulate(z, h, weight, s)
     return (stats, loss_t, dlogp) + grads.finish(weight, bias)
+
+
+def sequence_chunks(lengths, max_rows: int):
+    """Row ranges ``[start, end)`` that each hold whole sequences and at most ``max_rows``
+    rows, packed greedily in order; ``None`` when one sequence alone has more rows.
+
+    ``lengths`` are the (unmasked) row counts of consecutive sequences; empty ones are
+    absorbed by their neighbours.
+    """
+    bounds, start, end = [], 0, 0
+    for length in lengths:
+        if length > max_rows:
+            return None
+        if end + length - start > max_rows:
+            bounds.append((start, end))
+            start = end
+        end += length
+    if end > start:
+        bounds.append((start, end))
+    return bounds
+
+
+def sequence_forward_backward(
+    backend: RowBackend,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    bounds,
+    coefficient: Callable,
+    needs: Tuple[bool, bool, bool] = (True, True, True),
+):
+    """The loss's forward with its gradients when a token's coefficient depends on its whole
+    sequence (sequence-level importance sampling): 6NHV matmul flops, no recomputation.
+
+    ``bounds`` (from ``sequence_chunks``) keeps every sequence inside one chunk, so once the
+    chunk's statistics are known, ``coefficient(start, end, stats)`` returns dL/dlogp [end -
+    start] of those rows while their logits are still in the buffer; the gradient is then
+    written in place as in ``fused_forward_backward``. Returns ``(stats, grad_hidden,
+    grad_weight, grad_bias)``.
+    """
+    n = hidden.shape[0]
+    stats = _empty_stats(n, hidden.dtype, hidden.device)
+    grads = GradBuffers(hidden, weight, bias, *needs, n_chunks=len(bounds))
+    for s, e in bounds:
+        h = hidden[s:e]
+        z = _logits(h, weight, bias)
+        st = backend.row_stats(z, targets[s:e], temperature, softcap)
+        stats.lse[s:e], stats.entropy[s:e], stats.target_logit[s:e] = st.lse, st.entropy, st.target_logit
+        dlogp = coefficient(s, e, st)
+        backend.row_grad_(z, targets[s:e], st.lse, st.entropy, dlogp, None, temperature, softcap)
+        grads.accumulate(z, h, weight, s)
+    return (stats,) + grads.finish(weight, bias)
