@@ -153,7 +153,7 @@ def forward_stats(
     rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, chunk_size, hidden.device)
     for s, e in _chunks(n, rows):
         st = backend.row_stats(_logits(hidden[s:e], weight, bias), targets[s:e], temperature, softcap)
-        out.lse[s:e], out.entropy[s:e], out.target_logit[s:e] = st.lse, st.entropy, st.target_logit
+        out.put_(s, e, st)
     return out
 
 
@@ -217,7 +217,7 @@ def fused_forward_backward(
         z = _logits(h, weight, bias)
         token_inputs, options = epilogue(s, e)
         st, epi = backend.row_fused_(z, targets[s:e], temperature, softcap, token_inputs, options)
-        stats.lse[s:e], stats.entropy[s:e], stats.target_logit[s:e] = st.lse, st.entropy, st.target_logit
+        stats.put_(s, e, st)
         loss_t[s:e], dlogp[s:e] = epi.loss, epi.dlogp
         grads.accumulate(z, h, weight, s)
     return (stats, loss_t, dlogp) + grads.finish(weight, bias)
@@ -271,7 +271,7 @@ def sequence_forward_backward(
         h = hidden[s:e]
         z = _logits(h, weight, bias)
         st = backend.row_stats(z, targets[s:e], temperature, softcap)
-        stats.lse[s:e], stats.entropy[s:e], stats.target_logit[s:e] = st.lse, st.entropy, st.target_logit
+        stats.put_(s, e, st)
         dlogp = coefficient(s, e, st)
         backend.row_grad_(z, targets[s:e], st.lse, st.entropy, dlogp, None, temperature, softcap)
         grads.accumulate(z, h, weight, s)

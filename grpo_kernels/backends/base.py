@@ -44,6 +44,11 @@ class RowStats:
     def logp(self) -> torch.Tensor:
         return self.target_logit - self.lse
 
+    def put_(self, start: int, end: int, chunk: "RowStats") -> None:
+        """Copies one chunk's statistics into rows [start, end)."""
+        self.lse[start:end], self.entropy[start:end] = chunk.lse, chunk.entropy
+        self.target_logit[start:end] = chunk.target_logit
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; every lower precision accumulates in fp32."""
