@@ -82,15 +82,16 @@ def fused_grpo_loss(
     old = None if old is None else torch.where(keep, old.to(acc), torch.zeros((), dtype=acc, device=old.device))
     ref = None if ref is None else torch.where(keep, ref.to(acc), torch.zeros((), dtype=acc, device=ref.device))
     want_grads = any(needs)
-    sequence_bounds = None
-    if want_grads and options.importance_sampling_level == "sequence":
+    sequence_grads = want_grads and options.importance_sampling_level == "sequence"
+    sequence_bounds = None  # chunks of whole sequences, when each fits in one (see sequence_chunks)
+    if sequence_grads:
         max_rows = vocab_pass.chunk_rows(h.shape[0], weight.shape[0], h.dtype, backend, chunk, h.device)
         # a meta mask (shape checks) has no values: every position counts, as in nonzero()
         lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
         sequence_bounds = vocab_pass.sequence_chunks(lengths, max_rows)
 
     entropy_mask = None
-    recompute = want_grads and options.importance_sampling_level == "sequence" and sequence_bounds is None
+    recompute = sequence_grads and sequence_bounds is None
     if options.top_entropy_quantile < 1.0 or not want_grads or recompute:
         sel_stats = vocab_pass.forward_stats(backend, h, weight, bias, tgt, temp, softcap, chunk)
         logp_full = _scatter_rows(sel_stats.logp, rows, total)

@@ -105,3 +105,23 @@ def well_conditioned_batch(dtype, seed, opts, tries=64, **batch_kwargs):
         if stable:
             return batch
     raise AssertionError(f"no well-conditioned batch in seeds {seed}..{seed + tries}")
+
+
+def check_against_oracle(backend, batch, dtype, device=None, **opts):
+    """grpo_loss with ``backend`` against the float64 oracle: loss and every gradient within
+    TOLERANCES[dtype], gradients in the input dtype. Skips when the backend cannot run."""
+    from backends import device_for_tests, require
+    from grpo_kernels import grpo_loss
+
+    require(backend, device or device_for_tests(), dtype)
+    out, grads = run_loss(grpo_loss, batch, backend=backend, **opts)
+    ref_out, ref_grads = run_loss(reference_grpo_loss, as_double(batch), **opts)
+    tol_loss, tol_grad = TOLERANCES[dtype]
+    assert rel_err(out, ref_out) < tol_loss, (out.item(), ref_out.item())
+    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        if rg is None:
+            assert g is None
+            continue
+        assert g.dtype == dtype, name
+        err = rel_err(g, rg)
+        assert err < tol_grad, f"grad_{name}: relative error {err:.3e}"

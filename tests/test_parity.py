@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss, stable_seed, well_conditioned_batch
+from helpers import check_against_oracle, make_batch, rel_err, run_loss, stable_seed, well_conditioned_batch
 from grpo_kernels import grpo_loss
 from grpo_kernels.options import LOSS_TYPES
 from grpo_kernels.reference import reference_grpo_loss
@@ -27,21 +27,6 @@ def loss_options(loss_type, level):
     if loss_type == "cispo":
         opts["epsilon_high"] = 1.1  # its clamp on the ratio itself: active for some tokens
     return opts
-
-
-def check_against_oracle(backend, batch, dtype, **opts):
-    require(backend, DEVICE, dtype)
-    out, grads = run_loss(grpo_loss, batch, backend=backend, **opts)
-    ref_out, ref_grads = run_loss(reference_grpo_loss, as_double(batch), **opts)
-    tol_loss, tol_grad = TOLERANCES[dtype]
-    assert rel_err(out, ref_out) < tol_loss, (out.item(), ref_out.item())
-    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        if rg is None:
-            assert g is None
-            continue
-        assert g.dtype == dtype, name
-        err = rel_err(g, rg)
-        assert err < tol_grad, f"grad_{name}: relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("backend", backend_params())

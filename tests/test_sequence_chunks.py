@@ -12,10 +12,9 @@ import pytest
 import torch
 
 from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss, stable_seed, well_conditioned_batch
+from helpers import check_against_oracle, make_batch, run_loss, stable_seed, well_conditioned_batch
 from grpo_kernels import grpo_loss, vocab_pass
 from grpo_kernels.options import LOSS_TYPES
-from grpo_kernels.reference import reference_grpo_loss
 
 DEVICE = device_for_tests()
 B, T = 6, 5
@@ -51,16 +50,6 @@ def logits_rows(monkeypatch):
     return counted
 
 
-def _check(backend, batch, dtype, opts):
-    out, grads = run_loss(grpo_loss, batch, backend=backend, **opts)
-    ref_out, ref_grads = run_loss(reference_grpo_loss, as_double(batch), **opts)
-    tol_loss, tol_grad = TOLERANCES[dtype]
-    assert rel_err(out, ref_out) < tol_loss, (out.item(), ref_out.item())
-    for name, g, rg in zip(("hidden", "weight", "bias"), grads, ref_grads):
-        assert g.dtype == dtype
-        assert rel_err(g, rg) < tol_grad, f"grad_{name}"
-
-
 # chunk_size T: one sequence per chunk at most, shorter ones packed; 2T + 1: two or three
 # sequences per chunk; 2 (< the longest sequence): the recomputing fallback
 PATHS = {"aligned_T": (T, 1), "aligned_2T": (2 * T + 1, 1), "fallback": (2, 2)}
@@ -78,7 +67,7 @@ def test_sequence_level_paths_match_oracle(backend, dtype, path, loss_type, logi
                 max_completion_length=T, epsilon_high=1.1 if loss_type == "cispo" else 0.28, chunk_size=chunk_size)
     batch = well_conditioned_batch(dtype, stable_seed(loss_type, path, "seq"), opts, B=B, T=T, device=DEVICE)
     del logits_rows[:]
-    _check(backend, batch, dtype, opts)
+    check_against_oracle(backend, batch, dtype, **opts)
     n_valid = int(batch["mask"].sum())
     assert sum(logits_rows) == sweeps * n_valid, logits_rows  # each logit computed once (aligned) or twice
     assert max(logits_rows) <= chunk_size
@@ -98,7 +87,7 @@ def test_sequence_level_aligned_options(backend, extra, logits_rows):
     if opts.get("importance_sampling_ratio") == "row":
         g = torch.Generator().manual_seed(9)
         opts["importance_sampling_ratio"] = (torch.rand(B, 1, generator=g, dtype=torch.float64) + 0.5).to(DEVICE)
-    _check(backend, batch, torch.float64, opts)
+    check_against_oracle(backend, batch, torch.float64, **opts)
     n_valid = int(batch["mask"].sum())
     # the entropy mask needs every entropy before the first coefficient: one stats sweep more
     assert sum(logits_rows) == (2 if "top_entropy_quantile" in extra else 1) * n_valid

@@ -37,7 +37,6 @@ import torch
 from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
 
 
-
 def _find_csrc() -> Path:
     """The C++/CUDA sources: ``csrc/`` of a source checkout (editable install), else the
     copy that ``setup.py`` packs into wheels as ``grpo_kernels/_csrc``."""
