@@ -218,36 +218,6 @@ void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& ol
   run_cpu([&] { grpo::row_fused_cpu(p); }, what);
 }
 
-void token_epilogue(const Tensor& logp, const OptTensor& old, const Tensor& adv, const Tensor& weight,
-                    const OptTensor& ref, const OptTensor& policy_scale, const Tensor& loss, const Tensor& dlogp,
-                    int64_t kind, double lo, double hi, std::optional<double> delta, double eps_high, double sapo_pos,
-                    double sapo_neg, double beta, bool bias_correction_kl, int64_t stream) {
-  const char* what = "token_epilogue";
-  check_device_supported(logp, what);
-  const auto dt = logp.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "grpo_kernels ", what, ": logp must be float32 or float64, got ",
-              dt);
-  TORCH_CHECK(logp.dim() == 1, "grpo_kernels ", what, ": logp must be 1-D, got ", logp.sizes());
-  const int64_t n = logp.size(0);
-  const auto dev = logp.device();
-  check_vec(logp, "logp", n, dt, dev, what);
-  grpo::EpilogueParams p;
-  p.n = n;
-  p.dtype = dtype_code(dt);
-  p.logp = logp.data_ptr();
-  p.tok = token_args(n, dt, dev, old, adv, weight, ref, policy_scale, beta, what);
-  p.opt = epilogue_options(kind, lo, hi, delta, eps_high, sapo_pos, sapo_neg, beta, bias_correction_kl);
-  check_vec(loss, "loss", n, dt, dev, what);
-  check_vec(dlogp, "dlogp", n, dt, dev, what);
-  p.loss = loss.data_ptr();
-  p.dlogp = dlogp.data_ptr();
-#ifdef GRPO_WITH_CUDA
-  if (logp.is_cuda()) return check_cuda(grpo::token_epilogue_cuda(p, logp.get_device(), as_stream(stream)), what);
-#endif
-  (void)stream;
-  run_cpu([&] { grpo::token_epilogue_cpu(p); }, what);
-}
-
 void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_generations, int64_t mode, double eps,
                      int64_t stream) {
   const char* what = "group_normalize";
@@ -296,11 +266,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dlogp"), py::arg("temperature"), py::arg("softcap"), py::arg("kind"), py::arg("lo"), py::arg("hi"),
         py::arg("delta"), py::arg("eps_high"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("beta"),
         py::arg("bias_correction_kl"), py::arg("stream") = 0);
-  m.def("token_epilogue", &token_epilogue, "per-token weighted GRPO loss and dL/dlogp", py::arg("logp"),
-        py::arg("old"), py::arg("adv"), py::arg("weight"), py::arg("ref"), py::arg("policy_scale"), py::arg("loss"),
-        py::arg("dlogp"), py::arg("kind"), py::arg("lo"), py::arg("hi"), py::arg("delta"), py::arg("eps_high"),
-        py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("beta"), py::arg("bias_correction_kl"),
-        py::arg("stream") = 0);
   m.def("group_normalize", &group_normalize, "group-normalized advantages into out", py::arg("rewards"),
         py::arg("out"), py::arg("num_generations"), py::arg("mode"), py::arg("eps"), py::arg("stream") = 0);
 }

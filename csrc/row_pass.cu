@@ -400,15 +400,6 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_fused
 }
 
 template <class A>
-__global__ void epilogue_kernel(EpilogueParams p) {
-  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < p.n; i += stride) {
-    epilogue_at<A>(p.tok, p.opt, i, static_cast<const A*>(p.logp)[i], static_cast<A*>(p.loss) + i,
-                   static_cast<A*>(p.dlogp) + i);
-  }
-}
-
-template <class A>
 __device__ __forceinline__ A block_sum(A v, A* scratch) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -540,23 +531,6 @@ cudaError_t row_fused_cuda(const RowFusedParams& p, int device, cudaStream_t str
   return launch_by_dtype(p, p.row.dtype, dim3(row_blocks(p.row.n)), dim3(row_threads(p.row.V, p.row.dtype)), device,
                          stream, row_fused_kernel<float>, row_fused_kernel<double>, row_fused_kernel<__half>,
                          row_fused_kernel<__nv_bfloat16>);
-}
-
-cudaError_t token_epilogue_cuda(const EpilogueParams& p, int device, cudaStream_t stream) {
-  if (p.n <= 0) return cudaSuccess;
-  DeviceGuard guard(device);
-  if (guard.err != cudaSuccess) return guard.err;
-  const int threads = 256;
-  int64_t blocks = (p.n + threads - 1) / threads;
-  if (blocks > 65535) blocks = 65535;
-  if (p.dtype == kF32) {
-    epilogue_kernel<float><<<(unsigned)blocks, threads, 0, stream>>>(p);
-  } else if (p.dtype == kF64) {
-    epilogue_kernel<double><<<(unsigned)blocks, threads, 0, stream>>>(p);
-  } else {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
 }
 
 cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStream_t stream) {

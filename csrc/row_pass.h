@@ -101,16 +101,6 @@ struct RowFusedParams {
   void* dlogp;  // [n] dL/dlogp
 };
 
-struct EpilogueParams {
-  int64_t n;
-  int dtype;  // kF32 or kF64: the dtype of every vector
-  const void* logp;
-  TokenArgs tok;
-  EpilogueOptions opt;
-  void* loss;
-  void* dlogp;
-};
-
 struct GroupNormParams {
   int64_t B;  // rewards [B], B % G == 0
   int64_t G;  // num_generations
@@ -294,7 +284,6 @@ GRPO_HD inline void grpo_group_advantages(const A* x, A* out, int64_t G, int mod
 void row_stats_cpu(const RowStatsParams& p);
 void row_grad_cpu(const RowGradParams& p);
 void row_fused_cpu(const RowFusedParams& p);
-void token_epilogue_cpu(const EpilogueParams& p);
 void group_normalize_cpu(const GroupNormParams& p);
 
 }  // namespace grpo
@@ -309,7 +298,6 @@ namespace grpo {
 cudaError_t row_stats_cuda(const RowStatsParams& p, int device, cudaStream_t stream);
 cudaError_t row_grad_cuda(const RowGradParams& p, int device, cudaStream_t stream);
 cudaError_t row_fused_cuda(const RowFusedParams& p, int device, cudaStream_t stream);
-cudaError_t token_epilogue_cuda(const EpilogueParams& p, int device, cudaStream_t stream);
 cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStream_t stream);
 }  // namespace grpo
 #endif

@@ -286,16 +286,6 @@ void row_fused_t(const RowFusedParams& p) {
 }
 
 template <class A>
-void epilogue_t(const EpilogueParams& p) {
-  const A* logp = static_cast<const A*>(p.logp);
-  A* loss = static_cast<A*>(p.loss);
-  A* dlogp = static_cast<A*>(p.dlogp);
-  at::parallel_for(0, p.n, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) epilogue_at<A>(p.tok, p.opt, i, logp[i], loss + i, dlogp + i);
-  });
-}
-
-template <class A>
 void group_normalize_t(const GroupNormParams& p) {
   const A* r = static_cast<const A*>(p.rewards);
   A* out = static_cast<A*>(p.out);
@@ -353,13 +343,6 @@ void row_fused_cpu(const RowFusedParams& p) {
   if (p.row.n <= 0) return;
   dispatch(p, p.row.dtype, "row_fused_", row_fused_t<float>, row_fused_t<double>, row_fused_t<c10::Half>,
            row_fused_t<c10::BFloat16>);
-}
-
-void token_epilogue_cpu(const EpilogueParams& p) {
-  if (p.n <= 0) return;
-  if (p.dtype == kF32) return epilogue_t<float>(p);
-  if (p.dtype == kF64) return epilogue_t<double>(p);
-  bad_dtype("token_epilogue", p.dtype);
 }
 
 void group_normalize_cpu(const GroupNormParams& p) {

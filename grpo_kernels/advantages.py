@@ -1,7 +1,7 @@
 """Advantages for GRPO: TRL 1.16.0's group normalization, process supervision, KL-in-reward.
 
-Three public functions (see DESIGN.md section 1) and the normalization primitive that the
-backends implement (``RowBackend.group_normalize`` defaults to :func:`normalize_groups`):
+Three public functions and the normalization primitive that the Triton and C++/CUDA
+backends implement as kernels (``RowBackend.group_normalize``, :func:`normalize_groups` elsewhere):
 
 - :func:`group_advantages`: outcome rewards [B] or [B, K] -> advantages [B], exactly as
   ``GRPOTrainer._generate_and_score_completions`` with ``multi_objective_aggregation=
@@ -235,7 +235,8 @@ def group_advantages(
         weights: K weights (list/tuple/1-D tensor); None -> all 1.
         eps: added to the std before dividing (TRL uses 1e-4); >= 0.
         backend: "torch" (or "reference"): :func:`normalize_groups`; any other name ("auto",
-            "triton", "cpp", "cuda") goes through ``get_backend(...).group_normalize``.
+            "triton", "cpp", "cuda"): that backend's ``group_normalize`` kernel (the torch
+            formula where it has none).
 
     Semantics:
         1. ``combined_i = nansum_k(w_k * r_ik)``: NaN entries are skipped (count as 0).
@@ -259,14 +260,12 @@ def group_advantages(
     _no_inf("rewards", rewards)
 
     combined, unscorable = _combine_rewards(rewards, weights)
-    if backend in ("torch", "reference"):
-        advantages = normalize_groups(combined, num_generations, mode, eps)
-    else:
+    kernel = None
+    if backend not in ("torch", "reference"):
         from grpo_kernels.backends import get_backend
 
-        advantages = get_backend(backend, combined.device, combined.dtype).group_normalize(
-            combined, num_generations, mode, eps
-        )
+        kernel = get_backend(backend, combined.device, combined.dtype).group_normalize
+    advantages = (kernel or normalize_groups)(combined, num_generations, mode, eps)
     return torch.where(unscorable, torch.zeros_like(advantages), advantages)
 
 

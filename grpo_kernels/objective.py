@@ -1,6 +1,7 @@
 """The GRPO objective on per-token log-probs: O(B*T) work shared by every fast backend.
 
-Two forms of the same math (DESIGN.md section 2), which check each other in the tests:
+Two forms of the same math (TRL 1.16's ``GRPOTrainer._compute_loss``; docs/design.md), which
+check each other in the tests:
 
 - ``token_epilogue``: the analytic per-token loss and gradient coefficient
   ``dL/dlogp`` for token-level importance sampling. It is what a fused row pass
@@ -23,10 +24,12 @@ import torch
 from grpo_kernels.options import CLIPPED_LOSS_TYPES, GRPOOptions
 
 
-def token_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype,
+                  num_items: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[B, T] weights that turn per-token losses into the loss type's normalized scalar.
 
     ``mask`` is [B, T]; B counts every row, fully masked ones included (TRL does too).
+    ``num_items`` ([] tensor or number): dapo/cispo's ``num_items_in_batch``; None: mask.sum().
     """
     m = mask.to(dtype)
     rows = m.shape[0]
@@ -38,7 +41,7 @@ def token_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype) 
     if lt == "dr_grpo":
         return m / (rows * options.max_completion_length)
     if lt in ("dapo", "cispo"):
-        n = m.sum() if options.num_items_in_batch is None else torch.as_tensor(options.num_items_in_batch, dtype=dtype)
+        n = m.sum() if num_items is None else torch.as_tensor(num_items).to(dtype)
         return m / n.clamp(min=1.0)
     if lt == "luspo":
         return m / rows
@@ -185,6 +188,7 @@ def objective_loss(
     old: Optional[torch.Tensor] = None,
     ref: Optional[torch.Tensor] = None,
     policy_scale: Optional[torch.Tensor] = None,
+    num_items: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Differentiable GRPO loss of [B, T] log-probs; adv is [B, T] (broadcast already)."""
     old = logp.detach() if old is None else old.to(logp.dtype)
@@ -195,7 +199,7 @@ def objective_loss(
     if options.beta != 0.0:
         kl = k3_kl(logp, ref.to(logp.dtype))
         per_token = per_token + options.beta * (kl * w if options.use_bias_correction_kl else kl)
-    weights = token_weights(mask, options, logp.dtype)
+    weights = token_weights(mask, options, logp.dtype, num_items)
     # where() rather than a product: a masked position's value never reaches the sum,
     # so a non-finite junk logp there cannot produce NaN.
     return torch.where(weights != 0, per_token * weights, torch.zeros_like(per_token)).sum()

@@ -1,152 +1,166 @@
 """The fused operations as ``torch.library`` custom ops with registered autograd.
 
-Being custom ops (opaque to the compiler, with fake implementations for shape
-propagation) lets a ``torch.compile(fullgraph=True)`` training step call
-``grpo_loss`` and ``token_logprobs`` without a graph break. Their backward passes
-are custom ops too.
+Being custom ops (opaque to the compiler, with fake implementations for shape propagation)
+lets a ``torch.compile(fullgraph=True)`` training step call ``grpo_loss`` and
+``token_logprobs`` without a graph break. Their backward passes are custom ops too.
+
+An op's arguments are its tensors, then every field of the option classes
+(``options.OPTION_CLASSES``: the loss semantics, the execution settings, the vocab-parallel
+layout), then the gradients wanted. The schemas are derived from the dataclass fields here,
+in ``_define``: an option added to a dataclass reaches every op and kernel with no other
+change. Call them through ``loss_op`` / ``token_logprobs_op``, which take the objects.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from grpo_kernels import vocab_pass
-from grpo_kernels.backends import get_backend
-from grpo_kernels.backends.base import accumulation_dtype
-from grpo_kernels.fused_loss import fused_grpo_loss
-from grpo_kernels.options import GRPOOptions
+from grpo_kernels import loss as loss_impl
+from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels.options import OP_FIELDS, from_op_args, to_op_args
 
 _EMPTY = (0,)
+_N_OPTIONS = len(OP_FIELDS)
 
 
 def _acc(t: Tensor) -> torch.dtype:
     return accumulation_dtype(t.dtype)
 
 
-# ---------------------------------------------------------------- token_logprobs
+def _define(name: str, tensors, returns, impl, fake, extra=(("needs", List[bool]),)):
+    """A custom op ``grpo_kernels::name`` taking ``tensors`` (name, type) pairs, every option
+    field, then ``extra``; ``impl(*tensors, option_objects, *extra)`` and ``fake`` alike."""
+    P = inspect.Parameter
+    params = [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in tensors]
+    params += [P(f"{cls.__name__}_{n}", P.POSITIONAL_OR_KEYWORD, annotation=t) for cls, n, t in OP_FIELDS]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in extra]
+    k = len(tensors)
+
+    def split(args):
+        return args[:k], from_op_args(args[k:k + _N_OPTIONS]), args[k + _N_OPTIONS:]
+
+    def run(*args):
+        t, opts, rest = split(args)
+        return impl(*t, opts, *rest)
+
+    def run_fake(*args):
+        t, opts, rest = split(args)
+        return fake(*t, opts, *rest)
+
+    run.__signature__ = inspect.Signature(params, return_annotation=returns)
+    run.__name__ = name
+    op = torch.library.custom_op(f"grpo_kernels::{name}", mutates_args=())(run)
+    op.register_fake(run_fake)
+    return op
 
 
-@torch.library.custom_op("grpo_kernels::token_logprobs", mutates_args=())
-def token_logprobs_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-    temperature: float, softcap: Optional[float], backend: str, chunk_size: Optional[int],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """hidden [n, H] -> (logp [n], entropy [n], lse [n]) in the accumulation dtype."""
-    be = get_backend(backend, hidden.device, hidden.dtype)
-    st = vocab_pass.forward_stats(be, hidden, weight, bias, targets, temperature, softcap, chunk_size)
-    return st.logp, st.entropy, st.lse
+def _grad_or_empty(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(_EMPTY) if g is None else g  # one per output: outputs may not alias
 
 
-@token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, softcap, backend, chunk_size):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=_acc(hidden)) for _ in range(3))
-
-
-@torch.library.custom_op("grpo_kernels::token_logprobs_backward", mutates_args=())
-def token_logprobs_backward_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
-    lse: Tensor, entropy: Tensor, grad_logp: Tensor, grad_entropy: Optional[Tensor],
-    temperature: float, softcap: Optional[float], backend: str, chunk_size: Optional[int],
-    needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    be = get_backend(backend, hidden.device, hidden.dtype)
-    gh, gw, gb = vocab_pass.backward_grads(
-        be, hidden, weight, bias, targets, temperature, softcap, lse, entropy,
-        grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
-        chunk_size, tuple(needs),
-    )
-    empty = lambda: hidden.new_empty(_EMPTY)  # noqa: E731 - one per output: outputs may not alias
-    return (empty() if gh is None else gh, empty() if gw is None else gw, empty() if gb is None else gb)
-
-
-@token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, temperature, softcap,
-      backend, chunk_size, needs):
+def _fake_grads(hidden, weight, bias, needs):
     gh = torch.empty_like(hidden) if needs[0] else hidden.new_empty(_EMPTY)
     gw = torch.empty_like(weight) if needs[1] else hidden.new_empty(_EMPTY)
     gb = torch.empty_like(bias) if (bias is not None and needs[2]) else hidden.new_empty(_EMPTY)
     return gh, gw, gb
 
 
+# ---------------------------------------------------------------- token_logprobs
+
+_TL_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
+
+
+def _tl_impl(hidden, weight, bias, targets, opts):
+    stats, _ = loss_impl.token_logprobs_forward(hidden, weight, bias, targets, *opts)
+    return stats.logp, stats.entropy, stats.lse
+
+
+def _tl_fake(hidden, weight, bias, targets, opts):
+    n = hidden.shape[0]
+    return tuple(hidden.new_empty((n,), dtype=_acc(hidden)) for _ in range(3))
+
+
+_tl_op = _define("token_logprobs", _TL_TENSORS, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake, extra=())
+
+
+def _tl_backward_impl(hidden, weight, bias, targets, lse, entropy, target_logit, grad_logp, grad_entropy, opts,
+                      needs):
+    stats = RowStats(lse, entropy, target_logit)
+    gh, gw, gb = loss_impl.token_logprobs_backward(
+        hidden, weight, bias, targets, stats, grad_logp.to(lse.dtype),
+        None if grad_entropy is None else grad_entropy.to(lse.dtype), *opts, tuple(needs),
+    )
+    return _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
+
+
+def _tl_backward_fake(hidden, weight, bias, targets, lse, entropy, target_logit, grad_logp, grad_entropy, opts,
+                      needs):
+    return _fake_grads(hidden, weight, bias, needs)
+
+
+_tl_backward_op = _define(
+    "token_logprobs_backward",
+    _TL_TENSORS + (("lse", Tensor), ("entropy", Tensor), ("target_logit", Tensor), ("grad_logp", Tensor),
+                   ("grad_entropy", Optional[Tensor])),
+    Tuple[Tensor, Tensor, Tensor], _tl_backward_impl, _tl_backward_fake,
+)
+
+
 def _tl_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, softcap, backend, chunk_size = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-    ctx.args = (temperature, softcap, backend, chunk_size)
+    hidden, weight, bias, targets = inputs[:4]
+    logp, entropy, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, logp)
+    ctx.option_args = inputs[4:]
     ctx.has_bias = bias is not None
 
 
 def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, entropy, logp = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    temperature, softcap, backend, chunk_size = ctx.args
-    gh, gw, gb = token_logprobs_backward_op(
-        hidden, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-        temperature, softcap, backend, chunk_size, needs,
-    )
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None,
-            None, None, None, None, None)
+    gh, gw, gb = _tl_backward_op(hidden, weight, bias, targets, lse, entropy, logp + lse, grad_logp, grad_entropy,
+                                 *ctx.option_args, needs)
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None) + (None,) * _N_OPTIONS
 
 
-token_logprobs_op.register_autograd(_tl_backward, setup_context=_tl_setup)
+_tl_op.register_autograd(_tl_backward, setup_context=_tl_setup)
+
+
+def token_logprobs_op(hidden, weight, bias, targets, *option_objects) -> Tuple[Tensor, Tensor, Tensor]:
+    """hidden [n, H] -> (logp [n], entropy [n], lse [n]) in the accumulation dtype."""
+    return _tl_op(hidden, weight, bias, targets, *to_op_args(*option_objects))
 
 
 # ---------------------------------------------------------------- grpo loss
 
+_LOSS_TENSORS = (
+    ("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor), ("mask", Tensor),
+    ("advantages", Tensor), ("old_logps", Optional[Tensor]), ("ref_logps", Optional[Tensor]),
+    ("importance_sampling_ratio", Optional[Tensor]), ("num_items_in_batch", Optional[Tensor]),
+)
 
-@torch.library.custom_op("grpo_kernels::grpo_loss", mutates_args=())
-def grpo_loss_op(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, mask: Tensor,
-    advantages: Tensor, old_logps: Optional[Tensor], ref_logps: Optional[Tensor],
-    importance_sampling_ratio: Optional[Tensor],
-    loss_type: str, importance_sampling_level: str, beta: float, epsilon_low: float, epsilon_high: float,
-    delta: Optional[float], temperature: float, logit_softcap: Optional[float],
-    max_completion_length: Optional[int], num_items_in_batch: Optional[float],
-    sapo_temperature_pos: float, sapo_temperature_neg: float, use_bias_correction_kl: bool,
-    top_entropy_quantile: float, backend: str, chunk_size: Optional[int], needs: List[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """hidden [B*T, H], targets [B*T], mask/advantages/old/ref/ratio [B, T].
 
-    Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias);
-    a gradient not asked for in ``needs`` comes back as an empty tensor.
-    """
-    options = GRPOOptions(
-        beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level, temperature=temperature,
-        logit_softcap=logit_softcap, max_completion_length=max_completion_length,
-        num_items_in_batch=num_items_in_batch, sapo_temperature_pos=sapo_temperature_pos,
-        sapo_temperature_neg=sapo_temperature_neg, use_bias_correction_kl=use_bias_correction_kl,
-        top_entropy_quantile=top_entropy_quantile, backend=backend, chunk_size=chunk_size,
-    )
+def _loss_impl(hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, opts, needs):
     needs_t = (needs[0], needs[1], needs[2] and bias is not None)
-    loss, logp, ent, gh, gw, gb = fused_grpo_loss(
-        hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-        options, needs_t,
+    loss, logp, ent, gh, gw, gb = loss_impl.grpo_loss_forward(
+        hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, *opts, needs_t,
     )
-    empty = lambda: hidden.new_empty(_EMPTY)  # noqa: E731 - one per output: outputs may not alias
-    return (loss, logp, ent, empty() if gh is None else gh, empty() if gw is None else gw,
-            empty() if gb is None else gb)
+    return loss, logp, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
 
 
-@grpo_loss_op.register_fake
-def _(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-      *args):
-    needs = args[-1]
+def _loss_fake(hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, opts, needs):
     acc = _acc(hidden)
     n = hidden.shape[0]
-    return (
-        hidden.new_empty((), dtype=acc),
-        hidden.new_empty((n,), dtype=acc),
-        hidden.new_empty((n,), dtype=acc),
-        torch.empty_like(hidden) if needs[0] else hidden.new_empty(_EMPTY),
-        torch.empty_like(weight) if needs[1] else hidden.new_empty(_EMPTY),
-        torch.empty_like(bias) if (bias is not None and needs[2]) else hidden.new_empty(_EMPTY),
-    )
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
+            *_fake_grads(hidden, weight, bias, needs))
+
+
+_loss_op = _define("grpo_loss", _LOSS_TENSORS, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+                   _loss_impl, _loss_fake)
 
 
 def _loss_setup(ctx, inputs, output):
@@ -172,9 +186,9 @@ def _is_one(grad_loss: Tensor) -> bool:
 
 
 def _loss_backward(ctx, grad_loss, *_unused):
-    n_other = 23  # the non-tensor and non-differentiable inputs after bias
+    n_inputs = len(_LOSS_TENSORS) + _N_OPTIONS + 1
     if grad_loss is None:
-        return (None,) * (3 + n_other)
+        return (None,) * n_inputs
     gh, gw, gb = ctx.saved_tensors
     unit = _is_one(grad_loss)
 
@@ -183,7 +197,20 @@ def _loss_backward(ctx, grad_loss, *_unused):
             return None
         return g if unit else g * grad_loss.to(g.dtype)
 
-    return (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None) + (None,) * n_other
+    grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
+    return grads + (None,) * (n_inputs - 3)
 
 
-grpo_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def loss_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
+            num_items_in_batch, option_objects, needs) -> Tuple[Tensor, ...]:
+    """hidden [B*T, H], targets [B*T], mask/advantages/old/ref/ratio [B, T], num_items [] or None;
+    ``option_objects`` = (GRPOOptions, ExecutionOptions, VocabParallel).
+
+    Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias); a
+    gradient not asked for in ``needs`` comes back as an empty tensor.
+    """
+    return _loss_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps,
+                    importance_sampling_ratio, num_items_in_batch, *to_op_args(*option_objects), list(needs))

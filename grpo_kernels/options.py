@@ -1,7 +1,18 @@
-"""The loss options, validated once (``GRPOOptions.validate``)."""
+"""The options of a call, as three frozen dataclasses validated once.
+
+- ``GRPOOptions``: the loss semantics (TRL 1.16 ``GRPOConfig`` names): what is computed.
+- ``ExecutionOptions``: how it is computed (backend, chunk rows, determinism); never changes
+  the result beyond rounding (bitwise under ``deterministic``).
+- ``VocabParallel``: this rank's slice of a vocabulary-parallel lm_head (the collective).
+
+These objects travel from the public functions to the kernels. ``OP_FIELDS`` lists their
+fields once for the custom ops (``grpo_kernels.ops``), whose schemas are derived from it;
+per-batch values (``num_items_in_batch``, the importance-sampling ratio) are call arguments.
+"""
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
@@ -22,9 +33,30 @@ def _finite_number(name: str, value, *, positive: bool = False, allow_none: bool
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def _optional_int(name: str, value, minimum: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+class _Options:
+    """Shared behaviour of the option dataclasses: ``replace`` re-validates."""
+
+    def replace(self, **changes):
+        return replace(self, **changes).validate()
+
+
 @dataclass(frozen=True)
-class GRPOOptions:
-    """Every keyword option of ``grpo_loss`` (DESIGN.md section 1)."""
+class GRPOOptions(_Options):
+    """The loss semantics: every keyword of ``grpo_loss`` that changes the result."""
 
     beta: float = 0.0
     epsilon_low: float = 0.2
@@ -35,25 +67,15 @@ class GRPOOptions:
     temperature: float = 1.0
     logit_softcap: Optional[float] = None
     max_completion_length: Optional[int] = None
-    num_items_in_batch: Optional[float] = None
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
     use_bias_correction_kl: bool = False
     top_entropy_quantile: float = 1.0
-    backend: str = "auto"
-    chunk_size: Optional[int] = None
-    #: bitwise-reproducible runs: chunking fixed in Python, only backends that declare a
-    #: fixed reduction order (see the README, "Determinism"). Also on when
-    #: ``torch.are_deterministic_algorithms_enabled()``.
-    deterministic: bool = False
 
     @property
     def eps_high(self) -> float:
         """epsilon_high with its default (epsilon_low) applied."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
-
-    def replace(self, **changes) -> "GRPOOptions":
-        return replace(self, **changes).validate()
 
     def validate(self) -> "GRPOOptions":
         if self.loss_type not in LOSS_TYPES:
@@ -62,8 +84,6 @@ class GRPOOptions:
             raise ValueError(
                 f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
             )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         _finite_number("beta", self.beta)
         _finite_number("epsilon_low", self.epsilon_low)
         _finite_number("epsilon_high", self.epsilon_high, allow_none=True)
@@ -83,26 +103,111 @@ class GRPOOptions:
             raise ValueError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
         if not isinstance(self.use_bias_correction_kl, bool):
             raise TypeError("use_bias_correction_kl must be a bool")
-        if not isinstance(self.deterministic, bool):
-            raise TypeError(f"deterministic must be a bool, got {type(self.deterministic).__name__}")
-        if self.loss_type == "dr_grpo":
-            if self.max_completion_length is None:
-                raise ValueError("max_completion_length is required for loss_type='dr_grpo'")
+        if self.loss_type == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("max_completion_length is required for loss_type='dr_grpo'")
         if self.max_completion_length is not None:
             if isinstance(self.max_completion_length, bool) or not isinstance(self.max_completion_length, int):
                 raise TypeError("max_completion_length must be an int")
             if self.max_completion_length <= 0:
                 raise ValueError(f"max_completion_length must be > 0, got {self.max_completion_length}")
-        if self.num_items_in_batch is not None:
-            _finite_number("num_items_in_batch", self.num_items_in_batch)
-            if self.num_items_in_batch < 0:
-                raise ValueError(f"num_items_in_batch must be >= 0, got {self.num_items_in_batch}")
+        return self
+
+
+@dataclass(frozen=True)
+class ExecutionOptions(_Options):
+    """How a call runs: same result (bitwise under ``deterministic``) whatever is chosen."""
+
+    #: auto | torch | triton | cpp | cuda | reference (``grpo_kernels.backends``)
+    backend: str = "auto"
+    #: rows per chunk; None: as many as fit the chunk byte budget (``grpo_kernels.plan``)
+    chunk_size: Optional[int] = None
+    #: bitwise-reproducible runs: only backends with a fixed reduction order, no autotuning
+    #: (docs/design.md, "Determinism"). Also on under ``torch.use_deterministic_algorithms``.
+    deterministic: bool = False
+
+    def validate(self) -> "ExecutionOptions":
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.chunk_size is not None:
             if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int):
                 raise TypeError("chunk_size must be an int or None")
             if self.chunk_size <= 0:
                 raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
+        _bool("deterministic", self.deterministic)
         return self
 
+    @property
+    def is_deterministic(self) -> bool:
+        """``deterministic``, or torch's global deterministic mode."""
+        import torch
 
-OPTION_NAMES = tuple(f.name for f in fields(GRPOOptions))
+        return self.deterministic or torch.are_deterministic_algorithms_enabled()
+
+
+@dataclass(frozen=True)
+class VocabParallel(_Options):
+    """Vocabulary parallelism: this rank holds lm_head rows ``[vocab_start, vocab_start + V_local)``.
+
+    ``group_name`` names a registered process group (``grpo_kernels.plan.group_name``); None:
+    no vocabulary parallelism. ``vocab_start=None`` on every rank: slices in rank order.
+    """
+
+    group_name: Optional[str] = None
+    vocab_start: Optional[int] = None
+    reduce_grad_hidden: bool = True
+
+    def validate(self) -> "VocabParallel":
+        # vocab_start is checked collectively (every rank raises alike, grpo_kernels.plan)
+        _bool("reduce_grad_hidden", self.reduce_grad_hidden)
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.group_name is not None
+
+
+OPTION_CLASSES = (GRPOOptions, ExecutionOptions, VocabParallel)
+# field lists computed once here: dataclasses.fields() is not traceable by torch.compile
+LOSS_FIELDS = tuple(f.name for f in fields(GRPOOptions))
+EXECUTION_FIELDS = tuple(f.name for f in fields(ExecutionOptions))
+#: keyword options of grpo_loss / GRPOLoss: the loss semantics and the execution settings
+OPTION_NAMES = LOSS_FIELDS + EXECUTION_FIELDS
+#: (class, field name, type) of every option, in the custom ops' argument order
+OP_FIELDS = tuple((cls, f.name, typing.get_type_hints(cls)[f.name]) for cls in OPTION_CLASSES for f in fields(cls))
+_FLOAT_TYPES = (float, Optional[float])
+
+
+def split_options(kwargs: dict):
+    """(GRPOOptions, ExecutionOptions) from keyword options, validated; TypeError on unknown names."""
+    unknown = [k for k in kwargs if k not in OPTION_NAMES]
+    if unknown:
+        raise TypeError(f"unknown option(s): {sorted(unknown)}")
+    loss = {k: kwargs[k] for k in LOSS_FIELDS if k in kwargs}
+    execution = {k: kwargs[k] for k in EXECUTION_FIELDS if k in kwargs}
+    return GRPOOptions(**loss).validate(), ExecutionOptions(**execution).validate()
+
+
+def as_kwargs(*objects) -> dict:
+    """The fields of option objects as keyword options (the inverse of ``split_options``)."""
+    names = {GRPOOptions: LOSS_FIELDS, ExecutionOptions: EXECUTION_FIELDS}
+    return {k: getattr(o, k) for o in objects for k in names[type(o)]}
+
+
+def to_op_args(*objects) -> tuple:
+    """The option objects (one per OPTION_CLASSES) as the custom ops' flat arguments."""
+    by_class = {type(o): o for o in objects}
+    out = []
+    for cls, name, kind in OP_FIELDS:
+        value = getattr(by_class[cls], name)
+        if value is not None and kind in _FLOAT_TYPES:
+            value = float(value)  # an int beta or delta is a float to the op schema
+        out.append(value)
+    return tuple(out)
+
+
+def from_op_args(values) -> tuple:
+    """Inverse of ``to_op_args``: one object per OPTION_CLASSES (already validated by the caller)."""
+    kwargs = {cls: {} for cls in OPTION_CLASSES}
+    for (cls, name, _), value in zip(OP_FIELDS, values):
+        kwargs[cls][name] = value
+    return tuple(cls(**kwargs[cls]) for cls in OPTION_CLASSES)

@@ -52,11 +52,15 @@ def reference_grpo_loss(
     *,
     bias=None,
     importance_sampling_ratio=None,
+    num_items_in_batch=None,
     options: Optional[GRPOOptions] = None,
     return_metrics: bool = False,
     **option_overrides,
 ):
-    """TRL's loss from hidden states. Same arguments as ``grpo_kernels.grpo_loss``."""
+    """TRL's loss from hidden states. Same arguments as ``grpo_kernels.grpo_loss``; the loss
+    options as a ``GRPOOptions`` and/or keywords (execution settings are accepted and ignored)."""
+    for name in ("backend", "chunk_size", "deterministic"):
+        option_overrides.pop(name, None)
     o = (options or GRPOOptions()).replace(**option_overrides) if option_overrides else (options or GRPOOptions())
     eps_low, eps_high = o.epsilon_low, o.eps_high
     mask = mask.to(hidden.dtype)
@@ -117,7 +121,7 @@ def reference_grpo_loss(
     elif o.loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * o.max_completion_length)
     elif o.loss_type in ["cispo", "dapo"]:
-        n = mask.sum() if o.num_items_in_batch is None else torch.as_tensor(float(o.num_items_in_batch), dtype=hidden.dtype)
+        n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(hidden.dtype)
         loss = (per_token_loss * mask).sum() / n.clamp(min=1.0)
     else:  # luspo
         loss = (per_token_loss * mask).sum(-1).mean()

@@ -7,7 +7,7 @@ Two kinds of checks:
   so they are skipped while ``torch.compile`` traces and for tensors without data
   (the ``meta`` device, used for shape-only runs).
 
-The README ("Inputs, errors and guarantees") lists every check with its error type and message.
+docs/errors.md lists every check with its error type and message (tests/test_docs.py holds the two together).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def _value_checks_enabled(x: Optional[torch.Tensor] = None) -> bool:
+def value_checks_enabled(x: Optional[torch.Tensor] = None) -> bool:
     """Whether a value check may read ``x`` back: not while torch.compile traces, and
     never for tensors that hold no data (meta)."""
     if torch.compiler.is_compiling():
@@ -57,7 +57,7 @@ def _select(x: torch.Tensor, where: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
-    if not _value_checks_enabled(x) or x.numel() == 0:
+    if not value_checks_enabled(x) or x.numel() == 0:
         return
     if where is None and x.is_floating_point():
         # one reduction and no temporary: a NaN or inf anywhere makes the sum non-finite, so a
@@ -73,18 +73,22 @@ def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> 
 
 
 def nonnegative(name: str, x: torch.Tensor, what: str = "") -> None:
-    if not _value_checks_enabled(x) or x.numel() == 0:
+    if not value_checks_enabled(x) or x.numel() == 0:
         return
     if bool((x < 0).any()):
         raise ValueError(f"{name} must be >= 0{what}, got min {float(x.min())}")
 
 
-def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torch.Tensor] = None) -> None:
-    """Integer dtype always; ids in [0, vocab) where ``where`` is true (everywhere without it)."""
+def token_id_dtype(name: str, targets: torch.Tensor) -> None:
     if targets.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of token ids (int64/int32/int16/int8/uint8), "
                         f"got {targets.dtype}")
-    if not _value_checks_enabled(targets) or targets.numel() == 0:
+
+
+def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torch.Tensor] = None) -> None:
+    """Integer dtype always; ids in [0, vocab) where ``where`` is true (everywhere without it)."""
+    token_id_dtype(name, targets)
+    if not value_checks_enabled(targets) or targets.numel() == 0:
         return
     vals = _select(targets, where)
     if vals.numel() and (bool((vals < 0).any()) or bool((vals >= vocab).any())):
@@ -92,6 +96,31 @@ def token_ids(name: str, targets: torch.Tensor, vocab: int, where: Optional[torc
         raise ValueError(
             f"{name} holds token ids outside [0, {vocab}){scope} (min {int(vals.min())}, max {int(vals.max())})"
         )
+
+
+def lm_head(hidden: torch.Tensor, weight, bias) -> None:
+    """weight [V, H] (and bias [V]) against hidden [..., H]: dtype, device, shape, finiteness."""
+    tensor("weight", weight, ndim=(2,), floating=True)
+    same_device("weight", weight, hidden.device)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight have an empty hidden size (H = 0)")
+    if bias is not None:
+        tensor("bias", bias, ndim=(1,), floating=True)
+        same_device("bias", bias, hidden.device)
+        shape("bias", bias, (weight.shape[0],), " ([V])")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    finite("weight", weight)
+    if bias is not None:
+        finite("bias", bias)
 
 
 class GRPOBatch(NamedTuple):
@@ -108,7 +137,7 @@ class GRPOBatch(NamedTuple):
 def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
                beta: float, vocab: Optional[int]) -> GRPOBatch:
     """Checks everything but hidden's own structure and the lm_head (already checked), in the
-    order the README's table lists. ``vocab=None`` leaves the token-id range to the caller
+    order docs/errors.md lists. ``vocab=None`` leaves the token-id range to the caller
     (vocab-parallel callers know the global vocabulary only later)."""
     B, T, _ = hidden.shape
     dev = hidden.device

@@ -4,10 +4,10 @@ None of the row passes uses atomics (each row is reduced by one program / thread
 fixed order), scatters write unique indices only, and the matmuls go through torch
 (MKL / cuBLAS: deterministic for a fixed configuration, i.e. the same shapes, thread
 count and library versions). What can change the bits between two runs is the chunking
-(grad_weight is accumulated chunk by chunk): ``deterministic=True`` (or
-``torch.use_deterministic_algorithms(True)``) resolves the chunk size in Python from the
-shapes, dtype and backend alone, and refuses a backend that does not declare a fixed
-reduction order.
+(grad_weight is accumulated chunk by chunk), which ``grpo_kernels.plan`` derives from the
+shapes, dtype and options alone, and an autotuned Triton tile: ``deterministic=True`` (or
+``torch.use_deterministic_algorithms(True)``) turns autotuning off and refuses a backend
+that does not declare a fixed reduction order.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from backends import backend_params, device_for_tests, require
-from grpo_kernels import api, grpo_loss, token_logprobs, vocab_pass
-from grpo_kernels.backends import get_backend
-from grpo_kernels.options import GRPOOptions
+from grpo_kernels import grpo_loss, token_logprobs
+from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
+from grpo_kernels.plan import chunk_rows, plan_call
 
 DEVICE = device_for_tests()
 REPEATS = 3
@@ -135,26 +135,23 @@ def test_torch_deterministic_mode_runs_and_is_bitwise_identical(backend):
     _assert_bitwise(runs[2:])
 
 
-def test_chunking_changes_the_bits_so_deterministic_pins_it():
+def test_chunking_changes_the_bits_so_the_plan_fixes_it():
     """Why the chunk size must be fixed: a different chunking sums grad_weight in another
     order (close, but not the same bits)."""
     inp = _inputs(torch.float32, B=8, T=16)
     a = _run(inp, backend="torch", chunk_size=3)
     b = _run(inp, backend="torch", chunk_size=64)
     torch.testing.assert_close(a[2], b[2], rtol=1e-5, atol=1e-6)
-    opts = GRPOOptions(deterministic=True, backend="torch").validate()
-    h, w = inp["hidden"], inp["weight"]
-    chunk = api._deterministic_chunk(opts, 128, h, w)
-    assert type(chunk) is int and chunk == vocab_pass.chunk_rows(
-        128, w.shape[0], h.dtype, get_backend("torch", h.device, h.dtype), None)
-    # without the flag the caller's chunk_size passes through untouched (None: decided later)
-    assert api._deterministic_chunk(GRPOOptions(backend="torch").validate(), 128, h, w) is None
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        assert type(api._deterministic_chunk(GRPOOptions(backend="torch").validate(), 128, h, w)) is int
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    # so the plan's chunking is a function of the shapes, dtype and options alone: the same
+    # every call, with or without deterministic mode (nothing run-time dependent enters it)
+    h, w = inp["hidden"].reshape(-1, inp["hidden"].shape[-1]), inp["weight"]
+    plans = [
+        plan_call(h, w, GRPOOptions(), ExecutionOptions(backend="torch", deterministic=det), VocabParallel(),
+                  need_grads=(True, True, False), loss=True)
+        for det in (True, True, False)
+    ]
+    assert plans[0].bounds == plans[1].bounds == plans[2].bounds
+    assert plans[0].chunk_rows == chunk_rows(h.shape[0], w.shape[0], h.dtype, plans[0].backend, None)
 
 
 def test_deterministic_refuses_a_backend_without_a_fixed_order(monkeypatch):

@@ -38,12 +38,6 @@ pytestmark = pytest.mark.skipif(
 # ----------------------------------------------------------------------------- scenarios
 
 
-def _opts(**kw):
-    from grpo_kernels.options import GRPOOptions
-
-    return GRPOOptions(**kw)
-
-
 def _oracle(batch, kw, bias=True):
     """Reference loss and (grad_hidden, grad_weight, grad_bias) on the whole batch, one process."""
     from grpo_kernels.reference import reference_grpo_loss
@@ -54,7 +48,7 @@ def _oracle(batch, kw, bias=True):
     kw = dict(kw)
     ratio = kw.pop("importance_sampling_ratio", None)
     loss = reference_grpo_loss(h, w, batch["targets"], batch["advantages"], batch["mask"], batch["old_logps"],
-                               batch["ref_logps"], bias=b, importance_sampling_ratio=ratio, options=_opts(**kw))
+                               batch["ref_logps"], bias=b, importance_sampling_ratio=ratio, **kw)
     loss.backward()
     return loss.detach(), h.grad, w.grad, None if b is None else b.grad
 
@@ -269,7 +263,7 @@ def _dp_oracle(base, data, kw):
 
     ids, targets, mask, adv, old = data
     model = copy.deepcopy(base)
-    loss = reference_grpo_loss(model(ids), model.lm_head.weight, targets, adv, mask, old, options=_opts(**kw))
+    loss = reference_grpo_loss(model(ids), model.lm_head.weight, targets, adv, mask, old, **kw)
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 

@@ -1,4 +1,4 @@
-"""grad_weight across row chunks: fp32 accumulator or the weight's own dtype (vocab_pass.grad_weight_in_fp32)."""
+"""grad_weight across row chunks: fp32 accumulator or the weight's own dtype (plan.grad_weight_dtype)."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from backends import backend_params, device_for_tests, require
 from helpers import TOLERANCES, as_double, rel_err, run_loss, well_conditioned_batch
-from grpo_kernels import grpo_loss, vocab_pass
+from grpo_kernels import grpo_loss, plan
 from grpo_kernels.reference import reference_grpo_loss
 
 DEVICE = device_for_tests()
@@ -44,14 +44,14 @@ def test_native_accumulation_rounds_once_per_chunk_not_per_row(monkeypatch):
 def test_auto_rule():
     big = torch.empty(151936, 4096, dtype=torch.bfloat16, device="meta")
     small = torch.empty(4096, 64, dtype=torch.bfloat16, device="meta")
-    assert not vocab_pass.grad_weight_in_fp32(big, n_chunks=4)  # 2.4 GB accumulator: native
-    assert vocab_pass.grad_weight_in_fp32(small, n_chunks=4)
-    assert not vocab_pass.grad_weight_in_fp32(small, n_chunks=1)  # one GEMM: nothing to accumulate
-    assert not vocab_pass.grad_weight_in_fp32(small.float(), n_chunks=4)  # fp32 weight: already fp32
+    assert plan.grad_weight_dtype(big, n_chunks=4) == torch.bfloat16  # 2.4 GB accumulator: native
+    assert plan.grad_weight_dtype(small, n_chunks=4) == torch.float32
+    assert plan.grad_weight_dtype(small, n_chunks=1) == torch.bfloat16  # one GEMM: nothing to accumulate
+    assert plan.grad_weight_dtype(small.float(), n_chunks=4) == torch.float32  # fp32 weight: already fp32
 
 
 def test_bad_mode_is_named(monkeypatch):
     monkeypatch.setenv("GRPO_KERNELS_GRAD_WEIGHT_ACCUM", "fp16")
     small = torch.empty(64, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="GRPO_KERNELS_GRAD_WEIGHT_ACCUM"):
-        vocab_pass.grad_weight_in_fp32(small, n_chunks=4)
+        plan.grad_weight_dtype(small, n_chunks=4)

@@ -291,11 +291,12 @@ def build(case: Case):
         isr = isr.to(side)
     return dict(hidden=h, weight=w, bias=b, targets=targets, mask=mask, advantages=adv.to(side),
                 old_logps=old, ref_logps=ref, importance_sampling_ratio=isr,
-                h64=h64, w64=w64, b64=b64, z64=z64, cur=cur)
+                h64=h64, w64=w64, b64=b64, z64=z64, cur=cur, num_items=case.options.get("num_items_in_batch"))
 
 
 def _options(case: Case) -> GRPOOptions:
-    return GRPOOptions(temperature=case.temperature, logit_softcap=case.softcap, **case.options).validate()
+    loss_options = {k: v for k, v in case.options.items() if k not in ("chunk_size", "num_items_in_batch")}
+    return GRPOOptions(temperature=case.temperature, logit_softcap=case.softcap, **loss_options).validate()
 
 
 # ------------------------------------------------------------------------- the oracle on log-probs
@@ -312,7 +313,8 @@ def oracle_of_logps(logp, ent, t, opts: GRPOOptions, *, grad=False):
         loss = reference.reference_grpo_loss(
             dummy, torch.zeros(1, 1, dtype=torch.float64), torch.zeros(B, T, dtype=torch.int64),
             d64(t["advantages"]), t["mask"].double(), d64(t["old_logps"]), d64(t["ref_logps"]),
-            importance_sampling_ratio=d64(t["importance_sampling_ratio"]), options=opts)
+            importance_sampling_ratio=d64(t["importance_sampling_ratio"]), options=opts,
+            num_items_in_batch=t["num_items"])
     if not grad:
         return loss.detach()
     (g,) = torch.autograd.grad(loss, x, allow_unused=True)
@@ -362,7 +364,7 @@ def norm_weights(t, opts: GRPOOptions) -> torch.Tensor:
     if lt == "dr_grpo":
         return m / (B * opts.max_completion_length)
     if lt in ("dapo", "cispo"):
-        n = m.sum() if opts.num_items_in_batch is None else torch.tensor(float(opts.num_items_in_batch))
+        n = m.sum() if t["num_items"] is None else torch.tensor(float(t["num_items"]))
         return m / n.clamp(min=1)
     return m / B  # luspo
 
@@ -497,7 +499,8 @@ def check_case(backend: str, case: Case):
     d64 = lambda x: None if x is None else x.double()  # noqa: E731
     ref_loss = reference.reference_grpo_loss(
         h64, w64, t["targets"], d64(t["advantages"]), t["mask"], d64(t["old_logps"]), d64(t["ref_logps"]),
-        bias=b64, importance_sampling_ratio=d64(t["importance_sampling_ratio"]), options=opts)
+        bias=b64, importance_sampling_ratio=d64(t["importance_sampling_ratio"]), options=opts,
+        num_items_in_batch=t["num_items"])
     ref_loss.backward()
     ref_grads = [x.grad for x in (h64, w64, b64) if x is not None]
     with torch.no_grad():

@@ -17,7 +17,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from grpo_kernels.options import GRPOOptions  # noqa: E402
 from grpo_kernels.reference import reference_grpo_loss  # noqa: E402
 from grpo_kernels.integrations import transformers as gkt  # noqa: E402
 
@@ -144,9 +143,8 @@ def oracle_loss(model, input_ids, attention_mask, completion_ids, completion_mas
     K = completion_ids.shape[1]
     logits = model_logits(model, input_ids, attention_mask, K)
     eye = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-    opts = GRPOOptions(**options).validate()
     return reference_grpo_loss(logits, eye, completion_ids, advantages, completion_mask, old, ref,
-                               importance_sampling_ratio=isr, options=opts, return_metrics=return_metrics)
+                               importance_sampling_ratio=isr, return_metrics=return_metrics, **options)
 
 
 def true_logps(model, input_ids, attention_mask, K, temperature=1.0):

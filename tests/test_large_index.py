@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from backends import backend_params, require
-from grpo_kernels import grpo_loss, token_logprobs, vocab_pass
+from grpo_kernels import grpo_loss, plan, sweep, token_logprobs
 from grpo_kernels.backends.torch_chunked import BACKEND as TORCH
-from grpo_kernels.fused_loss import fused_grpo_loss
+from grpo_kernels.loss import grpo_loss_forward
 from grpo_kernels.objective import TokenInputs
-from grpo_kernels.options import GRPOOptions
+from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 N, V, H = 16384, 151936, 64
 B, T = 16, 1024
@@ -45,14 +45,13 @@ def meta_nonzero(monkeypatch):
 @pytest.fixture
 def recorded_chunks(monkeypatch):
     seen = []
-    original = vocab_pass._chunks
+    original = sweep.sweep
 
-    def spy(n, rows):
-        for s, e in original(n, rows):
-            seen.append((n, rows, s, e))
-            yield s, e
+    def spy(p, hidden, *args, **kwargs):
+        seen.extend((hidden.shape[0], p.chunk_rows, s, e) for s, e in p.bounds)
+        return original(p, hidden, *args, **kwargs)
 
-    monkeypatch.setattr(vocab_pass, "_chunks", spy)
+    monkeypatch.setattr(sweep, "sweep", spy)
     return seen
 
 
@@ -69,35 +68,41 @@ def _assert_python_ints(seen, n):
 
 def test_chunk_offsets_are_python_ints_past_2_31():
     n, vocab = 2**33 + 5, 2**18
-    rows = vocab_pass.chunk_rows(n, vocab, torch.bfloat16, TORCH, None)
+    rows = plan.chunk_rows(n, vocab, torch.bfloat16, TORCH, None)
     assert type(rows) is int and rows >= 1
-    assert rows * vocab * (2 + TORCH.temp_bytes_per_elem) <= max(vocab_pass.DEFAULT_CHUNK_BYTES,
+    assert rows * vocab * (2 + TORCH.temp_bytes_per_elem) <= max(plan.DEFAULT_CHUNK_BYTES,
                                                                   vocab * (2 + TORCH.temp_bytes_per_elem))
     step = 2**31 + 1
-    chunks = list(vocab_pass._chunks(n, step))
+    chunks = plan.uniform_chunks(n, step)
     assert [s for s, _ in chunks] == [k * step for k in range(len(chunks))]
     assert chunks[-1][1] == n and len(chunks) == -(-n // step)
     assert all(type(s) is int and type(e) is int for s, e in chunks)
-    assert type(vocab_pass.chunk_rows(n, vocab, torch.float32, TORCH, 2**40)) is int
+    assert type(plan.chunk_rows(n, vocab, torch.float32, TORCH, 2**40)) is int
+
+
+def _plan(h, w, chunk, **kw):
+    return plan.plan_call(h, w, GRPOOptions(temperature=0.7, logit_softcap=30.0, beta=0.04),
+                          ExecutionOptions(backend="torch", chunk_size=chunk), VocabParallel(), **kw)
 
 
 @pytest.mark.parametrize("chunk", [None, N], ids=["default_chunks", "one_chunk_of_2.5e9_logits"])
 def test_vocab_pass_on_meta_past_2_31(chunk, recorded_chunks, meta_nonzero):
     h, w, b = _meta(N, H), _meta(V, H), _meta(V)
     tgt = _meta(N, dtype=torch.int64)
-    st = vocab_pass.forward_stats(TORCH, h, w, b, tgt, 0.7, 30.0, chunk)
+    needs = (True, True, True)
+    st = sweep.forward_stats(_plan(h, w, chunk), h, w, b, tgt)
     assert st.lse.shape == st.entropy.shape == st.target_logit.shape == (N,)
     assert st.lse.dtype == torch.float32
-    gh, gw, gb = vocab_pass.backward_grads(TORCH, h, w, b, tgt, 0.7, 30.0, st.lse, st.entropy, st.lse,
-                                           st.entropy, chunk)
+    gh, gw, gb = sweep.backward_grads(_plan(h, w, chunk, need_grads=needs), h, w, b, tgt, st, st.lse, st.entropy,
+                                      needs)
     assert gh.shape == (N, H) and gw.shape == (V, H) and gb.shape == (V,)
     assert gh.dtype == gw.dtype == gb.dtype == torch.bfloat16
-    opts = GRPOOptions(beta=0.04).validate()
     ti = TokenInputs(old=_meta(N, dtype=torch.float32), adv=_meta(N, dtype=torch.float32),
                      weight=_meta(N, dtype=torch.float32), ref=_meta(N, dtype=torch.float32))
-    out = vocab_pass.fused_forward_backward(TORCH, h, w, b, tgt, 1.0, None,
-                                            lambda s, e: (ti.select(slice(s, e)), opts), chunk)
-    assert out[0].lse.shape == (N,) and out[1].shape == (N,) and out[3].shape == (N, H) and out[4].shape == (V, H)
+    p = _plan(h, w, chunk, need_grads=needs, loss=True)
+    assert p.path == "one_sweep"
+    gh, gw, _ = sweep.sweep(p, h, w, b, lambda s, e, z: sweep.fused_(p, z, tgt[s:e], ti.select(slice(s, e))), needs)
+    assert gh.shape == (N, H) and gw.shape == (V, H)
     _assert_python_ints(recorded_chunks, N)
     if chunk == N:
         assert {(r[1]) for r in recorded_chunks} == {N}  # truly one chunk of N*V > 2^31 elements
@@ -106,11 +111,12 @@ def test_vocab_pass_on_meta_past_2_31(chunk, recorded_chunks, meta_nonzero):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_fused_loss_on_meta_past_2_31(level, recorded_chunks, meta_nonzero):
     f32 = lambda *s: _meta(*s, dtype=torch.float32)  # noqa: E731
-    opts = GRPOOptions(importance_sampling_level=level, beta=0.04, top_entropy_quantile=0.5, chunk_size=N,
+    opts = GRPOOptions(importance_sampling_level=level, beta=0.04, top_entropy_quantile=0.5,
                        loss_type="grpo").validate()
-    loss, logp, ent, gh, gw, gb = fused_grpo_loss(
+    loss, logp, ent, gh, gw, gb = grpo_loss_forward(
         _meta(N, H), _meta(V, H), _meta(V), _meta(N, dtype=torch.int64), _meta(B, T, dtype=torch.bool),
-        f32(B, T), f32(B, T), f32(B, T), f32(B, T), opts, (True, True, True))
+        f32(B, T), f32(B, T), f32(B, T), f32(B, T), None, opts, ExecutionOptions(backend="torch", chunk_size=N),
+        VocabParallel(), (True, True, True))
     assert loss.shape == () and logp.shape == ent.shape == (N,)
     assert gh.shape == (N, H) and gw.shape == (V, H) and gb.shape == (V,)
     _assert_python_ints(recorded_chunks, N)

@@ -70,7 +70,7 @@ def test_token_weights_normalize_like_trl(loss_type):
     mask = torch.rand(4, 6, generator=g) > 0.4
     mask[0] = False
     per_token = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    o = GRPOOptions(loss_type=loss_type, max_completion_length=9, num_items_in_batch=None).validate()
+    o = GRPOOptions(loss_type=loss_type, max_completion_length=9).validate()
     m = mask.double()
     if loss_type in ("grpo", "sapo"):
         want = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()

@@ -13,7 +13,7 @@ import torch
 
 from backends import backend_params, device_for_tests, require
 from helpers import check_against_oracle, make_batch, run_loss, stable_seed, well_conditioned_batch
-from grpo_kernels import grpo_loss, vocab_pass
+from grpo_kernels import grpo_loss, plan, sweep
 from grpo_kernels.options import LOSS_TYPES
 
 DEVICE = device_for_tests()
@@ -33,20 +33,20 @@ B, T = 6, 5
     ],
 )
 def test_sequence_chunks_pack_whole_sequences(lengths, max_rows, expected):
-    assert vocab_pass.sequence_chunks(lengths, max_rows) == expected
+    assert plan.sequence_chunks(lengths, max_rows) == expected
 
 
 @pytest.fixture
 def logits_rows(monkeypatch):
     """Counts the rows of every logits matmul of the vocabulary pass."""
     counted = []
-    real = vocab_pass._logits
+    real = sweep.logits
 
     def counting(h, weight, bias):
         counted.append(h.shape[0])
         return real(h, weight, bias)
 
-    monkeypatch.setattr(vocab_pass, "_logits", counting)
+    monkeypatch.setattr(sweep, "logits", counting)
     return counted
 
 

@@ -130,7 +130,8 @@ def _build_name(with_cuda: bool) -> Optional[str]:
     return name
 
 
-def _build_root() -> Path:
+def build_root() -> Path:
+    """Where JIT builds are cached (``GRPO_KERNELS_BUILD_DIR``, else the user cache)."""
     root = os.environ.get("GRPO_KERNELS_BUILD_DIR")
     if root:
         return Path(root)
@@ -144,7 +145,7 @@ def _cached_library(with_cuda: bool) -> Optional[Path]:
         return None
     from torch.utils.cpp_extension import LIB_EXT
 
-    lib = _build_root() / name / f"{name}{LIB_EXT}"
+    lib = build_root() / name / f"{name}{LIB_EXT}"
     return lib if lib.is_file() else None
 
 
@@ -190,7 +191,7 @@ def _jit_build(with_cuda: bool):
         verify_ninja_availability()
     except RuntimeError as exc:
         raise RuntimeError("grpo_kernels: the JIT build of backend 'cpp' needs ninja (pip install ninja)") from exc
-    build_dir = _build_root() / name
+    build_dir = build_root() / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -264,6 +265,11 @@ def _vec(t: Optional[torch.Tensor], dtype: torch.dtype, device) -> Optional[torc
     return t.reshape(-1).to(device=device, dtype=dtype).contiguous()
 
 
+def _head_args(options) -> dict:
+    softcap = options.logit_softcap
+    return dict(temperature=float(options.temperature), softcap=None if softcap is None else float(softcap))
+
+
 def _option_args(options) -> dict:
     lt = options.loss_type
     if lt not in _KIND:
@@ -327,30 +333,27 @@ class CppRowBackend(RowBackend):
             return "no nvcc (CUDA toolkit) to build the CUDA kernels, and no prebuilt extension with them"
         return None  # JIT-built on first use
 
-    # -- the row primitives --
+    # -- the contract (base.py): the row primitives and the advantage kernel --
 
-    def row_stats(self, logits, targets, temperature, softcap):
+    def row_stats(self, logits, targets, options, execution):
         ext = load_extension()
         n = logits.shape[0]
         acc = accumulation_dtype(logits.dtype)
         out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
-        ext.row_stats(
-            logits, _vec(targets, torch.int64, logits.device), *out,
-            float(temperature), None if softcap is None else float(softcap), _stream(logits),
-        )
+        ext.row_stats(logits, _vec(targets, torch.int64, logits.device), *out, **_head_args(options),
+                      stream=_stream(logits))
         return RowStats(lse=out[0], entropy=out[1], target_logit=out[2])
 
-    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
+    def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
         ext = load_extension()
         acc = accumulation_dtype(logits.dtype)
         dev = logits.device
         ext.row_grad_(
-            logits, _vec(targets, torch.int64, dev), _vec(lse, acc, dev), _vec(entropy, acc, dev),
-            _vec(dlogp, acc, dev), _vec(dentropy, acc, dev),
-            float(temperature), None if softcap is None else float(softcap), _stream(logits),
+            logits, _vec(targets, torch.int64, dev), _vec(stats.lse, acc, dev), _vec(stats.entropy, acc, dev),
+            _vec(dlogp, acc, dev), _vec(dentropy, acc, dev), **_head_args(options), stream=_stream(logits),
         )
 
-    def row_fused_(self, logits, targets, temperature, softcap, token_inputs, options):
+    def row_fused_(self, logits, targets, token_inputs, options, execution):
         from grpo_kernels.objective import TokenEpilogue
 
         if options.importance_sampling_level != "token":
@@ -364,59 +367,17 @@ class CppRowBackend(RowBackend):
             logits, _vec(targets, torch.int64, dev),
             **_token_args(token_inputs, acc, dev, options.beta),
             lse=lse, entropy=ent, target_logit=tl, loss=loss, dlogp=dlogp,
-            temperature=float(temperature), softcap=None if softcap is None else float(softcap),
-            **_option_args(options), stream=_stream(logits),
+            **_head_args(options), **_option_args(options), stream=_stream(logits),
         )
         return RowStats(lse=lse, entropy=ent, target_logit=tl), TokenEpilogue(loss, dlogp)
 
-    # -- O(B*T) kernels --
-
-    def token_epilogue(self, logp, token_inputs, options):
-        from grpo_kernels.objective import TokenEpilogue
-
-        if options.importance_sampling_level != "token":
-            raise ValueError("token_epilogue needs importance_sampling_level='token'")
-        if logp.dtype not in (torch.float32, torch.float64) or logp.device.type not in ("cpu", "cuda"):
-            return super().token_epilogue(logp, token_inputs, options)
-        ext = load_extension()
-        if logp.is_cuda and not ext.has_cuda():
-            return super().token_epilogue(logp, token_inputs, options)
-        logp = logp.detach()
-        shape = logp.shape
-        flat = logp.reshape(-1).contiguous()
-        loss, dlogp = torch.empty_like(flat), torch.empty_like(flat)
-        ext.token_epilogue(
-            flat, **_token_args(token_inputs, flat.dtype, flat.device, options.beta),
-            loss=loss, dlogp=dlogp, **_option_args(options), stream=_stream(flat),
-        )
-        return TokenEpilogue(loss.reshape(shape), dlogp.reshape(shape))
-
     def group_normalize(self, rewards, num_generations: int, scale_rewards: str, eps: float):
-        """``advantages.normalize_groups`` in one kernel; result in the accumulation dtype."""
-        if isinstance(scale_rewards, bool):
-            scale_rewards = "group" if scale_rewards else "none"
-        mode = _SCALE_MODE.get(scale_rewards) if isinstance(scale_rewards, str) else None
-        if (
-            mode is None
-            or not isinstance(rewards, torch.Tensor)
-            or rewards.dim() != 1
-            or rewards.dtype not in _SUPPORTED_DTYPES
-            or rewards.device.type not in ("cpu", "cuda")
-            or isinstance(num_generations, bool)
-            or not isinstance(num_generations, int)
-            or num_generations < 1
-            or rewards.shape[0] % num_generations != 0
-            or isinstance(eps, bool)
-            or not isinstance(eps, (int, float))
-            or not (0.0 <= eps < float("inf"))
-        ):  # let the torch version raise its errors
-            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
+        """``advantages.normalize_groups`` in one kernel, on the arguments as checked by
+        ``advantages.group_advantages``; result in the accumulation dtype."""
         ext = load_extension()
-        if rewards.is_cuda and not ext.has_cuda():
-            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
         r = rewards.detach().to(accumulation_dtype(rewards.dtype)).contiguous()
         out = torch.empty_like(r)
-        ext.group_normalize(r, out, int(num_generations), mode, float(eps), stream=_stream(r))
+        ext.group_normalize(r, out, int(num_generations), _SCALE_MODE[scale_rewards], float(eps), stream=_stream(r))
         return out
 
 

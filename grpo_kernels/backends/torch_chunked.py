@@ -1,7 +1,8 @@
 """Portable row pass in torch ops: any device, any float dtype.
 
 Works on one chunk of raw logits at a time; its temporaries are a few fp32 copies of
-the chunk, which ``temp_bytes_per_elem`` tells the chunk sizing about.
+the chunk, which ``temp_bytes_per_elem`` tells the chunk sizing about. No fused kernel:
+the sweep composes ``row_stats``, ``objective.token_epilogue`` and ``row_grad_``.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class TorchRowBackend(RowBackend):
     def supports(self, device, dtype):
         return None
 
-    def row_stats(self, logits, targets, temperature, softcap):
-        u = scaled_logits(logits, temperature, softcap)
+    def row_stats(self, logits, targets, options, execution):
+        u = scaled_logits(logits, options.temperature, options.logit_softcap)
         target_logit = _gather_targets(u, targets)
         # entropy = lse - sum(p * u) on max-shifted logits: unshifted, both terms are of the
         # size of |u| and p's rounding (exp of u - lse) is amplified by |u| (fp32 logits of
@@ -49,7 +50,9 @@ class TorchRowBackend(RowBackend):
         pu = torch.where(p > 0, p * us, torch.zeros_like(us)).sum(-1)
         return RowStats(lse=lse_s + m.squeeze(1), entropy=lse_s - pu, target_logit=target_logit)
 
-    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
+    def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
+        temperature, softcap = options.temperature, options.logit_softcap
+        lse, entropy = stats.lse, stats.entropy
         u = scaled_logits(logits, temperature, softcap)
         g = torch.exp(u - lse.unsqueeze(1))  # p
         if dentropy is not None:

@@ -6,13 +6,14 @@ no bfloat16). Kernels live in:
 
 - ``row_kernels``: ``row_stats``, ``row_grad_`` and the fused ``row_fused_`` (statistics,
   GRPO epilogue and gradient in one launch per chunk);
-- ``objective_kernel``: the per-token epilogue (``objective.token_epilogue``), shared as a
-  device function by the fused row kernel and a standalone elementwise kernel;
+- ``objective_kernel``: the per-token epilogue (``objective.token_epilogue``), a device
+  function of the fused row kernel;
 - ``advantages_kernel``: ``advantages.normalize_groups``.
 
 Environment: ``GRPO_KERNELS_TRITON_AUTOTUNE=0`` (no autotuning on the GPU: a fixed tile),
 ``GRPO_KERNELS_TRITON_BLOCK_V=<power of 2>`` (that fixed tile). Autotuning is also off
-in deterministic runs (``torch.use_deterministic_algorithms`` or ``deterministic=True``).
+in deterministic runs (``execution.is_deterministic``: ``deterministic=True`` or
+``torch.use_deterministic_algorithms``), for every kernel.
 The first call per (V, dtype) on the GPU benchmarks a few configurations; the in-place
 kernels then keep one extra copy of the chunk while they do.
 """
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from grpo_kernels.backends.base import RowBackend, accumulation_dtype
-from grpo_kernels.backends.triton import advantages_kernel, objective_kernel, row_kernels
+from grpo_kernels.backends.base import RowBackend
+from grpo_kernels.backends.triton import advantages_kernel, row_kernels
 from grpo_kernels.backends.triton._common import INTERPRET
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,33 +53,18 @@ class TritonRowBackend(RowBackend):
             return None
         return f"device type {device.type!r} is not supported (cuda; cpu with TRITON_INTERPRET=1)"
 
-    # -- the row primitives --
+    # -- the contract (base.py): the row primitives and the advantage kernel --
 
-    def row_stats(self, logits, targets, temperature, softcap):
-        return row_kernels.row_stats(logits, targets, temperature, softcap)
+    def row_stats(self, logits, targets, options, execution):
+        return row_kernels.row_stats(logits, targets, options, execution)
 
-    def row_grad_(self, logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap):
-        row_kernels.row_grad_(logits, targets, lse, entropy, dlogp, dentropy, temperature, softcap)
+    def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
+        row_kernels.row_grad_(logits, targets, stats, dlogp, dentropy, options, execution)
 
-    def row_fused_(self, logits, targets, temperature, softcap, token_inputs, options):
-        return row_kernels.row_fused_(logits, targets, temperature, softcap, token_inputs, options)
-
-    # -- O(B*T) kernels --
-
-    def token_epilogue(self, logp, token_inputs, options):
-        if (
-            logp.dtype not in (torch.float32, torch.float64)
-            or self.supports(logp.device, logp.dtype) is not None
-        ):
-            return super().token_epilogue(logp, token_inputs, options)
-        return objective_kernel.token_epilogue(logp, token_inputs, options)
+    def row_fused_(self, logits, targets, token_inputs, options, execution):
+        return row_kernels.row_fused_(logits, targets, token_inputs, options, execution)
 
     def group_normalize(self, rewards, num_generations, scale_rewards, eps):
-        if (
-            not isinstance(rewards, torch.Tensor)
-            or self.supports(rewards.device, accumulation_dtype(rewards.dtype)) is not None
-        ):
-            return super().group_normalize(rewards, num_generations, scale_rewards, eps)
         return advantages_kernel.group_normalize(rewards, num_generations, scale_rewards, eps)
 
 

@@ -68,11 +68,11 @@ def env_block_v() -> Optional[int]:
     return value
 
 
-def use_autotune(deterministic: bool = False) -> bool:
+def use_autotune(deterministic: bool) -> bool:
     """Autotune on the GPU unless disabled: interpreter, ``GRPO_KERNELS_TRITON_AUTOTUNE=0``,
     a fixed ``GRPO_KERNELS_TRITON_BLOCK_V``, or a deterministic run (the tile decides the
     reduction order, and a benchmark-picked tile may differ from one process to the next)."""
-    if INTERPRET or deterministic or torch.are_deterministic_algorithms_enabled():
+    if INTERPRET or deterministic:
         return False
     if os.environ.get("GRPO_KERNELS_TRITON_AUTOTUNE", "1") == "0":
         return False

@@ -85,32 +85,10 @@ def group_normalize_kernel(r_ptr, out_ptr, std_ptr, G, eps: tl.float64, MAXF: tl
         tl.store(out_ptr + start + offs, a, mask=m)
 
 
-_MODES = ("group", "batch", "none")
-
-
-def _valid(rewards, num_generations, scale_rewards, eps) -> bool:
-    return (
-        isinstance(rewards, torch.Tensor)
-        and rewards.dim() == 1
-        and rewards.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-        and rewards.device.type in ("cpu", "cuda")
-        and isinstance(scale_rewards, str) and scale_rewards in _MODES
-        and isinstance(num_generations, int) and not isinstance(num_generations, bool)
-        and num_generations >= 1 and rewards.shape[0] % num_generations == 0
-        and isinstance(eps, (int, float)) and not isinstance(eps, bool)
-        and 0.0 <= float(eps) < float("inf")
-    )
-
-
 def group_normalize(rewards: torch.Tensor, num_generations: int, scale_rewards, eps: float):
-    """Advantages [B] in the accumulation dtype; invalid arguments go to the torch version
-    (which raises the library's errors)."""
-    if isinstance(scale_rewards, bool):
-        scale_rewards = "group" if scale_rewards else "none"
-    if not _valid(rewards, num_generations, scale_rewards, eps):
-        from grpo_kernels.advantages import normalize_groups
-
-        return normalize_groups(rewards, num_generations, scale_rewards, eps)
+    """Advantages [B] in the accumulation dtype. Arguments as checked by
+    ``advantages.group_advantages``: rewards [B] float, G dividing B, scale_rewards one of
+    "group", "batch", "none", eps >= 0."""
     acc = acc_dtype(rewards.dtype)
     r = rewards.detach().to(acc).contiguous()
     out = _common.empty(r.shape, acc, r.device)

@@ -1,7 +1,7 @@
 """The GRPO per-token epilogue in Triton: ``objective.token_epilogue``, operation for operation.
 
-``grpo_token_epilogue`` is a ``@triton.jit`` device function on tensors of any shape (a
-scalar per row in the fused row kernel, a block of tokens in ``token_epilogue_kernel``).
+``grpo_token_epilogue`` is a ``@triton.jit`` device function, called once per row by the
+fused row kernel (``row_kernels.row_fused_kernel``) between its two sweeps.
 Loss family, delta, KL and the optional inputs are compile-time flags; the numbers
 (clip bounds, delta, beta, SAPO temperatures) are runtime scalars already in ACC.
 """
@@ -13,8 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.triton import _common
-from grpo_kernels.backends.triton._common import INTERPRET, exp_cap, next_pow2, tl_acc, to_acc
+from grpo_kernels.backends.triton._common import exp_cap, tl_acc
 from grpo_kernels.options import CLIPPED_LOSS_TYPES
 
 # LOSS constexpr values
@@ -90,42 +89,6 @@ def grpo_token_epilogue(
     return _scale(loss, weight), _scale(dlogp, weight)
 
 
-@triton.jit
-def token_epilogue_kernel(
-    logp_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, scale_ptr, loss_ptr, dlogp_ptr, n,
-    lo: tl.float64, hi: tl.float64, delta: tl.float64, eh: tl.float64, beta: tl.float64,
-    tau_pos: tl.float64, tau_neg: tl.float64,
-    CAP: tl.constexpr, ACC: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr,
-    HAS_DELTA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    logp = tl.load(logp_ptr + offs, mask=m, other=0.0)
-    if HAS_OLD:
-        old = tl.load(old_ptr + offs, mask=m, other=0.0)
-    else:
-        old = logp
-    A = tl.load(adv_ptr + offs, mask=m, other=0.0)
-    wt = tl.load(weight_ptr + offs, mask=m, other=0.0)
-    if HAS_KL:
-        ref = tl.load(ref_ptr + offs, mask=m, other=0.0)
-    else:
-        ref = logp
-    if HAS_SCALE:
-        sc = tl.load(scale_ptr + offs, mask=m, other=0.0)
-    else:
-        sc = logp
-    loss, dlogp = grpo_token_epilogue(
-        logp, old, A, wt, ref, sc,
-        to_acc(lo, ACC), to_acc(hi, ACC), to_acc(delta, ACC), to_acc(eh, ACC), to_acc(beta, ACC),
-        to_acc(tau_pos, ACC), to_acc(tau_neg, ACC), to_acc(CAP, ACC),
-        LOSS, HAS_DELTA, HAS_SCALE, HAS_KL, BIAS_KL,
-    )
-    tl.store(loss_ptr + offs, loss, mask=m)
-    tl.store(dlogp_ptr + offs, dlogp, mask=m)
-
-
 # ----------------------------------------------------------------------------- host side
 
 
@@ -172,28 +135,3 @@ def token_vectors(token_inputs, shape, dtype: torch.dtype, device, beta: float):
         vec(token_inputs.old), vec(token_inputs.adv), vec(token_inputs.weight),
         vec(token_inputs.ref) if beta != 0.0 else None, vec(token_inputs.policy_scale),
     )
-
-
-def token_epilogue(logp: torch.Tensor, token_inputs, options):
-    """``objective.token_epilogue`` in one elementwise kernel (logp float32/float64)."""
-    from grpo_kernels.objective import TokenEpilogue
-
-    if options.importance_sampling_level != "token":
-        raise ValueError("token_epilogue needs importance_sampling_level='token'")
-    logp = logp.detach()
-    shape = logp.shape
-    flat = logp.reshape(-1).contiguous()
-    n = flat.numel()
-    old, adv, weight, ref, scale = token_vectors(token_inputs, shape, flat.dtype, flat.device, options.beta)
-    loss = _common.empty(flat.shape, flat.dtype, flat.device)
-    dlogp = _common.empty(flat.shape, flat.dtype, flat.device)
-    if n:
-        params = epilogue_params(options, flat.dtype)
-        block = min(1024, max(16, next_pow2(n))) if not INTERPRET else max(16, min(next_pow2(n), 4096))
-        with _common.device_guard(flat):
-            token_epilogue_kernel[(triton.cdiv(n, block),)](
-                flat, flat if old is None else old, adv, weight, flat if ref is None else ref,
-                flat if scale is None else scale, loss, dlogp, n,
-                HAS_OLD=old is not None, HAS_SCALE=scale is not None, BLOCK=block, **params,
-            )
-    return TokenEpilogue(loss.reshape(shape), dlogp.reshape(shape))

@@ -290,7 +290,8 @@ def _vec(x: Optional[torch.Tensor], dtype, device) -> Optional[torch.Tensor]:
     return x.detach().to(device=device, dtype=dtype).reshape(-1).contiguous()
 
 
-def _row_flags(temperature: float, softcap: Optional[float]) -> dict:
+def _row_flags(options) -> dict:
+    temperature, softcap = options.temperature, options.logit_softcap
     return dict(
         temperature=float(temperature), softcap=1.0 if softcap is None else float(softcap),
         HAS_SOFTCAP=softcap is not None, HAS_TEMP=float(temperature) != 1.0,
@@ -301,7 +302,7 @@ def _empty(n: int, dtype, device, count: int):
     return [_common.empty(n, dtype, device) for _ in range(count)]
 
 
-def row_stats(logits, targets, temperature: float, softcap: Optional[float]) -> RowStats:
+def row_stats(logits, targets, options, execution) -> RowStats:
     _check_logits(logits)
     n, V = logits.shape
     acc = acc_dtype(logits.dtype)
@@ -310,15 +311,14 @@ def row_stats(logits, targets, temperature: float, softcap: Optional[float]) -> 
         z = _rowwise(logits)
         tg = _vec(targets, torch.int64, z.device)
         _launch(
-            row_stats_kernel, row_stats_tuned, lambda b: (n,), V, False,
+            row_stats_kernel, row_stats_tuned, lambda b: (n,), V, execution.is_deterministic,
             (z, z.stride(0), tg, lse, ent, tgl, V),
-            dict(ACC=tl_acc(logits.dtype), **_row_flags(temperature, softcap)),
+            dict(ACC=tl_acc(logits.dtype), **_row_flags(options)),
         )
     return RowStats(lse=lse, entropy=ent, target_logit=tgl)
 
 
-def row_grad_(logits, targets, lse, entropy, dlogp, dentropy, temperature: float,
-              softcap: Optional[float]) -> None:
+def row_grad_(logits, targets, stats, dlogp, dentropy, options, execution) -> None:
     _check_logits(logits)
     n, V = logits.shape
     if n == 0:
@@ -327,19 +327,19 @@ def row_grad_(logits, targets, lse, entropy, dlogp, dentropy, temperature: float
     dev = logits.device
     z = _rowwise(logits)
     has_dent = dentropy is not None
-    lse_v, dlogp_v = _vec(lse, acc, dev), _vec(dlogp, acc, dev)
-    ent_v = _vec(entropy, acc, dev) if has_dent else lse_v
+    lse_v, dlogp_v = _vec(stats.lse, acc, dev), _vec(dlogp, acc, dev)
+    ent_v = _vec(stats.entropy, acc, dev) if has_dent else lse_v
     dent_v = _vec(dentropy, acc, dev) if has_dent else lse_v
     _launch(
-        row_grad_kernel, row_grad_tuned, lambda b: (n, triton.cdiv(V, b)), V, False,
+        row_grad_kernel, row_grad_tuned, lambda b: (n, triton.cdiv(V, b)), V, execution.is_deterministic,
         (z, z.stride(0), _vec(targets, torch.int64, dev), lse_v, ent_v, dlogp_v, dent_v, V),
-        dict(ACC=tl_acc(logits.dtype), HAS_DENT=has_dent, **_row_flags(temperature, softcap)),
+        dict(ACC=tl_acc(logits.dtype), HAS_DENT=has_dent, **_row_flags(options)),
     )
     if z is not logits:
         logits.copy_(z)
 
 
-def row_fused_(logits, targets, temperature: float, softcap: Optional[float], token_inputs, options):
+def row_fused_(logits, targets, token_inputs, options, execution):
     """Statistics, the per-token GRPO epilogue and the in-place gradient: one launch."""
     from grpo_kernels.objective import TokenEpilogue
 
@@ -356,11 +356,11 @@ def row_fused_(logits, targets, temperature: float, softcap: Optional[float], to
         old, adv, weight, ref, scale = token_vectors(token_inputs, (n,), acc, dev, options.beta)
         params = epilogue_params(options, logits.dtype)
         _launch(
-            row_fused_kernel, row_fused_tuned, lambda b: (n,), V, bool(getattr(options, "deterministic", False)),
+            row_fused_kernel, row_fused_tuned, lambda b: (n,), V, execution.is_deterministic,
             (z, z.stride(0), tg, lse if old is None else old, adv, weight, lse if ref is None else ref,
              lse if scale is None else scale, lse, ent, tgl, loss, dlogp, V),
             dict(HAS_OLD=old is not None, HAS_SCALE=scale is not None,
-                 **_row_flags(temperature, softcap), **params),
+                 **_row_flags(options), **params),
         )
         if z is not logits:
             logits.copy_(z)

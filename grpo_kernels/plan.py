@@ -1,0 +1,174 @@
+"""One place that plans a call: backend, chunk rows, path, grad_weight accumulation, collective.
+
+Everything a vocabulary pass decides is decided here, once per call, from the call's shapes,
+its options (``GRPOOptions``, ``ExecutionOptions``, ``VocabParallel``) and nothing else that
+changes from run to run, so a deterministic run makes the same plan every time. The sweep
+(``grpo_kernels.sweep``) and the loss (``grpo_kernels.loss``) then only carry the plan out.
+
+Paths of the loss, by what a token's gradient coefficient dL/dlogp depends on (flops are the
+three matmuls of the head; docs/design.md, "Flops by path"):
+
+- ``forward``: no gradient wanted: one statistics sweep (2NHV).
+- ``one_sweep``: token-level importance sampling: the coefficient follows from the token's own
+  log-prob, so statistics, epilogue and gradient run in one fused sweep (6NHV).
+- ``sequence_sweep``: sequence-level importance sampling with every sequence inside one chunk:
+  chunks are cut at sequence boundaries and each chunk's coefficients come from its own
+  statistics while its logits are still in the buffer (6NHV).
+- ``two_sweeps``: sequence-level with a sequence longer than a chunk: a statistics sweep, the
+  coefficients of all rows, then a gradient sweep that recomputes the logits (8NHV).
+
+``top_entropy_quantile < 1`` needs every token's entropy before any coefficient: one
+statistics sweep more (``entropy_sweep``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from grpo_kernels import collective
+from grpo_kernels.backends import choose_backend
+from grpo_kernels.backends.base import RowBackend, accumulation_dtype
+from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
+
+_MiB = 2**20
+#: byte budget of one chunk (logits buffer plus the backend's temporaries); the environment
+#: variable overrides it on every device
+_ENV_CHUNK_BYTES = os.environ.get("GRPO_KERNELS_CHUNK_BYTES")
+DEFAULT_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 256 * _MiB)
+#: on CUDA every extra chunk costs one more read-modify-write of grad_weight (1.2 GB at
+#: V=151936, H=4096 bf16, ~0.75 ms on an H100), so chunks are larger there. Measured on an
+#: H100 at N=8192, H=4096, V=151936 (bench/RESULTS.md): 320 MiB 41.7 ms / 681 MiB beyond
+#: inputs+grads, 384 MiB 39.4 ms / 809 MiB, 512 MiB 39.5 ms / 1064 MiB.
+CUDA_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 384 * _MiB)
+
+PATHS = ("forward", "one_sweep", "sequence_sweep", "two_sweeps")
+
+
+def chunk_budget(device=None) -> int:
+    """Bytes one chunk may use on ``device``."""
+    return CUDA_CHUNK_BYTES if (device is not None and torch.device(device).type == "cuda") else DEFAULT_CHUNK_BYTES
+
+
+def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: RowBackend, chunk_size: Optional[int],
+               device=None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many as fit the byte budget."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, max(n, 1)))
+    per_row = vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes_per_elem)
+    return max(1, min(max(n, 1), chunk_budget(device) // max(per_row, 1)))
+
+
+def grad_weight_dtype(weight: torch.Tensor, n_chunks: int) -> torch.dtype:
+    """The dtype grad_weight is summed in across chunks.
+
+    Only a half-precision weight seen by more than one chunk needs an fp32 [V, H]
+    accumulator. Each chunk's GEMM sums its rows in fp32 inside cuBLAS/MKL either way; without
+    the accumulator the chunks' sums are added in the weight's dtype (one rounding per chunk
+    instead of one in all). ``auto`` keeps the accumulator while it costs at most half a chunk
+    budget, so memory beyond inputs and grads stays O(chunk): at V=151936, H=4096 it would be
+    2.4 GB. GRPO_KERNELS_GRAD_WEIGHT_ACCUM=fp32|native|auto overrides the rule.
+    """
+    acc = accumulation_dtype(weight.dtype)
+    if acc == weight.dtype or n_chunks <= 1:
+        return weight.dtype
+    mode = os.environ.get("GRPO_KERNELS_GRAD_WEIGHT_ACCUM", "auto")
+    if mode not in ("auto", "fp32", "native"):
+        raise ValueError(f"GRPO_KERNELS_GRAD_WEIGHT_ACCUM must be auto, fp32 or native, got {mode!r}")
+    if mode == "auto":
+        mode = "fp32" if weight.numel() * 4 <= chunk_budget(weight.device) // 2 else "native"
+    return acc if mode == "fp32" else weight.dtype
+
+
+def uniform_chunks(n: int, rows: int) -> List[Tuple[int, int]]:
+    return [(start, min(n, start + rows)) for start in range(0, n, rows)]
+
+
+def sequence_chunks(lengths: Sequence[int], max_rows: int) -> Optional[List[Tuple[int, int]]]:
+    """Row ranges ``[start, end)`` that each hold whole sequences and at most ``max_rows``
+    rows, packed greedily in order; ``None`` when one sequence alone has more rows.
+
+    ``lengths`` are the (unmasked) row counts of consecutive sequences; empty ones are
+    absorbed by their neighbours.
+    """
+    bounds, start, end = [], 0, 0
+    for length in lengths:
+        if length > max_rows:
+            return None
+        if end + length - start > max_rows:
+            bounds.append((start, end))
+            start = end
+        end += length
+    if end > start:
+        bounds.append((start, end))
+    return bounds
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call does, decided before any vocabulary work."""
+
+    backend: RowBackend
+    backend_reason: str  # why this backend ran (the choice of ``auto``, or "requested")
+    options: GRPOOptions
+    execution: ExecutionOptions
+    rows: int  # real (unmasked) rows of hidden the sweep covers
+    chunk_rows: int
+    bounds: Tuple[Tuple[int, int], ...]  # the chunks [start, end) of those rows
+    path: str  # one of PATHS
+    entropy_sweep: bool  # a statistics-only sweep before the gradient sweep
+    grad_weight_dtype: Optional[torch.dtype]  # None: no grad_weight wanted
+    vocab: Optional[collective.VocabGroup]  # None: the whole vocabulary is local
+
+    @property
+    def fused(self) -> bool:
+        """Whether the backend's fused row kernel runs (not under vocab parallelism, whose
+        statistics must be combined over the ranks before the epilogue)."""
+        return self.backend.row_fused_ is not None and self.vocab is None
+
+
+def _vocab_group(vp: VocabParallel, hidden, weight, n_valid: int, rows: int) -> Optional[collective.VocabGroup]:
+    if not vp.enabled:
+        return None
+    return collective.exchange(vp.group_name, vp.vocab_start, weight.shape[0], hidden.shape[0], hidden.shape[1],
+                               n_valid, rows, vp.reduce_grad_hidden, hidden.device)
+
+
+def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, execution: ExecutionOptions,
+              vocab_parallel: VocabParallel, *, need_grads: Tuple[bool, bool, bool] = (False, False, False),
+              sequence_lengths: Optional[Sequence[int]] = None, loss: bool = False,
+              n_valid: Optional[int] = None) -> Plan:
+    """The plan of one pass over ``hidden`` [n, H] (the real rows) and ``weight`` [V(_local), H].
+
+    ``loss``: a loss call (paths as in the module docstring); otherwise a log-prob pass:
+    ``forward`` without gradients, ``two_sweeps`` (the recomputing backward) with.
+    ``sequence_lengths``: the real rows per sequence, for sequence-level importance sampling.
+    ``n_valid``: the unmasked tokens the ranks must agree on (vocab parallel; default n).
+    """
+    n = hidden.shape[0]
+    backend, reason = choose_backend(execution, hidden.device, hidden.dtype)
+    rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device)
+    vocab = _vocab_group(vocab_parallel, hidden, weight, n if n_valid is None else n_valid, rows)
+    if vocab is not None:
+        rows = vocab.chunk_rows  # the statistics are collective per chunk: one chunking for all
+    want = any(need_grads)
+    bounds = None
+    if not want:
+        path = "forward"
+    elif not loss:
+        path = "two_sweeps"
+    elif options.importance_sampling_level == "token":
+        path = "one_sweep"
+    else:
+        bounds = sequence_chunks(sequence_lengths, rows)
+        path = "two_sweeps" if bounds is None else "sequence_sweep"
+    if bounds is None:
+        bounds = uniform_chunks(n, rows)
+    return Plan(
+        backend=backend, backend_reason=reason, options=options, execution=execution, rows=n, chunk_rows=rows,
+        bounds=tuple(bounds), path=path,
+        entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
+        grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,
+    )

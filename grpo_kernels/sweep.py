@@ -1,0 +1,147 @@
+"""The chunk loop over the vocabulary: the one place that computes logits.
+
+``sweep`` walks a plan's chunks of rows; for each chunk one matmul makes its logits in a
+buffer bounded in bytes, a callback does the per-path row work on it (statistics, or the
+gradient written in place), and, when gradients are wanted, two more matmuls turn the
+chunk's logits gradient into grad_hidden rows and a grad_weight term. No [N, V] tensor
+exists at any time.
+
+The row primitives under a plan (``stats``, ``grad_``, ``fused_``) add what the plan asks
+on top of the backend: the statistics combined over the ranks under vocab parallelism, and
+the composition stats -> ``objective.token_epilogue`` -> gradient where the backend has no
+fused kernel (or the statistics must be combined first).
+
+Shapes: hidden [n, H], weight [V, H], bias [V] or None, targets [n] int64 (a row with
+target < 0 has no target in this vocabulary slice).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from grpo_kernels import objective
+from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels.plan import Plan
+
+
+def logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """One chunk's raw logits [rows, V] (a fresh buffer, overwritten by the gradient later)."""
+    if bias is None:
+        return h @ weight.t()
+    return torch.addmm(bias, h, weight.t())
+
+
+def _add_outer_fp32(acc: torch.Tensor, a_t: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a_t @ b with acc in fp32 (or fp64) and a_t, b possibly half precision."""
+    if a_t.dtype == acc.dtype:
+        acc.addmm_(a_t, b)
+        return
+    if acc.is_cuda:
+        try:  # cuBLAS writes the fp32 sum directly: no half-precision partial, no rounding
+            torch.addmm(acc, a_t, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError):
+            pass
+    acc.add_(a_t @ b)
+
+
+class GradBuffers:
+    """grad_hidden [n, H] (hidden dtype), grad_weight [V, H] (in ``plan.grad_weight_dtype``)
+    and grad_bias [V] (fp32 accumulator), filled chunk by chunk."""
+
+    def __init__(self, hidden, weight, bias, needs, grad_weight_dtype: Optional[torch.dtype]):
+        acc = accumulation_dtype(weight.dtype)
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = None
+        if needs[1]:
+            self.weight = torch.empty(weight.shape, dtype=grad_weight_dtype or weight.dtype, device=weight.device)
+        self._weight_written = False
+        self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if (bias is not None and needs[2]) else None
+
+    def accumulate(self, grad_logits: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, start: int) -> None:
+        if self.hidden is not None:
+            torch.mm(grad_logits, weight, out=self.hidden[start : start + grad_logits.shape[0]])
+        if self.weight is not None:
+            if not self._weight_written:  # the first chunk writes, no zero-fill and no read
+                if grad_logits.dtype == self.weight.dtype:
+                    torch.mm(grad_logits.t(), h, out=self.weight)
+                else:
+                    self.weight.zero_()
+                    _add_outer_fp32(self.weight, grad_logits.t(), h)
+                self._weight_written = True
+            elif grad_logits.dtype == self.weight.dtype:
+                self.weight.addmm_(grad_logits.t(), h)
+            else:
+                _add_outer_fp32(self.weight, grad_logits.t(), h)
+        if self.bias is not None:
+            self.bias.add_(grad_logits.sum(0, dtype=self.bias.dtype))
+
+    def finish(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; None where not wanted."""
+        gw = self.weight
+        if gw is not None:
+            if not self._weight_written:  # no rows at all
+                gw.zero_()
+            gw = gw.to(weight.dtype)
+        gb = None if self.bias is None else self.bias.to(bias.dtype)
+        return self.hidden, gw, gb
+
+
+def sweep(plan: Plan, hidden, weight, bias, row_work: Callable, needs=(False, False, False)):
+    """The chunk loop. ``row_work(start, end, z)`` does one chunk's row work on its logits
+    ``z``; when ``needs`` asks for gradients it must leave dL/dz in ``z``. Returns
+    (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    grads = GradBuffers(hidden, weight, bias, needs, plan.grad_weight_dtype) if any(needs) else None
+    for s, e in plan.bounds:
+        h = hidden[s:e]
+        z = logits(h, weight, bias)
+        row_work(s, e, z)
+        if grads is not None:
+            grads.accumulate(z, h, weight, s)
+    if grads is None:
+        return None, None, None
+    gh, gw, gb = grads.finish(weight, bias)
+    if plan.vocab is not None:
+        plan.vocab.finish_grad_hidden(gh)
+    return gh, gw, gb
+
+
+# ---------------------------------------------------------------- the row primitives under a plan
+
+
+def stats(plan: Plan, z, targets) -> RowStats:
+    st = plan.backend.row_stats(z, targets, plan.options, plan.execution)
+    return st if plan.vocab is None else plan.vocab.combine(st)
+
+
+def grad_(plan: Plan, z, targets, st: RowStats, dlogp, dentropy=None) -> None:
+    plan.backend.row_grad_(z, targets, st, dlogp, dentropy, plan.options, plan.execution)
+
+
+def fused_(plan: Plan, z, targets, token_inputs: objective.TokenInputs):
+    """(RowStats, TokenEpilogue) of one chunk with its gradient left in ``z``."""
+    if plan.fused:
+        return plan.backend.row_fused_(z, targets, token_inputs, plan.options, plan.execution)
+    st = stats(plan, z, targets)
+    epi = objective.token_epilogue(st.logp, token_inputs, plan.options)
+    grad_(plan, z, targets, st, epi.dlogp)
+    return st, epi
+
+
+def forward_stats(plan: Plan, hidden, weight, bias, targets) -> RowStats:
+    """Per-row lse, entropy and target logit, [n] each (no gradient work)."""
+    out = RowStats.empty(hidden.shape[0], hidden.dtype, hidden.device)
+    sweep(plan, hidden, weight, bias, lambda s, e, z: out.put_(s, e, stats(plan, z, targets[s:e])))
+    return out
+
+
+def backward_grads(plan: Plan, hidden, weight, bias, targets, st: RowStats, dlogp, dentropy, needs):
+    """grad_hidden, grad_weight, grad_bias of ``sum(dlogp * logp + dentropy * entropy)``,
+    recomputing the logits chunk by chunk from the saved row statistics ``st``."""
+
+    def row_work(s, e, z):
+        chunk = RowStats(st.lse[s:e], st.entropy[s:e], st.target_logit[s:e])
+        grad_(plan, z, targets[s:e], chunk, dlogp[s:e], None if dentropy is None else dentropy[s:e])
+
+    return sweep(plan, hidden, weight, bias, row_work, needs)
