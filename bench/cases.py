@@ -1,96 +1,312 @@
-"""The benchmark cases: grpo_kernels' backends, the peers (bench/peers.py) and the matmul floor.
+"""What the benchmarks run: the shapes and their inputs, and every case (grpo_kernels' backends,
+the peers, the three-matmul floor and the sequence-level group).
+
+A shape is one prompt-group batch: ``B = groups * G`` completions of ``T`` tokens each
+(N = B * T positions), right-padded with about 20% padding (completion lengths spread
+evenly over [0.6 T, T]), an lm_head of ``V x H`` and one dtype. Advantages are
+group-normalized random rewards; the policy is on-policy (old_logps = None), beta = 0,
+loss_type "dapo": TRL 1.16's defaults.
 
 A case's ``build(inputs, device)`` does the untimed setup (imports, extension loading,
-compiled-module creation) and returns the callable that is timed; it raises
-``peers.Unavailable`` with a reason when the case cannot run here.
+compiled-module creation) and returns the callable that is timed; it raises ``Unavailable``
+with a reason when the case cannot run here. Kinds:
 
-Kinds: ``loss`` (forward + backward of the GRPO loss, grads for hidden and weight),
-``logprobs`` (the reference-model pass: per-token log-probs under no_grad) and ``floor``
-(the three matmuls any exact method needs: logits = h @ W.T, grad_h = G @ W,
-grad_W = G.T @ h, in the inputs' dtype through cuBLAS / MKL; "floor" over all N positions,
-"floor:real" over the real (unpadded) tokens only, which is what padding-skipping methods need).
+- ``loss``: forward + backward of the GRPO loss (grads for hidden and weight);
+- ``logprobs``: the reference-model pass, per-token log-probs under no_grad;
+- ``floor``: the three matmuls any exact method needs (logits = h @ W.T, grad_h = G @ W,
+  grad_W = G.T @ h) in the inputs' dtype through cuBLAS / MKL; ``floor`` over all N
+  positions, ``floor:real`` over the real (unpadded) tokens only, which is what
+  padding-skipping methods need;
+- ``level``: grpo_loss with token- vs sequence-level (GSPO) importance sampling, same backend.
+
+The peers: the materialized oracle ``grpo_kernels.reference`` (eager, and under
+``torch.compile``); Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (its defaults: compiled loss
+math, one row per chunk); TRL 1.16's default path, ``trl.kernels.ChunkedLogProbFunction``
+called as the trainer's fused lm_head does (only the masked-in tokens on Triton devices, every
+position elsewhere, the entropy output on for the policy and off for the reference pass), then
+the dapo objective; TRL's older materialized path: full logits,
+``trl.trainer.utils.selective_log_softmax`` (and ``entropy_from_logits`` under no_grad for the
+policy), then the dapo objective. Loss cases return the loss; log-prob cases return logps
+[B, T] (0 at padding).
+
+``before:*`` cases are ``ours:*`` run against another checkout's grpo_kernels
+(``bench/report.py --compare-with PATH``, ``pytest bench --bench-before PATH``).
+Everything this package touches beyond grpo_kernels' public API is in the marked section below.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from bench import peers
-from bench.peers import Unavailable
-from bench.shapes import Inputs
+# ------------------------------------------------------------------ shapes and inputs
 
-OURS_BACKENDS = ("triton", "cpp", "torch")
+GENERATIONS = 4  # G: completions per prompt
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    T: int
+    H: int
+    V: int
+    dtype: str  # "float32" | "bfloat16" | ...
+    pad: float = 0.2
+
+    @property
+    def N(self) -> int:
+        return self.B * self.T
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def name(self) -> str:
+        return f"N{self.N}-H{self.H}-V{self.V}-{_SHORT[self.dtype]}"
+
+
+# CPU: a few minutes on 2 cores. GPU: bf16, one run under 8 minutes on an H100.
+CPU_SET: List[Shape] = [Shape(B, 256, 1024, 32768, "float32") for B in (4, 16)]
+QUICK_SET: List[Shape] = CPU_SET[:1]
+GPU_SET: List[Shape] = [
+    Shape(N // 1024, 1024, H, V, "bfloat16")
+    for H in (2048, 4096)
+    for V in (32768, 151936)
+    for N in (4096, 8192, 16384)
+]
+SETS: Dict[str, List[Shape]] = {"quick": QUICK_SET, "cpu": CPU_SET, "gpu": GPU_SET}
+SHAPES: Dict[str, Shape] = {s.name: s for shapes in SETS.values() for s in shapes}
+
+
+def default_set(device: torch.device, quick: bool = False) -> str:
+    return "quick" if quick else ("gpu" if device.type == "cuda" else "cpu")
+
+
+@dataclass
+class Inputs:
+    hidden: torch.Tensor  # [B, T, H], requires grad
+    weight: torch.Tensor  # [V, H], requires grad
+    targets: torch.Tensor  # [B, T] int64
+    advantages: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, T] bool, right padding
+
+    def zero_grads(self) -> None:
+        self.hidden.grad = None
+        self.weight.grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of grad_hidden + grad_weight in the inputs' dtype."""
+        return (self.hidden.numel() + self.weight.numel()) * self.hidden.element_size()
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def completion_mask(B: int, T: int, pad: float, device) -> torch.Tensor:
+    """[B, T] bool: row lengths spread evenly over [(1 - 2 pad) T, T], shuffled (mean (1 - pad) T)."""
+    lo = max(1, round((1 - 2 * pad) * T))
+    lengths = torch.linspace(lo, T, B).round().long() if B > 1 else torch.tensor([round((1 - pad) * T)])
+    lengths = lengths[torch.randperm(B, generator=torch.Generator().manual_seed(1))]
+    return (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(device)
+
+
+def make_inputs(shape: Shape, device: torch.device, seed: int = 0) -> Inputs:
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = shape.torch_dtype
+    B, T, H, V = shape.B, shape.T, shape.H, shape.V
+    hidden = torch.randn(B, T, H, device=device, dtype=dt, generator=g)
+    weight = torch.randn(V, H, device=device, dtype=dt, generator=g).mul_(H ** -0.5 * 2)
+    targets = torch.randint(0, V, (B, T), device=device, generator=g)
+    rewards = torch.randn(B // GENERATIONS if B >= GENERATIONS else 1, min(B, GENERATIONS), device=device,
+                          generator=g)
+    adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).reshape(-1)
+    adv = torch.nan_to_num(adv)[:B].float()
+    mask = completion_mask(B, T, shape.pad, device)
+    return Inputs(hidden.requires_grad_(), weight.requires_grad_(), targets, adv, mask)
+
+
+_inputs: Dict[tuple, Inputs] = {}
+
+
+def inputs_for(shape: Shape, device: torch.device) -> Inputs:
+    """The inputs of one shape, kept until another shape is asked for (so that the jobs that
+    bench/report.py runs one after another in one process share them)."""
+    key = (shape, str(device))
+    if key not in _inputs:
+        _inputs.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        _inputs[key] = make_inputs(shape, device)
+    return _inputs[key]
+
+
+# ------------------------------------------------------------------ cases
+
+
+class Unavailable(RuntimeError):
+    """This case cannot run here; the message is the reason shown in the report."""
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
-    kind: str  # loss | logprobs | floor
-    group: str  # ours | peer | floor
+    kind: str  # loss | logprobs | floor | level
+    group: str  # ours | before | floor | peer
     label: str
     build: Callable[[Inputs, torch.device], Callable[[], object]]
     tier: int = 0  # run order on the GPU: tier 0 first on every shape, then tier 1, then 2
+    needs: str = ""  # a module that must be installed (checked before any process starts)
+    backend: str = ""  # grpo_kernels' backend, for ours / before
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.id}"
 
 
-def _check_backend(name: str, device: torch.device, dtype: torch.dtype, allow_build: bool) -> None:
-    if name == "triton" and device.type == "cpu":
-        raise Unavailable("triton needs CUDA here (the TRITON_INTERPRET=1 interpreter is far too slow for these shapes)")
-    from grpo_kernels.backends import BackendUnavailable, get_backend
+def check_value(kind: str, out, inp: Inputs) -> Optional[float]:
+    """A number every correct implementation agrees on: ||grad_hidden|| for losses, the masked
+    sum of logps for log-prob passes."""
+    if kind in ("loss", "level"):
+        g = inp.hidden.grad
+        return None if g is None else float(g.double().norm())
+    if kind == "logprobs":
+        return float((out.double() * inp.mask).sum())
+    return None
 
+
+def quick_reason(case: Case, device: torch.device) -> Optional[str]:
+    """Why ``case`` cannot run on ``device``, where that is cheap to tell (no process started)."""
+    if case.backend == "triton" and device.type == "cpu":
+        return "triton needs CUDA here (the TRITON_INTERPRET=1 interpreter is far too slow for these shapes)"
+    if case.needs and importlib.util.find_spec(case.needs) is None:
+        return f"{case.needs} is not installed"
+    return None
+
+
+# ============================================================================================
+# grpo_kernels INTERNALS: the only place bench/ reaches past the public API (grpo_loss,
+# token_logprobs, reference, memory). Stable names: grpo_kernels.backends.get_backend /
+# BackendUnavailable, grpo_kernels.backends.cuda.load_extension / prebuilt_available.
+# sequence_chunks (grpo_kernels.plan, formerly vocab_pass) may move: the case using it then skips.
+# ============================================================================================
+
+ALLOW_BUILD = True  # whether the cpp extension may be JIT-built (bench/conftest.py: --bench-no-build)
+
+
+def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype,
+                        build: Optional[bool] = None) -> Optional[str]:
+    """None when grpo_kernels' backend ``name`` runs on (device, dtype) here, else the reason.
+    For ``cpp``, the extension is loaded, and JIT-built if need be when ``build`` (default
+    ``ALLOW_BUILD``)."""
     try:
+        from grpo_kernels.backends import BackendUnavailable, get_backend
+
         get_backend(name, device, dtype)
-    except BackendUnavailable as exc:
-        raise Unavailable(str(exc)) from None
-    except Exception as exc:  # a backend module being rewritten, for instance
-        raise Unavailable(f"backend {name!r} failed to load: {type(exc).__name__}: {exc}") from None
-    if name == "cpp":
-        from grpo_kernels.backends import cuda as cpp
+        if name == "cpp":
+            from grpo_kernels.backends import cuda as cpp
 
-        if not allow_build and not cpp.prebuilt_available():
-            raise Unavailable("cpp extension not prebuilt (this mode does not JIT-build it)")
-        try:
+            if not (ALLOW_BUILD if build is None else build) and not cpp.prebuilt_available():
+                return "cpp extension not prebuilt (this mode does not JIT-build it)"
             cpp.load_extension()
-        except Exception as exc:
-            msg = str(exc).strip().splitlines()
-            raise Unavailable(f"cpp extension failed to build/load: {type(exc).__name__}: "
-                              f"{(msg[-1] if msg else '')[:200]}") from None
+    except BackendUnavailable as exc:
+        return str(exc)
+    except Exception as exc:  # a failing compiler, or a backend module being rewritten
+        msg = str(exc).strip().splitlines()
+        return f"backend {name!r} failed to load: {type(exc).__name__}: {(msg[-1] if msg else '')[:200]}"
+    return None
 
 
-def _allow_build() -> bool:
-    return os.environ.get("GRPO_BENCH_NO_BUILD") != "1"
+def auto_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend ``backend="auto"`` picks here."""
+    try:
+        from grpo_kernels.backends import get_backend
+
+        return get_backend("auto", device, dtype).name
+    except Exception as exc:
+        return f"unavailable ({type(exc).__name__})"
+
+
+def recomputing_sequence_sweep():
+    """A context manager for the sequence-level path as it was before one-sweep chunks: stats
+    sweep, then a gradient sweep that recomputes the logits (what a sequence longer than a chunk
+    gets). Raises ``Unavailable`` at once when the internal it patches has moved."""
+    for name in ("grpo_kernels.plan", "grpo_kernels.vocab_pass"):  # where sequence_chunks lives, was
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        real = getattr(module, "sequence_chunks", None)
+        if real is not None:
+            break
+    else:
+        raise Unavailable("grpo_kernels' sequence_chunks moved: update bench/cases.py")
+
+    @contextlib.contextmanager
+    def patched():
+        module.sequence_chunks = lambda lengths, max_rows: None
+        try:
+            yield
+        finally:
+            module.sequence_chunks = real
+
+    return patched
+
+
+# ============================================================================================
+
+
+def use_grpo_kernels_from(checkout: str) -> None:
+    """Import grpo_kernels from ``checkout`` (a source tree) in this process, for ``before:*``."""
+    checkout = os.path.abspath(checkout)
+    loaded = sys.modules.get("grpo_kernels")
+    if loaded is not None and not os.path.abspath(loaded.__file__).startswith(checkout + os.sep):
+        raise RuntimeError(f"grpo_kernels already imported from {loaded.__file__}, not {checkout}")
+    sys.path.insert(0, checkout)
+    import grpo_kernels
+
+    if not os.path.abspath(grpo_kernels.__file__).startswith(checkout + os.sep):
+        raise RuntimeError(f"grpo_kernels comes from {grpo_kernels.__file__}, not {checkout}")
+
+
+def _backend_or_skip(backend: str, inp: Inputs, device: torch.device) -> None:
+    reason = backend_unavailable(backend, device, inp.hidden.dtype)
+    if reason is not None:
+        raise Unavailable(reason)
+
+
+WORKLOAD = dict(loss_type="dapo", beta=0.0)  # TRL 1.16's defaults, passed to grpo_loss and the reference
+EPS = 0.2  # TRL's epsilon (low = high), grpo_kernels' default
+
+
+def with_backward(loss_fn: Callable[[], torch.Tensor]):
+    """A loss case's timed call: the loss, then its backward."""
+
+    def run():
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    return run
 
 
 def ours_loss(backend: str):
     def build(inp: Inputs, device: torch.device):
-        _check_backend(backend, device, inp.hidden.dtype, _allow_build())
+        _backend_or_skip(backend, inp, device)
         from grpo_kernels import grpo_loss
 
-        def run():
-            loss = grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, backend=backend)
-            loss.backward()
-            return loss
-
-        return run
+        return with_backward(lambda: grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask,
+                                               backend=backend, **WORKLOAD))
 
     return build
-
-
-@contextlib.contextmanager
-def _sequence_level_recompute():
-    """The sequence-level path as it was before one-sweep chunks: stats sweep, then a
-    gradient sweep that recomputes the logits (what a sequence longer than a chunk gets)."""
-    from grpo_kernels import vocab_pass
-
-    real = vocab_pass.sequence_chunks
-    vocab_pass.sequence_chunks = lambda lengths, max_rows: None
-    try:
-        yield
-    finally:
-        vocab_pass.sequence_chunks = real
 
 
 def ours_level_loss(backend: str, level: str, recompute: bool = False):
@@ -98,23 +314,21 @@ def ours_level_loss(backend: str, level: str, recompute: bool = False):
     (a sequence's coefficient then depends on all its tokens)."""
 
     def build(inp: Inputs, device: torch.device):
-        _check_backend(backend, device, inp.hidden.dtype, _allow_build())
+        _backend_or_skip(backend, inp, device)
         from grpo_kernels import grpo_loss, token_logprobs
 
         with torch.no_grad():
             g = torch.Generator(device=device).manual_seed(3)
             old = token_logprobs(inp.hidden, inp.weight, inp.targets, backend=backend).float()
             old += 0.05 * torch.randn(old.shape, device=device, generator=g)
-        context = _sequence_level_recompute if recompute else contextlib.nullcontext
+        context = recomputing_sequence_sweep() if recompute else contextlib.nullcontext
 
-        def run():
+        def loss():
             with context():
-                loss = grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, old_logps=old,
-                                 importance_sampling_level=level, backend=backend)
-            loss.backward()
-            return loss
+                return grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask, old_logps=old,
+                                 importance_sampling_level=level, backend=backend, **WORKLOAD)
 
-        return run
+        return with_backward(loss)
 
     return build
 
@@ -123,7 +337,7 @@ def ours_logprobs(backend: str):
     """token_logprobs on the masked-in tokens, scattered back to [B, T] (what a trainer does)."""
 
     def build(inp: Inputs, device: torch.device):
-        _check_backend(backend, device, inp.hidden.dtype, _allow_build())
+        _backend_or_skip(backend, inp, device)
         from grpo_kernels import token_logprobs
 
         mask = inp.mask
@@ -155,47 +369,202 @@ def floor(real_only: bool):
     return build
 
 
+# ------------------------------------------------------------------ peers
+
+
+def dapo_from_logps(logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """TRL's dapo objective on per-token logps [B, T], on-policy (old = logps.detach()), beta = 0."""
+    m = mask.to(logps.dtype)
+    ratio = torch.exp(logps - logps.detach())
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - EPS, 1 + EPS) * adv)
+    return (per_token * m).sum() / m.sum().clamp(min=1.0)
+
+
+def dapo_loss(logps_fn: Callable[[], torch.Tensor], inp: Inputs):
+    """A loss case from a function computing per-token logps [B, T]: dapo, then backward."""
+    return with_backward(lambda: dapo_from_logps(logps_fn(), inp.mask, inp.advantages))
+
+
+def _import(what: str, module: str):
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a dependency failing at import time
+        raise Unavailable(f"{what} not importable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+
+
+def build_reference_loss(inp: Inputs, device: torch.device, compiled: bool = False):
+    from grpo_kernels.reference import reference_grpo_loss
+
+    def loss_fn(hidden, weight, targets, advantages, mask):
+        return reference_grpo_loss(hidden, weight, targets, advantages, mask, **WORKLOAD)
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+    return with_backward(lambda: fn(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask))
+
+
+def build_reference_logprobs(inp: Inputs, device: torch.device):
+    from grpo_kernels.reference import reference_token_logprobs
+
+    def run():
+        with torch.no_grad():
+            logps, _ = reference_token_logprobs(inp.hidden, inp.weight, inp.targets)
+            return logps.masked_fill(~inp.mask, 0.0)
+
+    return run
+
+
+def build_liger_loss(inp: Inputs, device: torch.device):
+    grpo = _import("liger-kernel", "liger_kernel.chunked_loss")
+    module = grpo.LigerFusedLinearGRPOLoss(
+        beta=0.0, use_ref_model=False, loss_type="dapo", epsilon_low=EPS, epsilon_high=EPS, temperature=1.0,
+    )
+    mask = inp.mask.long()  # TRL hands Liger its integer completion mask
+
+    def loss():
+        out = module(inp.hidden, inp.weight, inp.targets, mask, inp.advantages)
+        return out[0] if isinstance(out, tuple) else out
+
+    return with_backward(loss)
+
+
+class _Placeholder(type(torch)):  # a module whose every attribute is an empty class
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = type(name, (), {"__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+def _placeholder_datasets_if_missing() -> None:
+    """``trl.trainer.utils`` imports ``datasets`` at module level, and TRL's chunked kernel imports
+    that module in its backward; the offline GPU machine has no ``datasets`` (nor pyarrow). Neither
+    path uses it, so a placeholder module lets TRL import there. Never used when it is installed."""
+    if "datasets" in sys.modules or importlib.util.find_spec("datasets") is not None:
+        return
+    root = _Placeholder("datasets")
+    root.__path__ = []  # a package, so ``datasets.fingerprint`` etc. resolve too
+    sys.modules["datasets"] = root
+    for sub in ("fingerprint", "utils", "features"):
+        sys.modules[f"datasets.{sub}"] = _Placeholder(f"datasets.{sub}")
+        setattr(root, sub, sys.modules[f"datasets.{sub}"])
+
+
+def _trl(module: str):
+    _placeholder_datasets_if_missing()
+    return _import("trl", module)
+
+
+def trl_chunked_logps(inp: Inputs, device: torch.device, outputs) -> Callable[[], torch.Tensor]:
+    """The per-token part of TRL's fused lm_head forward (``add_fused_lm_head``)."""
+    fn = _trl("trl.kernels.chunked_logprob").ChunkedLogProbFunction
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as chunk
+    except Exception:
+        chunk = 32768  # TRL 1.16's value
+    compact = device.type in ("cuda", "xpu")  # TRL scores only valid positions on Triton devices
+    mask, H = inp.mask, inp.hidden.shape[-1]
+
+    def logps():
+        if compact:
+            hs, ts = inp.hidden[mask], inp.targets[mask]
+        else:
+            hs, ts = inp.hidden.reshape(-1, H), inp.targets.clamp(min=0).reshape(-1)
+        lp = fn.apply(hs, inp.weight, None, ts, 1.0, int(chunk), None, 1.0, outputs)[0]
+        if compact:
+            return lp.new_zeros(mask.shape).masked_scatter(mask, lp)
+        return lp.view(mask.shape).masked_fill(~mask, 0)
+
+    return logps
+
+
+def build_trl_chunked_loss(inp: Inputs, device: torch.device):
+    logps = trl_chunked_logps(inp, device, ("log_probs", "entropy"))
+    return dapo_loss(logps, inp)
+
+
+def build_trl_chunked_logprobs(inp: Inputs, device: torch.device):
+    logps = trl_chunked_logps(inp, device, ("log_probs",))
+    return torch.no_grad()(logps)
+
+
+def build_trl_selective_loss(inp: Inputs, device: torch.device):
+    utils = _trl("trl.trainer.utils")
+
+    def logps():
+        logits = inp.hidden @ inp.weight.T  # temperature 1
+        logps = utils.selective_log_softmax(logits, inp.targets)
+        with torch.no_grad():
+            utils.entropy_from_logits(logits)  # the trainer's entropy metric
+        return logps
+
+    return dapo_loss(logps, inp)
+
+
+def build_trl_selective_logprobs(inp: Inputs, device: torch.device):
+    select = _trl("trl.trainer.utils").selective_log_softmax
+
+    @torch.no_grad()
+    def run():
+        return select(inp.hidden @ inp.weight.T, inp.targets).masked_fill(~inp.mask, 0.0)
+
+    return run
+
+
+# ------------------------------------------------------------------ the registry
+
+OURS_BACKENDS = ("triton", "cpp", "torch")
+# the cpp extension may need a JIT build: its cases run last on the GPU, once the build is done
+_TIER = {"cpp": 2}
+
+
+def _ours(kind: str, builder, label: str, tier: int = 0) -> List[Case]:
+    return [Case(f"ours:{b}", kind, "ours", f"{label} backend={b}", builder(b), max(tier, _TIER.get(b, 0)),
+                 backend=b) for b in OURS_BACKENDS]
+
+
 CASES: List[Case] = [
     Case("floor", "floor", "floor", "3 matmuls (all N rows)", floor(False)),
     Case("floor:real", "floor", "floor", "3 matmuls (real tokens)", floor(True)),
-    *[Case(f"ours:{b}", "loss", "ours", f"grpo_kernels backend={b}", ours_loss(b)) for b in OURS_BACKENDS],
-    Case("ref:eager", "loss", "peer", "reference (materialized, eager)",
-         lambda i, d: peers.build_reference_loss(i, d, compiled=False)),
+    *_ours("loss", ours_loss, "grpo_kernels"),
+    Case("ref:eager", "loss", "peer", "reference (materialized, eager)", build_reference_loss),
     Case("trl:selective", "loss", "peer", "TRL selective_log_softmax (full logits) + dapo",
-         peers.build_trl_selective_loss),
-    Case("trl:chunked", "loss", "peer", "TRL 1.16 ChunkedLogProbFunction + dapo", peers.build_trl_chunked_loss),
+         build_trl_selective_loss, needs="trl"),
+    Case("trl:chunked", "loss", "peer", "TRL 1.16 ChunkedLogProbFunction + dapo", build_trl_chunked_loss,
+         needs="trl"),
     Case("ref:compile", "loss", "peer", "reference (materialized, torch.compile)",
-         lambda i, d: peers.build_reference_loss(i, d, compiled=True), tier=1),
-    Case("liger", "loss", "peer", "Liger LigerFusedLinearGRPOLoss (compiled loss math)", peers.build_liger_loss),
-    *[Case(f"ours:{b}", "logprobs", "ours", f"grpo_kernels token_logprobs backend={b}", ours_logprobs(b), tier=1)
-      for b in OURS_BACKENDS],
+         lambda i, d: build_reference_loss(i, d, compiled=True), tier=1),
+    Case("liger", "loss", "peer", "Liger LigerFusedLinearGRPOLoss (compiled loss math)", build_liger_loss,
+         needs="liger_kernel"),
+    *_ours("logprobs", ours_logprobs, "grpo_kernels token_logprobs", tier=1),
     Case("ref:eager", "logprobs", "peer", "reference (materialized; also computes entropy)",
-         peers.build_reference_logprobs, tier=1),
+         build_reference_logprobs, tier=1),
     Case("trl:chunked", "logprobs", "peer", "TRL 1.16 ChunkedLogProbFunction (no entropy)",
-         peers.build_trl_chunked_logprobs, tier=1),
+         build_trl_chunked_logprobs, tier=1, needs="trl"),
     Case("trl:selective", "logprobs", "peer", "TRL selective_log_softmax (full logits)",
-         peers.build_trl_selective_logprobs, tier=1),
+         build_trl_selective_logprobs, tier=1, needs="trl"),
+    # Sequence-level importance sampling (GSPO) against token level, same backend, same run.
+    # Token level is one fused sweep (6NHV flops). Sequence level is one sweep too when every
+    # sequence fits in a chunk ("sequence"); "sequence-recompute" forces the stats sweep plus
+    # recomputing gradient sweep (8NHV) that a sequence longer than a chunk gets.
+    *[Case(f"ours:{b}:{name}", "level", "ours", f"backend={b}, {label}", ours_level_loss(b, *args),
+           _TIER.get(b, 0), backend=b)
+      for b in OURS_BACKENDS for name, label, args in (
+          ("token", "token-level IS", ("token",)),
+          ("sequence", "sequence-level IS, one sweep", ("sequence",)),
+          ("sequence-recompute", "sequence-level IS, recomputing sweep", ("sequence", True)))],
 ]
-# the cpp extension may need a JIT build: its cases run last on the GPU, once the build is done
-CASES = [Case(c.id, c.kind, c.group, c.label, c.build, 2) if c.id == "ours:cpp" else c for c in CASES]
-BY_KEY: Dict[str, Case] = {f"{c.kind}/{c.id}": c for c in CASES}
+# the same as ours:*, with grpo_kernels imported from another checkout
+BEFORE: List[Case] = [Case("before:" + c.id[len("ours:"):], c.kind, "before", c.label + " (before)", c.build,
+                           c.tier, backend=c.backend) for c in CASES if c.group == "ours"]
+BY_KEY: Dict[str, Case] = {c.key: c for c in CASES + BEFORE}
 # peers every time is compared to, in table-column order
 RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "trl:chunked", "trl:selective")
+REPORT_KINDS = ("loss", "logprobs", "floor")  # bench/report.py's default; "level" on request
 
 
-# Sequence-level importance sampling (GSPO) against token level, same backend, same run:
-# its own pytest-benchmark module (bench/test_bench_sequence_level.py), not in the report
-LEVEL_CASES: List[Case] = [
-    c for b in ("triton", "cpp", "torch") for c in (
-        Case(f"ours:{b}:token", "loss", "ours", f"backend={b}, token-level IS", ours_level_loss(b, "token")),
-        Case(f"ours:{b}:sequence", "loss", "ours", f"backend={b}, sequence-level IS, one sweep",
-             ours_level_loss(b, "sequence")),
-        Case(f"ours:{b}:sequence-recompute", "loss", "ours", f"backend={b}, sequence-level IS, recomputing sweep",
-             ours_level_loss(b, "sequence", recompute=True)),
-    )
-]
-LEVEL_BY_KEY: Dict[str, Case] = {f"{c.kind}/{c.id}": c for c in LEVEL_CASES}
-
-
-def select(kinds=None, ids=None) -> List[Case]:
-    return [c for c in CASES if (not kinds or c.kind in kinds) and (not ids or c.id in ids)]
+def select(kinds=None, ids=None, before: bool = False) -> List[Case]:
+    """The cases of these kinds and ids (every one when None); ``before``: the before:* ones."""
+    pool = BEFORE if before else CASES
+    return [c for c in pool if (not kinds or c.kind in kinds) and (not ids or c.id in ids)]

@@ -1,12 +1,16 @@
-"""pytest-benchmark suites of grpo_kernels vs its peers (run: ``pytest bench``).
+"""pytest-benchmark suite of grpo_kernels vs its peers (run: ``pytest bench``): its options,
+the parametrization of every benchmark by case and shape, and the inputs fixture.
 
 Options: ``--bench-set quick|cpu|gpu`` (default: ``quick`` with --benchmark-disable, else
-``gpu`` with CUDA, else ``cpu``), ``--bench-device cpu|cuda``, ``--bench-rounds R``.
-Smoke run (CI): ``pytest bench -q --benchmark-disable``: one cold call per case on the
-smallest CPU shape. Each benchmark's ``extra_info`` holds the peak memory beyond inputs
-(``peak_bytes``, gradients included, and ``peak_minus_grads_bytes``) with the method used
-(``memory_method``), the first call's time and a correctness ``check`` value. Here the CPU
-peak is measured in-process (bench/report.py isolates each case in a subprocess instead).
+``gpu`` with CUDA, else ``cpu``), ``--bench-shape NAME`` / ``--bench-case KIND/ID`` (only
+these; repeatable), ``--bench-device cpu|cuda``, ``--bench-rounds R``, ``--bench-cold`` (no
+untimed first call: the cold call is measured), ``--bench-no-build`` (never JIT-build the cpp
+extension), ``--bench-before PATH`` (only the ``before:*`` cases, with grpo_kernels imported
+from the checkout PATH). Smoke run (CI): ``pytest bench -q --benchmark-disable``: one cold
+call per case on the smallest CPU shape. Each benchmark's ``extra_info`` holds the peak
+memory beyond inputs and the rest of bench/report.py's record (see bench/test_bench.py).
+Here everything runs in one process; bench/report.py runs one (case, shape) per process on
+the CPU, which is what makes its CPU memory figures per case.
 """
 from __future__ import annotations
 
@@ -18,14 +22,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.shapes import SETS, make_inputs  # noqa: E402
+from bench import cases  # noqa: E402
 
 
 def pytest_addoption(parser):
     g = parser.getgroup("grpo_kernels bench")
-    g.addoption("--bench-set", choices=sorted(SETS), default=None, help="shape set")
+    g.addoption("--bench-set", choices=sorted(cases.SETS), default=None, help="shape set")
+    g.addoption("--bench-shape", action="append", choices=sorted(cases.SHAPES), help="only this shape (repeatable)")
+    g.addoption("--bench-case", action="append", metavar="KIND/ID", help="only this case, e.g. loss/ours:cpp")
     g.addoption("--bench-device", choices=["cpu", "cuda"], default=None, help="device")
-    g.addoption("--bench-rounds", type=int, default=None, help="timed rounds (CPU 2, CUDA 5)")
+    g.addoption("--bench-rounds", type=int, default=None, help="timed rounds (CPU 2, CUDA ~0.3 s worth, 3-20)")
+    g.addoption("--bench-cold", action="store_true", help="no untimed first call (CI smoke numbers)")
+    g.addoption("--bench-no-build", action="store_true", help="never JIT-build the cpp extension")
+    g.addoption("--bench-before", metavar="PATH", help="run the before:* cases on PATH's grpo_kernels")
+
+
+def pytest_configure(config):
+    cases.ALLOW_BUILD = not config.getoption("--bench-no-build", default=False)
+    before = config.getoption("--bench-before", default=None)
+    if before:
+        cases.use_grpo_kernels_from(before)
 
 
 def _device(config) -> torch.device:
@@ -33,19 +49,28 @@ def _device(config) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _set(config) -> str:
+def _shapes(config):
+    if config.getoption("--bench-shape"):
+        return [cases.SHAPES[n] for n in config.getoption("--bench-shape")]
     name = config.getoption("--bench-set")
-    if name:
-        return name
-    if config.getoption("benchmark_disable", default=False):
-        return "quick"
-    return "gpu" if _device(config).type == "cuda" else "cpu"
+    if not name:
+        quick = config.getoption("benchmark_disable", default=False)
+        name = cases.default_set(_device(config), quick)
+    return cases.SETS[name]
 
 
 def pytest_generate_tests(metafunc):
-    if "shape" in metafunc.fixturenames:
-        shapes = SETS[_set(metafunc.config)]
-        metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes], scope="module")
+    """test_<kind>(case, shape): every case of that kind (bench/cases.py) on every shape."""
+    if not {"case", "shape"} <= set(metafunc.fixturenames):
+        return
+    config = metafunc.config
+    kind = metafunc.function.__name__[len("test_"):]
+    chosen = config.getoption("--bench-case")
+    pool = cases.select([kind], before=bool(config.getoption("--bench-before")))
+    selected = [c for c in pool if not chosen or c.key in chosen]
+    shapes = _shapes(config)
+    metafunc.parametrize("case", selected, ids=[c.id for c in selected])
+    metafunc.parametrize("shape", shapes, ids=[s.name for s in shapes], scope="module")
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +80,4 @@ def bench_device(pytestconfig) -> torch.device:
 
 @pytest.fixture(scope="module")
 def bench_inputs(shape, bench_device):
-    inputs = make_inputs(shape, bench_device)
-    yield inputs
-    del inputs
-    if bench_device.type == "cuda":
-        torch.cuda.empty_cache()
+    return cases.inputs_for(shape, bench_device)
