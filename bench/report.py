@@ -183,9 +183,10 @@ def run_set(cases: List[Case], shapes: List[Shape], device: torch.device, *, rou
         for b in builds.values():
             b.wait(900.0)
     results: List[Dict] = []
+    width = max([14] + [len(c.id) for c in cases])
     for case, shape in order(cases, shapes, device):
         elapsed = time.monotonic() - start
-        tag = f"[{elapsed:6.1f}s] {case.kind:8s} {case.id:14s} {shape.name}"
+        tag = f"[{elapsed:6.1f}s] {case.kind:8s} {case.id:{width}s} {shape.name}"
         reason = case_defs.quick_reason(case, device)
         if reason is None and case.backend == "cpp" and case.group in builds:
             reason = builds[case.group].wait(((budget_s - elapsed) if budget_s else 900.0) - 30.0)
@@ -304,16 +305,19 @@ def shape_table(results: List[Dict], kind: str, shape: str) -> str:
     idx = _index(results)
     rows = [r for r in results if r["kind"] == kind and r["shape"] == shape]
     cols = _columns(results, kind, shape)
-    head = ["case", "time ms"] + [t for t, _ in cols] + ["peak MiB", "peak−grads MiB", "mem ÷ ref:eager", "Δcheck"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref_mem = idx.get((kind, "ref:eager", shape))
+    mem_ratio = _peak(ref_mem) is not None
+    head = ["case", "time ms"] + [t for t, _ in cols] + ["peak MiB", "peak−grads MiB"]
+    head += ["mem ÷ ref:eager"] * mem_ratio + ["Δcheck"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors = [idx[("floor", f, shape)] for f in ("floor:real", "floor") if kind == "loss" and ("floor", f, shape) in idx]
     for r in rows + floors:
         if not _ok(r):
             continue
         t = r["time_s"]
         cells = [f"`{r['case']}`", _ms(t)] + [_x(t, _time(idx, *base(r["case"]), shape)) for _, base in cols]
-        cells += [_mib(_peak(r)), _mib(_peak(r, True)), _x(_peak(r), _peak(ref_mem)), _check_delta(idx, r)]
+        cells += [_mib(_peak(r)), _mib(_peak(r, True))] + [_x(_peak(r), _peak(ref_mem))] * mem_ratio
+        cells.append(_check_delta(idx, r))
         out.append("| " + " | ".join(cells) + " |")
     for r in rows:
         if not _ok(r):
