@@ -183,7 +183,7 @@ def check_value(kind: str, out, inp: Inputs) -> Optional[float]:
     return None
 
 
-def quick_reason(case: Case, device: torch.device) -> Optional[str]:
+def cheap_skip_reason(case: Case, device: torch.device) -> Optional[str]:
     """Why ``case`` cannot run on ``device``, where that is cheap to tell (no process started)."""
     if case.backend == "triton" and device.type == "cpu":
         return "triton needs CUDA here (the TRITON_INTERPRET=1 interpreter is far too slow for these shapes)"

@@ -176,7 +176,7 @@ def run_set(cases: List[Case], shapes: List[Shape], device: torch.device, *, rou
     builds: Dict[str, CppBuild] = {}  # per checkout of grpo_kernels: "ours" or "before"
     if allow_build and shapes:
         for c in cases:
-            if c.backend == "cpp" and c.group not in builds and case_defs.quick_reason(c, device) is None:
+            if c.backend == "cpp" and c.group not in builds and case_defs.cheap_skip_reason(c, device) is None:
                 builds[c.group] = CppBuild(device, shapes[0].torch_dtype, before if c.group == "before" else None)
     if device.type == "cpu" and builds:  # two cores: build first rather than beside the measurements
         log("building the cpp extension (if not cached) ...")
@@ -187,7 +187,7 @@ def run_set(cases: List[Case], shapes: List[Shape], device: torch.device, *, rou
     for case, shape in order(cases, shapes, device):
         elapsed = time.monotonic() - start
         tag = f"[{elapsed:6.1f}s] {case.kind:8s} {case.id:{width}s} {shape.name}"
-        reason = case_defs.quick_reason(case, device)
+        reason = case_defs.cheap_skip_reason(case, device)
         if reason is None and case.backend == "cpp" and case.group in builds:
             reason = builds[case.group].wait(((budget_s - elapsed) if budget_s else 900.0) - 30.0)
         if reason is None and budget_s is not None and elapsed > budget_s:

@@ -45,7 +45,7 @@ import time
 import pytest
 import torch
 
-from bench.cases import Unavailable, check_value, quick_reason
+from bench.cases import Unavailable, check_value, cheap_skip_reason
 
 GROUPS = {"floor": "loss", "level": "importance-sampling level"}  # pytest-benchmark group, else the kind
 
@@ -78,7 +78,7 @@ def measure(benchmark, config, case, shape, device, inputs) -> None:
                 grad_bytes=inputs.grad_bytes if case.kind != "logprobs" else 0,  # grads exist at a loss' peak
                 memory_method="torch.cuda.max_memory_allocated delta after reset_peak_memory_stats" if cuda
                 else "VmHWM - VmRSS after malloc_trim and clear_refs=5, first timed call")
-    reason = quick_reason(case, device)
+    reason = cheap_skip_reason(case, device)
     if reason is not None:
         pytest.skip(reason)
     inputs.zero_grads()
