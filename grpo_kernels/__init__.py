@@ -1,13 +1,15 @@
 """grpo_kernels: a fused, memory-lean GRPO loss that never materializes [N, V] logits."""
 from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, process_advantages
-from grpo_kernels.api import GRPOLoss, grpo_loss, token_logprobs
+from grpo_kernels.api import GRPOLoss, backend_for, grpo_loss, token_logprobs
 from grpo_kernels.objective import GRPOMetrics
-from grpo_kernels.options import GRPOOptions
+from grpo_kernels.options import ExecutionOptions, GRPOOptions
 
 __all__ = [
     "grpo_loss",
     "GRPOLoss",
     "GRPOOptions",
+    "ExecutionOptions",
+    "backend_for",
     "GRPOMetrics",
     "token_logprobs",
     "group_advantages",

@@ -13,6 +13,18 @@ from grpo_kernels.ops import loss_op, token_logprobs_op
 from grpo_kernels.options import ExecutionOptions, VocabParallel, as_kwargs, split_options
 
 
+def backend_for(device="cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
+    """(name, reason) of the row backend a call on (device, dtype) runs with ``backend``:
+    what ``auto`` picks and why. On the CPU this may build the C++ extension (once)."""
+    from grpo_kernels.backends import choose_backend
+
+    execution = ExecutionOptions(backend=backend).validate()
+    if backend == "reference":
+        return "reference", "requested: the float64 oracle on materialized logits"
+    chosen, reason = choose_backend(execution, torch.device(device), dtype)
+    return chosen.name, reason
+
+
 def _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden):
     """DTensor operands to local ones, and the ``VocabParallel`` of the call (disabled without
     a process group or a vocab-sharded DTensor lm_head)."""

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from grpo_kernels import group_advantages, grpo_loss, token_logprobs
+from grpo_kernels import backend_for, group_advantages, grpo_loss, token_logprobs
 from grpo_kernels.memory import peak_memory_bytes
 
 VOCAB = 32768
@@ -95,6 +95,8 @@ def main(argv=None):
     print(f"Tiny Qwen2 (vocab {VOCAB}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params); "
           f"{args.prompts} prompts x {args.generations} completions x {args.length} tokens per step")
     print(f"reward = fraction of completion tokens with id < {TARGET_IDS}; beta = {args.beta} KL to the initial model")
+    name, why = backend_for("cpu", torch.float32)  # may build the C++ CPU kernels, once
+    print(f"backend: {name} ({why})", flush=True)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     start, history = time.time(), []
     for step in range(1, args.steps + 1):
@@ -119,7 +121,7 @@ def main(argv=None):
         print(f"step {step:3d}  reward {history[-1]:.3f}  kl {metrics.kl_mean.item():.4f}  "
               f"entropy {metrics.entropy_mean.item():.2f}  {time.time() - start:5.1f}s  {bar}", flush=True)
 
-    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    first, last = sum(history[:5]) / len(history[:5]), sum(history[-5:]) / len(history[-5:])
     print(f"\nmean reward, first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     figures = memory_comparison(model, prompt_ids, completion_ids, advantages, mask)
     n_tok, mb = completion_ids.numel(), 2**20

@@ -327,6 +327,10 @@ class CppRowBackend(RowBackend):
             return f"no prebuilt extension and no sources at {_CSRC} to build it"
         if _cxx() is None:
             return "no C++ compiler to build the extension (and no prebuilt grpo_kernels._C)"
+        from torch.utils.cpp_extension import is_ninja_available
+
+        if not is_ninja_available():
+            return "no ninja to build the extension (pip install ninja), and no prebuilt grpo_kernels._C"
         if device.type == "cuda" and not _jit_with_cuda():
             if os.environ.get("GRPO_KERNELS_NO_CUDA") == "1":
                 return "GRPO_KERNELS_NO_CUDA=1"
