@@ -102,7 +102,7 @@ def global_high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entr
     if local.numel() == 0:
         return torch.zeros_like(m)
     threshold = torch.quantile(local, 1.0 - top_entropy_quantile)
-    return ((entropy.detach() * m.to(entropy.dtype)) >= threshold) & m
+    return ((entropy.detach() * mask.to(entropy.dtype)) >= threshold) & m  # TRL: entropies * mask.float()
 
 
 def lm_head_weight(weight: torch.Tensor, *, grad_reduction: str = "avg") -> torch.Tensor:

@@ -213,7 +213,8 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float
     if local.numel() == 0:
         return torch.zeros_like(m)
     threshold = torch.quantile(local, 1.0 - quantile)
-    return ((entropy * m.to(entropy.dtype)) >= threshold) & m
+    # TRL compares entropies * mask.float(): a weighted mask scales the entropy it compares
+    return ((entropy * mask.to(entropy.dtype)) >= threshold) & m
 
 
 @dataclass

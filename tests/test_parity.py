@@ -165,3 +165,15 @@ def test_gradcheck_tiny(backend, level):
 
     inputs = tuple(batch[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_weighted_mask_with_entropy_quantile(backend, level):
+    """A non-binary mask (token weights) with top_entropy_quantile < 1: TRL thresholds
+    entropies * mask.float(), so the weights scale the entropies compared (not a 0/1 mask)."""
+    batch = make_batch(dtype=torch.float64, seed=11)
+    weights = 0.25 + torch.rand(batch["mask"].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    batch["mask"] = batch["mask"].double() * weights.to(batch["mask"].device)
+    check_against_oracle(backend, batch, torch.float64, top_entropy_quantile=0.5, importance_sampling_level=level,
+                         beta=0.04, loss_type="grpo")
