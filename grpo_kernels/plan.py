@@ -22,33 +22,34 @@ statistics sweep more (``entropy_sweep``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from grpo_kernels import collective
+from grpo_kernels import collective, env
 from grpo_kernels.backends import choose_backend
 from grpo_kernels.backends.base import RowBackend, accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 _MiB = 2**20
-#: byte budget of one chunk (logits buffer plus the backend's temporaries); the environment
-#: variable overrides it on every device
-_ENV_CHUNK_BYTES = os.environ.get("GRPO_KERNELS_CHUNK_BYTES")
-DEFAULT_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 256 * _MiB)
+#: byte budget of one chunk (logits buffer plus the backend's temporaries), unless
+#: GRPO_KERNELS_CHUNK_BYTES sets one for every device
+DEFAULT_CHUNK_BYTES = 256 * _MiB
 #: on CUDA every extra chunk costs one more read-modify-write of grad_weight (1.2 GB at
 #: V=151936, H=4096 bf16, ~0.75 ms on an H100), so chunks are larger there. Measured on an
 #: H100 at N=8192, H=4096, V=151936 (bench/RESULTS.md): 320 MiB 41.7 ms / 681 MiB beyond
 #: inputs+grads, 384 MiB 39.4 ms / 809 MiB, 512 MiB 39.5 ms / 1064 MiB.
-CUDA_CHUNK_BYTES = int(_ENV_CHUNK_BYTES or 384 * _MiB)
+CUDA_CHUNK_BYTES = 384 * _MiB
 
 PATHS = ("forward", "one_sweep", "sequence_sweep", "two_sweeps")
 
 
 def chunk_budget(device=None) -> int:
     """Bytes one chunk may use on ``device``."""
+    override = env.chunk_bytes()
+    if override is not None:
+        return override
     return CUDA_CHUNK_BYTES if (device is not None and torch.device(device).type == "cuda") else DEFAULT_CHUNK_BYTES
 
 
@@ -74,9 +75,7 @@ def grad_weight_dtype(weight: torch.Tensor, n_chunks: int) -> torch.dtype:
     acc = accumulation_dtype(weight.dtype)
     if acc == weight.dtype or n_chunks <= 1:
         return weight.dtype
-    mode = os.environ.get("GRPO_KERNELS_GRAD_WEIGHT_ACCUM", "auto")
-    if mode not in ("auto", "fp32", "native"):
-        raise ValueError(f"GRPO_KERNELS_GRAD_WEIGHT_ACCUM must be auto, fp32 or native, got {mode!r}")
+    mode = env.grad_weight_accum()
     if mode == "auto":
         mode = "fp32" if weight.numel() * 4 <= chunk_budget(weight.device) // 2 else "native"
     return acc if mode == "fp32" else weight.dtype

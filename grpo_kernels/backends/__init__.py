@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from grpo_kernels import env
 from grpo_kernels.backends.base import RowBackend
 
 #: name -> module defining BACKEND
@@ -95,7 +96,7 @@ def _auto_build_cpp(device: torch.device, dtype: torch.dtype) -> Optional[str]:
 
     if "cpu" in _AUTO_BUILD_FAILED:
         return _AUTO_BUILD_FAILED["cpu"]
-    if os.environ.get("GRPO_KERNELS_AUTO_BUILD", "1") == "0":
+    if not env.auto_build():
         return "the C++ extension is not built and GRPO_KERNELS_AUTO_BUILD=0"
     reason = cpp.BACKEND.supports(device, dtype)
     if reason is not None:

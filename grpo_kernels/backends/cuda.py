@@ -34,6 +34,7 @@ from typing import List, Optional
 
 import torch
 
+from grpo_kernels import env
 from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
 
 
@@ -93,7 +94,7 @@ def _jit_with_cuda_cached(no_cuda: bool) -> bool:
 
 def _jit_with_cuda() -> bool:
     """Whether a JIT build here includes the CUDA kernels."""
-    return _jit_with_cuda_cached(os.environ.get("GRPO_KERNELS_NO_CUDA") == "1")
+    return _jit_with_cuda_cached(env.no_cuda())
 
 
 def _sources(with_cuda: bool) -> List[str]:
@@ -132,7 +133,7 @@ def _build_name(with_cuda: bool) -> Optional[str]:
 
 def build_root() -> Path:
     """Where JIT builds are cached (``GRPO_KERNELS_BUILD_DIR``, else the user cache)."""
-    root = os.environ.get("GRPO_KERNELS_BUILD_DIR")
+    root = env.build_dir()
     if root:
         return Path(root)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -208,7 +209,7 @@ def _jit_build(with_cuda: bool):
         extra_include_paths=[str(_CSRC)],
         build_directory=str(build_dir),
         with_cuda=with_cuda,
-        verbose=os.environ.get("GRPO_KERNELS_VERBOSE_BUILD") == "1",
+        verbose=env.verbose_build(),
     )
 
 
@@ -332,7 +333,7 @@ class CppRowBackend(RowBackend):
         if not is_ninja_available():
             return "no ninja to build the extension (pip install ninja), and no prebuilt grpo_kernels._C"
         if device.type == "cuda" and not _jit_with_cuda():
-            if os.environ.get("GRPO_KERNELS_NO_CUDA") == "1":
+            if env.no_cuda():
                 return "GRPO_KERNELS_NO_CUDA=1"
             return "no nvcc (CUDA toolkit) to build the CUDA kernels, and no prebuilt extension with them"
         return None  # JIT-built on first use

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from grpo_kernels import env
+
 try:  # triton >= 3.2
     from triton import knobs as _knobs
 
@@ -59,13 +61,7 @@ def next_pow2(x: int) -> int:
 
 def env_block_v() -> Optional[int]:
     """``GRPO_KERNELS_TRITON_BLOCK_V``: a fixed vocabulary tile (power of 2), no autotuning."""
-    raw = os.environ.get("GRPO_KERNELS_TRITON_BLOCK_V")
-    if not raw:
-        return None
-    value = int(raw)
-    if value < 16 or value & (value - 1):
-        raise ValueError(f"GRPO_KERNELS_TRITON_BLOCK_V must be a power of 2 >= 16, got {raw}")
-    return value
+    return env.triton_block_v()
 
 
 def use_autotune(deterministic: bool) -> bool:
@@ -74,7 +70,7 @@ def use_autotune(deterministic: bool) -> bool:
     reduction order, and a benchmark-picked tile may differ from one process to the next)."""
     if INTERPRET or deterministic:
         return False
-    if os.environ.get("GRPO_KERNELS_TRITON_AUTOTUNE", "1") == "0":
+    if not env.triton_autotune():
         return False
     return env_block_v() is None
 
