@@ -2,6 +2,7 @@
 (``grpo_kernels.ops``) or, for ``backend="reference"``, the oracle."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -23,6 +24,23 @@ def backend_for(device="cpu", dtype: torch.dtype = torch.float32, backend: str =
         return "reference", "requested: the float64 oracle on materialized logits"
     chosen, reason = choose_backend(execution, torch.device(device), dtype)
     return chosen.name, reason
+
+
+def _autocast_head(hidden, weight, bias):
+    """Inside ``torch.autocast`` the head runs in the autocast dtype, as ``lm_head(hidden)``
+    would (fp32 / fp16 / bf16 operands are cast; fp64 is not, as autocast leaves it); the op
+    itself then runs with autocast off, accumulating in fp32. Returns the operands and the
+    context to call the op in."""
+    device = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return hidden, weight, bias, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        eligible = isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        return t.to(dtype) if eligible else t
+
+    return cast(hidden), cast(weight), cast(bias), torch.autocast(device, enabled=False)
 
 
 def _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden):
@@ -105,6 +123,7 @@ def token_logprobs(
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
     check.tensor("hidden", hidden, floating=True)
+    hidden, weight, bias, no_autocast = _autocast_head(hidden, weight, bias)
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension (the hidden size)")
     if not isinstance(return_entropy, bool):
@@ -121,12 +140,13 @@ def token_logprobs(
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).to(torch.int64)
-    if execution.backend == "reference":
-        from grpo_kernels.reference import reference_token_logprobs
+    with no_autocast:
+        if execution.backend == "reference":
+            from grpo_kernels.reference import reference_token_logprobs
 
-        logp, ent = reference_token_logprobs(h2, weight, t1, bias, temperature, logit_softcap)
-    else:
-        logp, ent, _ = token_logprobs_op(h2, weight, bias, t1, options, execution, vp)
+            logp, ent = reference_token_logprobs(h2, weight, t1, bias, temperature, logit_softcap)
+        else:
+            logp, ent, _ = token_logprobs_op(h2, weight, bias, t1, options, execution, vp)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
@@ -170,6 +190,7 @@ def grpo_loss(
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
     check.tensor("hidden", hidden, ndim=(3,), floating=True)
+    hidden, weight, bias, no_autocast = _autocast_head(hidden, weight, bias)
     B, T, _ = hidden.shape
     if B * T == 0:
         raise ValueError(f"hidden must have at least one token, got shape {tuple(hidden.shape)}")
@@ -178,6 +199,14 @@ def grpo_loss(
                              opts.beta, vocab=None if vp.enabled else weight.shape[0])
     keep, targets, advantages, old_logps, ref_logps, importance_sampling_ratio = batch
 
+    with no_autocast:
+        return _grpo_loss_checked(hidden, weight, bias, targets, advantages, mask, old_logps, ref_logps,
+                                  importance_sampling_ratio, num_items, opts, execution, vp, return_metrics)
+
+
+def _grpo_loss_checked(hidden, weight, bias, targets, advantages, mask, old_logps, ref_logps,
+                       importance_sampling_ratio, num_items, opts, execution, vp, return_metrics):
+    B, T, _ = hidden.shape
     if execution.backend == "reference":
         from grpo_kernels.reference import reference_grpo_loss
 

@@ -12,6 +12,7 @@ change. Call them through ``loss_op`` / ``token_logprobs_op``, which take the ob
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import List, Optional, Tuple
 
@@ -122,8 +123,11 @@ def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    gh, gw, gb = _tl_backward_op(hidden, weight, bias, targets, lse, entropy, logp + lse, grad_logp, grad_entropy,
-                                 *ctx.option_args, needs)
+    # a backward run inside torch.autocast must not autocast the recomputed logits
+    with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
+            else contextlib.nullcontext():
+        gh, gw, gb = _tl_backward_op(hidden, weight, bias, targets, lse, entropy, logp + lse, grad_logp,
+                                     grad_entropy, *ctx.option_args, needs)
     return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None) + (None,) * _N_OPTIONS
 
 
