@@ -118,7 +118,17 @@ def _tl_setup(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _no_double_backward(what: str) -> None:
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{what} has no double backward: backward(create_graph=True) cannot differentiate its "
+            "gradients again. Compute a second-order quantity with backend='reference' (materialized "
+            "logits) instead."
+        )
+
+
 def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    _no_double_backward("token_logprobs")
     hidden, weight, bias, targets, lse, entropy, logp = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if grad_logp is None:
@@ -178,9 +188,8 @@ def _loss_setup(ctx, inputs, output):
 
 
 def _is_one(grad_loss: Tensor) -> bool:
-    """True when grad_loss is a concrete 1 (loss.backward()): the saved gradients are then the
-    answer as they are. Costs one device sync, saves a second [V, H] gradient (1.2 GB at
-    V=151936, H=4096, bf16) and its multiply; under torch.compile the product is always taken."""
+    """True when grad_loss is a concrete 1 (loss.backward()). Costs one device sync, saves a
+    [V, H] multiply; under torch.compile the product is always taken."""
     if torch.compiler.is_compiling() or grad_loss.numel() != 1:
         return False
     try:
@@ -189,17 +198,34 @@ def _is_one(grad_loss: Tensor) -> bool:
         return False
 
 
+def _graph_is_kept() -> bool:
+    """Whether this backward keeps the graph (retain_graph=True, autograd.grad(...,
+    retain_graph=True)): the saved gradients then outlive it. Unknown -> True (safe)."""
+    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if probe is None or torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(probe())
+    except RuntimeError:  # not inside an engine-driven backward
+        return True
+
+
 def _loss_backward(ctx, grad_loss, *_unused):
     n_inputs = len(_LOSS_TENSORS) + _N_OPTIONS + 1
     if grad_loss is None:
         return (None,) * n_inputs
+    _no_double_backward("grpo_loss")  # its gradients come from the forward: nothing to differentiate
     gh, gw, gb = ctx.saved_tensors
-    unit = _is_one(grad_loss)
+    # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
+    # V=151936, H=4096 bf16) only when this backward frees them, i.e. .grad then owns the
+    # only reference; a kept graph gets a fresh product each time, so that zeroing .grad
+    # (even through .data) cannot change what the next backward hands out
+    hand_out = _is_one(grad_loss) and not _graph_is_kept()
 
     def scale(g, i):
         if not (ctx.needs_input_grad[i] and g.numel()):
             return None
-        return g if unit else g * grad_loss.to(g.dtype)
+        return g if hand_out else g * grad_loss.to(g.dtype)
 
     grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
     return grads + (None,) * (n_inputs - 3)

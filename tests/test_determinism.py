@@ -175,7 +175,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_bitwise_identical_across_processes(backend):
     """Two fresh processes (same machine, same thread count) produce the same bits."""
     require(backend, DEVICE, torch.float32)
