@@ -133,6 +133,7 @@ class Case:
     target_mode: str
     mask_mode: str
     mask_dtype: torch.dtype
+    mask_weights: str  # "binary", or "weighted": a float mask of token weights in (0.25, 1.25)
     adv_shape: str
     adv_scale: float
     adv_zero: str
@@ -199,6 +200,7 @@ def cases(draw, dtypes, small=False):
         target_mode=draw(st.sampled_from(["random", "argmax", "argmin", "mixed"])),
         mask_mode=draw(st.sampled_from(["random", "random", "ones", "zero_rows", "zero_rows", "all_zero", "one_token"])),
         mask_dtype=draw(st.sampled_from([torch.bool, torch.float32, torch.int64])),
+        mask_weights=draw(st.sampled_from(["binary", "binary", "weighted"])),
         adv_shape=draw(st.sampled_from(["B", "B", "BT"])),
         adv_scale=draw(_log_uniform(1e-3, 1e6)),
         adv_zero=draw(st.sampled_from(["none", "none", "groups", "all"])),
@@ -272,6 +274,8 @@ def build(case: Case):
         keep[:] = False
         keep.view(-1)[torch.randint(0, B * T, (1,), generator=g)] = True
     mask = keep.to(case.mask_dtype)
+    if case.mask_weights == "weighted":  # TRL multiplies by the mask: weights reach every normalizer
+        mask = keep.to(torch.float32) * (0.25 + torch.rand(B, T, generator=g))
 
     adv = torch.randn((B,) if case.adv_shape == "B" else (B, T), generator=g, dtype=torch.float64) * case.adv_scale
     if case.adv_zero == "all":

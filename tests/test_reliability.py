@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, require
+from backends import backend_params, device_for_tests, require
 from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss
 from grpo_kernels import grpo_loss, token_logprobs
 from grpo_kernels.reference import reference_grpo_loss, reference_token_logprobs
 
+DEVICE = device_for_tests()  # the autocast tests run on CUDA where there is one (the GPU suite)
 AUTOCAST = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 
 
@@ -38,13 +39,13 @@ def _close(out, grads, ref_out, ref_grads, dtype):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", AUTOCAST)
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_grpo_loss_under_cpu_autocast(backend, dtype, loss_type):
+def test_grpo_loss_under_autocast(backend, dtype, loss_type):
     """The issue's repro crashed ('Expected out tensor to have dtype c10::BFloat16')."""
-    require(backend, "cpu", dtype)
-    batch = make_batch(dtype=torch.float32, seed=21)
+    require(backend, DEVICE, dtype)
+    batch = make_batch(dtype=torch.float32, seed=21, device=DEVICE)
     batch["old_logps"] = None  # on-policy: no ratio sits at a clip boundary that rounding could flip
     opts = dict(beta=0.04, loss_type=loss_type)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(DEVICE, dtype=dtype):
         out, grads = run_loss(grpo_loss, batch, backend=backend, **opts)
     assert out.dtype == torch.float32
     ref_out, ref_grads = run_loss(reference_grpo_loss, _rounded(batch, dtype), **opts)
@@ -53,12 +54,12 @@ def test_grpo_loss_under_cpu_autocast(backend, dtype, loss_type):
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("dtype", AUTOCAST)
-def test_token_logprobs_under_cpu_autocast_backward_inside(backend, dtype):
-    require(backend, "cpu", dtype)
-    batch = make_batch(dtype=torch.float32, seed=22)
+def test_token_logprobs_under_autocast_backward_inside(backend, dtype):
+    require(backend, DEVICE, dtype)
+    batch = make_batch(dtype=torch.float32, seed=22, device=DEVICE)
     h = batch["hidden"].clone().requires_grad_(True)
     w = batch["weight"].clone().requires_grad_(True)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(DEVICE, dtype=dtype):
         logp, ent = token_logprobs(h, w, batch["targets"], return_entropy=True, backend=backend)
         (logp.sum() + 0.5 * ent.sum()).backward()  # the backward inside autocast too
     r = _rounded(batch, dtype)
