@@ -298,13 +298,15 @@ def with_backward(loss_fn: Callable[[], torch.Tensor]):
     return run
 
 
-def ours_loss(backend: str):
+def ours_loss(backend: str, **execution):
+    """grpo_loss forward + backward; ``execution``: extra execution options (batch_invariant)."""
+
     def build(inp: Inputs, device: torch.device):
         _backend_or_skip(backend, inp, device)
         from grpo_kernels import grpo_loss
 
         return with_backward(lambda: grpo_loss(inp.hidden, inp.weight, inp.targets, inp.advantages, inp.mask,
-                                               backend=backend, **WORKLOAD))
+                                               backend=backend, **WORKLOAD, **execution))
 
     return build
 
@@ -333,7 +335,7 @@ def ours_level_loss(backend: str, level: str, recompute: bool = False):
     return build
 
 
-def ours_logprobs(backend: str):
+def ours_logprobs(backend: str, **execution):
     """token_logprobs on the masked-in tokens, scattered back to [B, T] (what a trainer does)."""
 
     def build(inp: Inputs, device: torch.device):
@@ -344,7 +346,7 @@ def ours_logprobs(backend: str):
 
         def run():
             with torch.no_grad():
-                lp = token_logprobs(inp.hidden[mask], inp.weight, inp.targets[mask], backend=backend)
+                lp = token_logprobs(inp.hidden[mask], inp.weight, inp.targets[mask], backend=backend, **execution)
                 return lp.new_zeros(mask.shape).masked_scatter(mask, lp)
 
         return run
@@ -544,6 +546,12 @@ CASES: List[Case] = [
          build_trl_chunked_logprobs, tier=1, needs="trl"),
     Case("trl:selective", "logprobs", "peer", "TRL selective_log_softmax (full logits)",
          build_trl_selective_logprobs, tier=1, needs="trl"),
+    # batch_invariant=True (matmuls in 256-row tiles, fixed kernel tiles): its cost against the default
+    *[Case(f"ours:{b}:invariant", kind, "ours", f"{label} backend={b}, batch_invariant=True",
+           builder(b, batch_invariant=True), max(1, _TIER.get(b, 0)), backend=b)
+      for kind, builder, label in (("loss", ours_loss, "grpo_kernels"),
+                                   ("logprobs", ours_logprobs, "grpo_kernels token_logprobs"))
+      for b in OURS_BACKENDS],
     # Sequence-level importance sampling (GSPO) against token level, same backend, same run.
     # Token level is one fused sweep (6NHV flops). Sequence level is one sweep too when every
     # sequence fits in a chunk ("sequence"); "sequence-recompute" forces the stats sweep plus
@@ -557,7 +565,8 @@ CASES: List[Case] = [
 ]
 # the same as ours:*, with grpo_kernels imported from another checkout
 BEFORE: List[Case] = [Case("before:" + c.id[len("ours:"):], c.kind, "before", c.label + " (before)", c.build,
-                           c.tier, backend=c.backend) for c in CASES if c.group == "ours"]
+                           c.tier, backend=c.backend)
+                      for c in CASES if c.group == "ours" and not c.id.endswith(":invariant")]  # a new option
 BY_KEY: Dict[str, Case] = {c.key: c for c in CASES + BEFORE}
 # peers every time is compared to, in table-column order
 RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "trl:chunked", "trl:selective")

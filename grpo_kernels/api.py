@@ -103,6 +103,7 @@ def token_logprobs(
     backend: str = "auto",
     chunk_size: Optional[int] = None,
     deterministic: bool = False,
+    batch_invariant: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
     reduce_grad_hidden: bool = True,
@@ -111,7 +112,9 @@ def token_logprobs(
 
     hidden [..., H] (fp16/bf16/fp32/fp64), weight [V, H], targets [...] int. Returns
     logp [...] (and entropy [...]) in fp32 (fp64 for fp64 inputs), never materializing
-    [N, V]; differentiable with respect to hidden, weight and bias.
+    [N, V]; differentiable with respect to hidden, weight and bias. ``batch_invariant``: each
+    token's results bitwise independent of the other tokens of the call (and equal to
+    ``grpo_loss(..., batch_invariant=True, return_metrics=True)``'s ``metrics.logps``).
 
     Vocab parallel (docs/distributed.md): with ``process_group``, ``weight`` [V_local, H] (and
     ``bias``) are this rank's rows ``[vocab_start, vocab_start + V_local)`` of the lm_head
@@ -119,7 +122,8 @@ def token_logprobs(
     rank, targets hold global ids, and the results are the global ones on every rank.
     """
     options, execution = split_options(dict(temperature=temperature, logit_softcap=logit_softcap, backend=backend,
-                                             chunk_size=chunk_size, deterministic=deterministic))
+                                             chunk_size=chunk_size, deterministic=deterministic,
+                                             batch_invariant=batch_invariant))
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
     check.tensor("hidden", hidden, floating=True)

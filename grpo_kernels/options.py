@@ -124,6 +124,10 @@ class ExecutionOptions(_Options):
     #: bitwise-reproducible runs: only backends with a fixed reduction order, no autotuning
     #: (docs/design.md, "Determinism"). Also on under ``torch.use_deterministic_algorithms``.
     deterministic: bool = False
+    #: each token's log-prob, entropy and grad_hidden row bitwise independent of the other rows,
+    #: the batch size, the row's position, padding and chunk_size: matmuls in fixed-row tiles
+    #: (``sweep.BATCH_INVARIANT_ROWS``) and fixed kernel tiles (docs/design.md, "Batch invariance")
+    batch_invariant: bool = False
 
     def validate(self) -> "ExecutionOptions":
         if self.backend not in BACKENDS:
@@ -134,6 +138,7 @@ class ExecutionOptions(_Options):
             if self.chunk_size <= 0:
                 raise ValueError(f"chunk_size must be > 0, got {self.chunk_size}")
         _bool("deterministic", self.deterministic)
+        _bool("batch_invariant", self.batch_invariant)
         return self
 
     @property
@@ -142,6 +147,12 @@ class ExecutionOptions(_Options):
         import torch
 
         return self.deterministic or torch.are_deterministic_algorithms_enabled()
+
+    @property
+    def fixed_tiles(self) -> bool:
+        """No autotuning: the kernel's tile (hence its reduction order) is a function of the
+        shapes alone, as determinism and batch invariance need."""
+        return self.is_deterministic or self.batch_invariant
 
 
 @dataclass(frozen=True)

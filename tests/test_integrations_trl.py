@@ -537,3 +537,36 @@ def test_import_is_lazy():
     code = ("import sys, grpo_kernels.integrations.trl, grpo_kernels.integrations.transformers;"
             "assert 'trl' not in sys.modules, 'trl imported'; assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_batch_invariant_switch_reaches_every_pass(model_dir, tokenizer, dataset, tmp_path, monkeypatch):
+    """fused_batch_invariant=True: the loss and the generation-time log-probs run with
+    batch_invariant=True (and still equal TRL's exact results)."""
+    import grpo_kernels.integrations.transformers as gkt
+    import grpo_kernels.integrations.trl as gktrl
+
+    seen = []
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append((real.__name__, kwargs.get("batch_invariant")))
+            return real(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(gkt, "token_logprobs", spy(gkt.token_logprobs))
+    monkeypatch.setattr(gktrl, "grpo_loss", spy(gktrl.grpo_loss))
+    trainer = make_trainer(model_dir, tokenizer, dataset, tmp_path,
+                           trainer_kwargs=dict(fused_batch_invariant=True))
+    inputs = make_batch(trainer, old=False)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, K, batch_size=3)
+        elp, _, _ = exact_logps(trainer, trainer.model, ids, am, K)
+    torch.testing.assert_close(lp, elp, rtol=1e-10, atol=1e-12)
+    loss, _, _ = run(trainer, inputs, ours(trainer))
+    exp_loss, _, _ = run(trainer, inputs, stock_exact(trainer))
+    assert rel(loss, exp_loss) <= 1e-10
+    assert {name for name, _ in seen} == {"token_logprobs", "grpo_loss"}
+    assert all(flag is True for _, flag in seen), seen

@@ -37,7 +37,7 @@ LOSS_CASES = {
     "use_bias_correction_kl": (True, {"beta": 0.05}),
     "top_entropy_quantile": (0.6, {}),
 }
-EXECUTION_CASES = {"chunk_size": 3, "deterministic": True}
+EXECUTION_CASES = {"chunk_size": 3, "deterministic": True, "batch_invariant": True}
 
 
 def test_every_option_has_a_case():
@@ -169,6 +169,7 @@ def test_execution_options_reach_the_backend(backend, monkeypatch):
     assert rec.calls
     for prim, _, execution, rows in rec.calls:
         assert execution.deterministic is True and execution.chunk_size == 3, prim
+        assert execution.batch_invariant is True, prim
         assert rows <= 3, "chunk_size did not reach the sweep"
     if backend == "triton":  # deterministic reaches every launch: no autotuned tile
         assert rec.launches and all(launch["deterministic"] is True for launch in rec.launches)
@@ -181,13 +182,14 @@ def test_token_logprobs_options_reach_the_backend(backend, monkeypatch):
     h, w, t = _inputs()[:3]
     h.requires_grad_(True)
     logp, ent = token_logprobs(h, w, t, temperature=0.9, logit_softcap=25.0, backend=backend, chunk_size=3,
-                               deterministic=True, return_entropy=True)
+                               deterministic=True, batch_invariant=True, return_entropy=True)
     (logp.sum() + ent.sum()).backward()
     prims = {c[0] for c in rec.calls}
     assert {"row_stats", "row_grad_"} <= prims
     for prim, options, execution, rows in rec.calls:
         assert (options.temperature, options.logit_softcap) == (0.9, 25.0), prim
-        assert execution.deterministic and execution.backend == backend and rows <= 3, prim
+        assert execution.deterministic and execution.batch_invariant and execution.backend == backend, prim
+        assert rows <= 3, prim
     if backend == "triton":
         assert rec.launches and all(launch["deterministic"] is True for launch in rec.launches)
         assert all(launch["temperature"] == 0.9 and launch["softcap"] == 25.0 for launch in rec.launches)

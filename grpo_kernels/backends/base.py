@@ -21,7 +21,7 @@ float dtype, rows contiguous). With ``s = c * tanh(z / c)`` for ``options.logit_
   ``advantages.normalize_groups`` in a kernel.
 
 ``options`` is the call's ``GRPOOptions`` and ``execution`` its ``ExecutionOptions``
-(``execution.is_deterministic``: a fixed reduction order, no autotuning). The matmuls
+(``execution.fixed_tiles``: a fixed reduction order, no autotuning). The matmuls
 (logits, grad_hidden, grad_weight) stay in ``grpo_kernels.sweep``, in torch.
 """
 from __future__ import annotations

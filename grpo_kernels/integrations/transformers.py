@@ -325,6 +325,7 @@ def model_token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    batch_invariant: bool = False,
     head_dtype: Optional[torch.dtype] = None,
     **model_kwargs,
 ):
@@ -355,6 +356,7 @@ def model_token_logprobs(
                 out = token_logprobs(
                     h[scored], w, targets[scored], bias=b, temperature=temperature, logit_softcap=softcap,
                     return_entropy=return_entropy, backend=backend, chunk_size=chunk_size,
+                    batch_invariant=batch_invariant,
                 )
         if return_entropy:
             return _scatter_rows(out[0], scored), _scatter_rows(out[1], scored)

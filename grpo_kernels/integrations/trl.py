@@ -97,17 +97,22 @@ def _build_trainer_class():
         - ``fused_unsupported``: ``"raise"`` (default) or ``"fallback"`` for the features listed in
           the module docstring.
         - ``fused_backend``, ``fused_chunk_size``: ``grpo_loss``'s ``backend`` / ``chunk_size``.
+        - ``fused_batch_invariant``: ``batch_invariant=True`` for the loss and the old/reference
+          log-probs: a token's log-prob from its hidden state is then bitwise the same in every
+          pass whatever the micro-batch (the model body's own batch dependence is not covered).
         - ``fused_logps``: compute the generation-time old/reference log-probs with grpo_kernels too
           (default True); False leaves them to TRL's fused head.
         """
 
         def __init__(self, *args, fused_unsupported: str = "raise", fused_backend: str = "auto",
-                     fused_chunk_size: Optional[int] = None, fused_logps: bool = True, **kwargs):
+                     fused_chunk_size: Optional[int] = None, fused_logps: bool = True,
+                     fused_batch_invariant: bool = False, **kwargs):
             if fused_unsupported not in _POLICIES:
                 raise ValueError(f"fused_unsupported must be one of {_POLICIES}, got {fused_unsupported!r}")
             self._fused_unsupported = fused_unsupported
             self._fused_backend = fused_backend
             self._fused_chunk_size = fused_chunk_size
+            self._fused_batch_invariant = bool(fused_batch_invariant)
             self._fused_logps = bool(fused_logps)
             self._fused_warned = set()
             super().__init__(*args, **kwargs)
@@ -159,6 +164,7 @@ def _build_trainer_class():
                 use_bias_correction_kl=bool(self.args.use_bias_correction_kl),
                 backend=self._fused_backend,
                 chunk_size=self._fused_chunk_size,
+                batch_invariant=self._fused_batch_invariant,
             )
 
         # -------------------------------------------------------------- log-probs (old policy, reference)
@@ -181,7 +187,7 @@ def _build_trainer_class():
                     out = _gkt.model_token_logprobs(
                         model, ids, am, logits_to_keep, temperature=self.temperature, return_entropy=compute_entropy,
                         backend=self._fused_backend, chunk_size=self._fused_chunk_size,
-                        head_dtype=self._fused_head_dtype(),
+                        batch_invariant=self._fused_batch_invariant, head_dtype=self._fused_head_dtype(),
                     )
                 if compute_entropy:
                     logps.append(out[0])
@@ -274,6 +280,7 @@ def _build_trainer_class():
                     h.detach()[scored], w.detach(), completion_ids[scored], bias=None if b is None else b.detach(),
                     temperature=self.temperature, logit_softcap=softcap, return_entropy=True,
                     backend=self._fused_backend, chunk_size=self._fused_chunk_size,
+                    batch_invariant=self._fused_batch_invariant,
                 )
                 per_token_logps = lp.new_zeros(scored.shape).masked_scatter(scored, lp)
                 entropies = ent.new_zeros(scored.shape).masked_scatter(scored, ent)

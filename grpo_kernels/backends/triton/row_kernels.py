@@ -311,7 +311,7 @@ def row_stats(logits, targets, options, execution) -> RowStats:
         z = _rowwise(logits)
         tg = _vec(targets, torch.int64, z.device)
         _launch(
-            row_stats_kernel, row_stats_tuned, lambda b: (n,), V, execution.is_deterministic,
+            row_stats_kernel, row_stats_tuned, lambda b: (n,), V, execution.fixed_tiles,
             (z, z.stride(0), tg, lse, ent, tgl, V),
             dict(ACC=tl_acc(logits.dtype), **_row_flags(options)),
         )
@@ -331,7 +331,7 @@ def row_grad_(logits, targets, stats, dlogp, dentropy, options, execution) -> No
     ent_v = _vec(stats.entropy, acc, dev) if has_dent else lse_v
     dent_v = _vec(dentropy, acc, dev) if has_dent else lse_v
     _launch(
-        row_grad_kernel, row_grad_tuned, lambda b: (n, triton.cdiv(V, b)), V, execution.is_deterministic,
+        row_grad_kernel, row_grad_tuned, lambda b: (n, triton.cdiv(V, b)), V, execution.fixed_tiles,
         (z, z.stride(0), _vec(targets, torch.int64, dev), lse_v, ent_v, dlogp_v, dent_v, V),
         dict(ACC=tl_acc(logits.dtype), HAS_DENT=has_dent, **_row_flags(options)),
     )
@@ -356,7 +356,7 @@ def row_fused_(logits, targets, token_inputs, options, execution):
         old, adv, weight, ref, scale = token_vectors(token_inputs, (n,), acc, dev, options.beta)
         params = epilogue_params(options, logits.dtype)
         _launch(
-            row_fused_kernel, row_fused_tuned, lambda b: (n,), V, execution.is_deterministic,
+            row_fused_kernel, row_fused_tuned, lambda b: (n,), V, execution.fixed_tiles,
             (z, z.stride(0), tg, lse if old is None else old, adv, weight, lse if ref is None else ref,
              lse if scale is None else scale, lse, ent, tgl, loss, dlogp, V),
             dict(HAS_OLD=old is not None, HAS_SCALE=scale is not None,
