@@ -42,8 +42,8 @@ def _functorch_keys_enabled():
 
 
 def plan_loss(hidden, weight, mask, options: GRPOOptions, execution: ExecutionOptions, vocab_parallel: VocabParallel,
-              needs) -> Tuple[Plan, torch.Tensor]:
-    """(plan, real rows) of a loss call on hidden [B*T, H] with mask [B, T]."""
+              needs) -> Tuple[Plan, torch.Tensor, torch.Tensor]:
+    """(plan, real row indices, their hidden states) of a loss call on hidden [B*T, H], mask [B, T]."""
     B, T = mask.shape
     rows = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
     lengths = None
@@ -52,8 +52,8 @@ def plan_loss(hidden, weight, mask, options: GRPOOptions, execution: ExecutionOp
         lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
     h = hidden.index_select(0, rows)
     plan = plan_call(h, weight, options, execution, vocab_parallel, need_grads=needs, sequence_lengths=lengths,
-                     loss=True, n_valid=rows.shape[0])
-    return plan, rows
+                     loss=True, tokens=B * T)
+    return plan, rows, h
 
 
 def grpo_loss_forward(
@@ -77,8 +77,7 @@ def grpo_loss_forward(
     B, T = mask.shape
     total = B * T
     acc = accumulation_dtype(hidden.dtype)
-    plan, rows = plan_loss(hidden, weight, mask, options, execution, vocab_parallel, needs)
-    h = hidden.index_select(0, rows)
+    plan, rows, h = plan_loss(hidden, weight, mask, options, execution, vocab_parallel, needs)
     tgt = _targets(plan, targets.index_select(0, rows))
     pick = lambda t: None if t is None else t.reshape(-1).index_select(0, rows).to(acc)  # noqa: E731
     # padding positions may hold junk (even inf) old/ref logps: they must not reach a sum

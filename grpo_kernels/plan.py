@@ -128,28 +128,29 @@ class Plan:
         return self.backend.row_fused_ is not None and self.vocab is None
 
 
-def _vocab_group(vp: VocabParallel, hidden, weight, n_valid: int, rows: int) -> Optional[collective.VocabGroup]:
+def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> Optional[collective.VocabGroup]:
     if not vp.enabled:
         return None
-    return collective.exchange(vp.group_name, vp.vocab_start, weight.shape[0], hidden.shape[0], hidden.shape[1],
-                               n_valid, rows, vp.reduce_grad_hidden, hidden.device)
+    return collective.exchange(vp.group_name, vp.vocab_start, weight.shape[0], tokens, hidden.shape[1],
+                               hidden.shape[0], rows, vp.reduce_grad_hidden, hidden.device)
 
 
 def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, execution: ExecutionOptions,
               vocab_parallel: VocabParallel, *, need_grads: Tuple[bool, bool, bool] = (False, False, False),
               sequence_lengths: Optional[Sequence[int]] = None, loss: bool = False,
-              n_valid: Optional[int] = None) -> Plan:
+              tokens: Optional[int] = None) -> Plan:
     """The plan of one pass over ``hidden`` [n, H] (the real rows) and ``weight`` [V(_local), H].
 
     ``loss``: a loss call (paths as in the module docstring); otherwise a log-prob pass:
     ``forward`` without gradients, ``two_sweeps`` (the recomputing backward) with.
     ``sequence_lengths``: the real rows per sequence, for sequence-level importance sampling.
-    ``n_valid``: the unmasked tokens the ranks must agree on (vocab parallel; default n).
+    ``tokens``: the call's tokens, padding included (default n), which the ranks of a
+    vocab-parallel call must agree on, as on the n real rows.
     """
     n = hidden.shape[0]
     backend, reason = choose_backend(execution, hidden.device, hidden.dtype)
     rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device)
-    vocab = _vocab_group(vocab_parallel, hidden, weight, n if n_valid is None else n_valid, rows)
+    vocab = _vocab_group(vocab_parallel, hidden, weight, n if tokens is None else tokens, rows)
     if vocab is not None:
         rows = vocab.chunk_rows  # the statistics are collective per chunk: one chunking for all
     want = any(need_grads)
