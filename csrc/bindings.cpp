@@ -127,7 +127,8 @@ grpo::TokenArgs token_args(int64_t n, at::ScalarType acc, const at::Device& dev,
   check_vec(weight, "weight", n, acc, dev, what);
   t.weight = weight.data_ptr();
   t.ref = opt_ptr(ref, "ref", n, acc, dev, what);
-  TORCH_CHECK(beta == 0.0 || t.ref != nullptr, "grpo_kernels ", what, ": ref is required when beta != 0");
+  // (an empty chunk's ref has no data pointer: there is nothing to read)
+  TORCH_CHECK(beta == 0.0 || t.ref != nullptr || n == 0, "grpo_kernels ", what, ": ref is required when beta != 0");
   t.policy_scale = opt_ptr(policy_scale, "policy_scale", n, acc, dev, what);
   return t;
 }
@@ -157,10 +158,12 @@ void run_cpu(F&& f, const char* what) {
 }
 
 void row_stats(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& entropy,
-               const Tensor& target_logit, double temperature, std::optional<double> softcap, int64_t stream) {
+               const Tensor& target_logit, double temperature, std::optional<double> softcap, int64_t stream,
+               bool need_entropy) {
   const char* what = "row_stats";
   grpo::RowStatsParams p;
   p.row = row_args(logits, targets, temperature, softcap, what);
+  p.need_entropy = need_entropy ? 1 : 0;
   const auto acc = acc_type(logits.scalar_type());
   p.out = stats_out(lse, entropy, target_logit, p.row.n, acc, logits.device(), what);
 #ifdef GRPO_WITH_CUDA
@@ -256,7 +259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda", &built_with_cuda, "True when this build has the CUDA kernels");
   m.def("row_stats", &row_stats, "per-row lse, entropy and target logit into the given [n] outputs",
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("target_logit"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("stream") = 0);
+        py::arg("temperature"), py::arg("softcap"), py::arg("stream") = 0, py::arg("need_entropy") = true);
   m.def("row_grad_", &row_grad_, "in-place gradient of the logits", py::arg("logits"), py::arg("targets"),
         py::arg("lse"), py::arg("entropy"), py::arg("dlogp"), py::arg("dentropy"), py::arg("temperature"),
         py::arg("softcap"), py::arg("stream") = 0);

@@ -119,18 +119,19 @@ __device__ __forceinline__ void online_init(Online<A>& o) {
   o.t = A(0);
 }
 
-template <class A>
+// ENT = false throughout: the log-prob-only pass, without the entropy's sum t (left 0)
+template <class A, bool ENT = true>
 __device__ __forceinline__ void online_rescale(Online<A>& o, A new_max) {
   if (o.s != A(0)) {  // (a NaN sum stays NaN)
     const A delta = o.m - new_max;
     const A a = fast_exp(delta);
-    o.t = a * (o.t + delta * o.s);
+    if constexpr (ENT) o.t = a * (o.t + delta * o.s);
     o.s *= a;
   }
   o.m = new_max;
 }
 
-template <class A, int K>
+template <class A, int K, bool ENT = true>
 __device__ __forceinline__ void online_add(Online<A>& o, const A (&u)[K]) {
   A cm = u[0];
 #pragma unroll
@@ -142,17 +143,17 @@ __device__ __forceinline__ void online_add(Online<A>& o, const A (&u)[K]) {
     if (nan) o.s = grpo_nan<A>();
     return;
   }
-  if (cm > o.m) online_rescale(o, cm);  // a NaN element reaches the sums below
+  if (cm > o.m) online_rescale<A, ENT>(o, cm);  // a NaN element reaches the sums below
 #pragma unroll
   for (int k = 0; k < K; ++k) {
     const A d = u[k] - o.m;
     const A e = fast_exp(d);
     o.s += e;
-    o.t += e > A(0) ? e * d : A(0);
+    if constexpr (ENT) o.t += e > A(0) ? e * d : A(0);
   }
 }
 
-template <class A>
+template <class A, bool ENT = true>
 __device__ __forceinline__ Online<A> online_merge(const Online<A>& a, const Online<A>& b) {
   Online<A> r;
   r.m = a.m > b.m ? a.m : b.m;
@@ -163,27 +164,27 @@ __device__ __forceinline__ Online<A> online_merge(const Online<A>& a, const Onli
     const A d = a.m - r.m;
     const A e = fast_exp(d);
     r.s += e * a.s;
-    r.t += e * (a.t + d * a.s);
+    if constexpr (ENT) r.t += e * (a.t + d * a.s);
   }
   if (b.s != A(0)) {
     const A d = b.m - r.m;
     const A e = fast_exp(d);
     r.s += e * b.s;
-    r.t += e * (b.t + d * b.s);
+    if constexpr (ENT) r.t += e * (b.t + d * b.s);
   }
   return r;
 }
 
 // Block-wide merge; every thread gets the result. `scratch` holds 32 entries.
-template <class A>
+template <class A, bool ENT = true>
 __device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     Online<A> other;
     other.m = __shfl_xor_sync(0xffffffffu, o.m, off);
     other.s = __shfl_xor_sync(0xffffffffu, o.s, off);
-    other.t = __shfl_xor_sync(0xffffffffu, o.t, off);
-    o = online_merge(o, other);
+    other.t = ENT ? __shfl_xor_sync(0xffffffffu, o.t, off) : A(0);
+    o = online_merge<A, ENT>(o, other);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
@@ -202,8 +203,8 @@ __device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch
       Online<A> other;
       other.m = __shfl_xor_sync(0xffffffffu, v.m, off);
       other.s = __shfl_xor_sync(0xffffffffu, v.s, off);
-      other.t = __shfl_xor_sync(0xffffffffu, v.t, off);
-      v = online_merge(v, other);
+      other.t = ENT ? __shfl_xor_sync(0xffffffffu, v.t, off) : A(0);
+      v = online_merge<A, ENT>(v, other);
     }
     if (lane == 0) scratch[0] = v;
   }
@@ -212,7 +213,7 @@ __device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch
 }
 
 // The statistics sweep of one row: every thread of the block returns the row's Online.
-template <class T, class A>
+template <class T, class A, bool ENT = true>
 __device__ __forceinline__ Online<A> row_online(const T* row, int64_t V, const Xform<A>& xf, Online<A>* scratch) {
   constexpr int N = Vec<T>::N;
   const RowSplit<T> sp(row, V);
@@ -221,7 +222,7 @@ __device__ __forceinline__ Online<A> row_online(const T* row, int64_t V, const X
   online_init(o);
   for (int64_t i = tid; i < sp.head; i += bd) {
     A u[1] = {xf(to_acc(row[i]))};
-    online_add(o, u);
+    online_add<A, 1, ENT>(o, u);
   }
   const Vec<T>* body = reinterpret_cast<const Vec<T>*>(row + sp.head);
   int64_t j = tid;
@@ -234,7 +235,7 @@ __device__ __forceinline__ Online<A> row_online(const T* row, int64_t V, const X
       A u[N];
 #pragma unroll
       for (int k = 0; k < N; ++k) u[k] = xf(to_acc(x[q].v[k]));
-      online_add(o, u);
+      online_add<A, N, ENT>(o, u);
     }
   }
   for (; j < sp.nvec; j += bd) {
@@ -242,13 +243,13 @@ __device__ __forceinline__ Online<A> row_online(const T* row, int64_t V, const X
     A u[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) u[k] = xf(to_acc(x.v[k]));
-    online_add(o, u);
+    online_add<A, N, ENT>(o, u);
   }
   for (int64_t i = sp.tail_start + tid; i < V; i += bd) {
     A u[1] = {xf(to_acc(row[i]))};
-    online_add(o, u);
+    online_add<A, 1, ENT>(o, u);
   }
-  return block_merge(o, scratch);
+  return block_merge<A, ENT>(o, scratch);
 }
 
 template <class A>
@@ -322,7 +323,7 @@ __device__ __forceinline__ void row_grad_sweep(T* row, int64_t V, int64_t tgt, c
 // ---------------------------------------------------------------------------------
 // kernels
 
-template <class T>
+template <class T, bool ENT>
 __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_stats_kernel(RowStatsParams p) {
   using A = typename AccOf<T>::type;
   __shared__ Online<A> scratch[32];
@@ -330,12 +331,12 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_stats
   const T* base = static_cast<const T*>(p.row.logits);
   for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) {
     const T* row = base + r * p.row.ld;
-    const Online<A> o = row_online<T, A>(row, p.row.V, xf, scratch);
+    const Online<A> o = row_online<T, A, ENT>(row, p.row.V, xf, scratch);
     if (threadIdx.x == 0) {
       A lse, ent;
       finish_stats(o, &lse, &ent);
       static_cast<A*>(p.out.lse)[r] = lse;
-      static_cast<A*>(p.out.entropy)[r] = ent;
+      static_cast<A*>(p.out.entropy)[r] = ENT ? ent : A(0);
       static_cast<A*>(p.out.target_logit)[r] = target_value(row, p.row.V, p.row.targets[r], xf);
     }
   }
@@ -514,9 +515,15 @@ cudaError_t launch_by_dtype(const Params& p, int dtype, dim3 grid, dim3 block, i
 
 cudaError_t row_stats_cuda(const RowStatsParams& p, int device, cudaStream_t stream) {
   if (p.row.n <= 0) return cudaSuccess;
-  return launch_by_dtype(p, p.row.dtype, dim3(row_blocks(p.row.n)), dim3(row_threads(p.row.V, p.row.dtype)), device,
-                         stream, row_stats_kernel<float>, row_stats_kernel<double>, row_stats_kernel<__half>,
-                         row_stats_kernel<__nv_bfloat16>);
+  const dim3 grid(row_blocks(p.row.n)), block(row_threads(p.row.V, p.row.dtype));
+  if (p.need_entropy) {
+    return launch_by_dtype(p, p.row.dtype, grid, block, device, stream, row_stats_kernel<float, true>,
+                           row_stats_kernel<double, true>, row_stats_kernel<__half, true>,
+                           row_stats_kernel<__nv_bfloat16, true>);
+  }
+  return launch_by_dtype(p, p.row.dtype, grid, block, device, stream, row_stats_kernel<float, false>,
+                         row_stats_kernel<double, false>, row_stats_kernel<__half, false>,
+                         row_stats_kernel<__nv_bfloat16, false>);
 }
 
 cudaError_t row_grad_cuda(const RowGradParams& p, int device, cudaStream_t stream) {

@@ -82,6 +82,7 @@ struct TokenArgs {
 struct RowStatsParams {
   RowArgs row;
   StatsOut out;
+  int need_entropy;  // 0: the entropy is not computed (written as 0): the log-prob-only pass
 };
 
 struct RowGradParams {

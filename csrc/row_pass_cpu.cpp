@@ -114,7 +114,8 @@ struct RowResult {
   A lse, entropy, target_logit;
 };
 
-template <class T, class A>
+// kEnt = false: the log-prob-only pass, without the entropy's sum (entropy written as 0)
+template <class T, class A, bool kEnt = true>
 RowResult<A> row_stats_one(const T* row, int64_t V, int64_t tgt, const Xform<A>& xf) {
   alignas(64) A buf[kBlock];
   A m = neg_inf<A>(), s = A(0), t = A(0);
@@ -138,12 +139,17 @@ RowResult<A> row_stats_one(const T* row, int64_t V, int64_t tgt, const Xform<A>&
     }
     A bs = A(0), bt = A(0);
     const A mm = m;
+    if constexpr (kEnt) {
 #pragma omp simd reduction(+ : bs, bt)
-    for (int64_t k = 0; k < cnt; ++k) {
-      const A d = buf[k] - mm;
-      const A e = vexp(d);
-      bs += e;
-      bt += e > A(0) ? e * d : A(0);
+      for (int64_t k = 0; k < cnt; ++k) {
+        const A d = buf[k] - mm;
+        const A e = vexp(d);
+        bs += e;
+        bt += e > A(0) ? e * d : A(0);
+      }
+    } else {
+#pragma omp simd reduction(+ : bs)
+      for (int64_t k = 0; k < cnt; ++k) bs += vexp(buf[k] - mm);
     }
     s += bs;
     t += bt;
@@ -157,6 +163,7 @@ RowResult<A> row_stats_one(const T* row, int64_t V, int64_t tgt, const Xform<A>&
     r.lse = m + ls;
     r.entropy = ls - t / s;
   }
+  if constexpr (!kEnt) r.entropy = A(0);
   if (tgt >= 0 && tgt < V) {
     const A z = load(row, tgt);
     r.target_logit = xf.softcap ? std::tanh(z * xf.inv_cap) * xf.cap_over_t : z * xf.inv_t;
@@ -222,9 +229,12 @@ void row_stats_t(const RowStatsParams& p) {
   A* lse = static_cast<A*>(p.out.lse);
   A* ent = static_cast<A*>(p.out.entropy);
   A* tl = static_cast<A*>(p.out.target_logit);
+  const bool need_entropy = p.need_entropy != 0;
   at::parallel_for(0, p.row.n, grain_rows(p.row.V), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
-      const RowResult<A> st = row_stats_one<T, A>(base + r * p.row.ld, p.row.V, p.row.targets[r], xf);
+      const T* row = base + r * p.row.ld;
+      const RowResult<A> st = need_entropy ? row_stats_one<T, A, true>(row, p.row.V, p.row.targets[r], xf)
+                                           : row_stats_one<T, A, false>(row, p.row.V, p.row.targets[r], xf);
       lse[r] = st.lse;
       ent[r] = st.entropy;
       tl[r] = st.target_logit;

@@ -150,7 +150,8 @@ def token_logprobs(
 
             logp, ent = reference_token_logprobs(h2, weight, t1, bias, temperature, logit_softcap)
         else:
-            logp, ent, _ = token_logprobs_op(h2, weight, bias, t1, options, execution, vp)
+            logp, ent, _ = token_logprobs_op(h2, weight, bias, t1, options, execution, vp,
+                                             need_entropy=return_entropy)
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 

@@ -151,9 +151,10 @@ def grpo_loss_forward(
 
 
 def token_logprobs_forward(hidden, weight, bias, targets, options: GRPOOptions, execution: ExecutionOptions,
-                           vocab_parallel: VocabParallel):
-    """(RowStats [n], plan) of hidden [n, H]: log-probs of ``targets`` and entropies."""
-    plan = plan_call(hidden, weight, options, execution, vocab_parallel)
+                           vocab_parallel: VocabParallel, need_entropy: bool = True):
+    """(RowStats [n], plan) of hidden [n, H]: log-probs of ``targets`` and entropies (0 without
+    ``need_entropy``)."""
+    plan = plan_call(hidden, weight, options, execution, vocab_parallel, need_entropy=need_entropy)
     return sweep.forward_stats(plan, hidden, weight, bias, _targets(plan, targets)), plan
 
 

@@ -74,17 +74,18 @@ def _fake_grads(hidden, weight, bias, needs):
 _TL_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
 
 
-def _tl_impl(hidden, weight, bias, targets, opts):
-    stats, _ = loss_impl.token_logprobs_forward(hidden, weight, bias, targets, *opts)
+def _tl_impl(hidden, weight, bias, targets, opts, need_entropy):
+    stats, _ = loss_impl.token_logprobs_forward(hidden, weight, bias, targets, *opts, need_entropy=need_entropy)
     return stats.logp, stats.entropy, stats.lse
 
 
-def _tl_fake(hidden, weight, bias, targets, opts):
+def _tl_fake(hidden, weight, bias, targets, opts, need_entropy):
     n = hidden.shape[0]
     return tuple(hidden.new_empty((n,), dtype=_acc(hidden)) for _ in range(3))
 
 
-_tl_op = _define("token_logprobs", _TL_TENSORS, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake, extra=())
+_tl_op = _define("token_logprobs", _TL_TENSORS, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake,
+                 extra=(("need_entropy", bool),))
 
 
 def _tl_backward_impl(hidden, weight, bias, targets, lse, entropy, target_logit, grad_logp, grad_entropy, opts,
@@ -114,7 +115,8 @@ def _tl_setup(ctx, inputs, output):
     hidden, weight, bias, targets = inputs[:4]
     logp, entropy, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, logp)
-    ctx.option_args = inputs[4:]
+    ctx.option_args = inputs[4:4 + _N_OPTIONS]
+    ctx.need_entropy = inputs[-1]
     ctx.has_bias = bias is not None
 
 
@@ -133,20 +135,25 @@ def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
+    if not ctx.need_entropy:  # the entropy was not computed: nobody can depend on it
+        grad_entropy = None
     # a backward run inside torch.autocast must not autocast the recomputed logits
     with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
             else contextlib.nullcontext():
         gh, gw, gb = _tl_backward_op(hidden, weight, bias, targets, lse, entropy, logp + lse, grad_logp,
                                      grad_entropy, *ctx.option_args, needs)
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None) + (None,) * _N_OPTIONS
+    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None) + \
+        (None,) * (_N_OPTIONS + 1)
 
 
 _tl_op.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 
-def token_logprobs_op(hidden, weight, bias, targets, *option_objects) -> Tuple[Tensor, Tensor, Tensor]:
-    """hidden [n, H] -> (logp [n], entropy [n], lse [n]) in the accumulation dtype."""
-    return _tl_op(hidden, weight, bias, targets, *to_op_args(*option_objects))
+def token_logprobs_op(hidden, weight, bias, targets, *option_objects, need_entropy: bool = True
+                      ) -> Tuple[Tensor, Tensor, Tensor]:
+    """hidden [n, H] -> (logp [n], entropy [n], lse [n]) in the accumulation dtype; without
+    ``need_entropy`` the entropy is not computed (zeros)."""
+    return _tl_op(hidden, weight, bias, targets, *to_op_args(*option_objects), need_entropy)
 
 
 # ---------------------------------------------------------------- grpo loss

@@ -120,6 +120,7 @@ class Plan:
     entropy_sweep: bool  # a statistics-only sweep before the gradient sweep
     grad_weight_dtype: Optional[torch.dtype]  # None: no grad_weight wanted
     vocab: Optional[collective.VocabGroup]  # None: the whole vocabulary is local
+    need_entropy: bool = True  # False: the log-prob-only statistics (token_logprobs without entropy)
 
     @property
     def fused(self) -> bool:
@@ -138,14 +139,15 @@ def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> O
 def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, execution: ExecutionOptions,
               vocab_parallel: VocabParallel, *, need_grads: Tuple[bool, bool, bool] = (False, False, False),
               sequence_lengths: Optional[Sequence[int]] = None, loss: bool = False,
-              tokens: Optional[int] = None) -> Plan:
+              tokens: Optional[int] = None, need_entropy: bool = True) -> Plan:
     """The plan of one pass over ``hidden`` [n, H] (the real rows) and ``weight`` [V(_local), H].
 
     ``loss``: a loss call (paths as in the module docstring); otherwise a log-prob pass:
     ``forward`` without gradients, ``two_sweeps`` (the recomputing backward) with.
     ``sequence_lengths``: the real rows per sequence, for sequence-level importance sampling.
     ``tokens``: the call's tokens, padding included (default n), which the ranks of a
-    vocab-parallel call must agree on, as on the n real rows.
+    vocab-parallel call must agree on, as on the n real rows. ``need_entropy=False``: a
+    log-prob pass whose entropies nobody reads (the backends skip the entropy's sum).
     """
     n = hidden.shape[0]
     backend, reason = choose_backend(execution, hidden.device, hidden.dtype)
@@ -171,4 +173,5 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
         bounds=tuple(bounds), path=path,
         entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
         grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,
+        need_entropy=need_entropy or loss,
     )

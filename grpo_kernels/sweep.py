@@ -148,7 +148,7 @@ def sweep(plan: Plan, hidden, weight, bias, row_work: Callable, needs=(False, Fa
 
 
 def stats(plan: Plan, z, targets) -> RowStats:
-    st = plan.backend.row_stats(z, targets, plan.options, plan.execution)
+    st = plan.backend.row_stats(z, targets, plan.options, plan.execution, need_entropy=plan.need_entropy)
     return st if plan.vocab is None else plan.vocab.combine(st)
 
 

@@ -65,3 +65,41 @@ def test_matches_log_softmax_without_bias_and_no_grad():
     want = torch.log_softmax(h @ w.T, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(logp, want, rtol=1e-5, atol=1e-5)
     assert not logp.requires_grad
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_without_entropy_the_backend_skips_it(backend, monkeypatch):
+    """return_entropy=False is the log-prob-only pass: the backend is asked for no entropy
+    (need_entropy=False, the entropy's sum is skipped in the kernels), with the same log-probs
+    and gradients as the full pass."""
+    from grpo_kernels.backends import get_backend
+
+    require(backend, DEVICE, torch.float64)
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(6, 5, 16, generator=g, dtype=torch.float64).to(DEVICE)
+    weight = (0.5 * torch.randn(301, 16, generator=g, dtype=torch.float64)).to(DEVICE)
+    targets = torch.randint(0, 301, (6, 5), generator=g).to(DEVICE)
+    be = get_backend(backend, torch.device(DEVICE), torch.float64)
+    seen, real = [], be.row_stats
+
+    def spy(*args, need_entropy=True, **kwargs):
+        seen.append(need_entropy)
+        st = real(*args, need_entropy=need_entropy, **kwargs)
+        if not need_entropy:
+            assert torch.equal(st.entropy, torch.zeros_like(st.entropy))
+        return st
+
+    monkeypatch.setattr(be, "row_stats", spy)
+    grads = []
+    for want_entropy in (True, False):
+        h = hidden.clone().requires_grad_(True)
+        out = token_logprobs(h, weight, targets, return_entropy=want_entropy, backend=backend, chunk_size=7)
+        logp = out[0] if want_entropy else out
+        (logp * torch.linspace(-1, 1, logp.numel(), dtype=logp.dtype, device=DEVICE).view_as(logp)).sum().backward()
+        grads.append((logp.detach(), h.grad))
+        assert seen and all(flag is want_entropy for flag in seen)
+        seen.clear()
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-13, atol=1e-13)
+    ref = reference_token_logprobs(hidden.reshape(-1, 16).cpu(), weight.cpu(), targets.reshape(-1).cpu())[0]
+    assert rel_err(grads[1][0].reshape(-1), ref) < TOLERANCES[torch.float64][0]

@@ -277,7 +277,9 @@ row = dict(stride="i64", tgt_ptr="*i64", V="i32", temperature="fp64", softcap="f
 scal = dict(lo="fp64", hi="fp64", delta="fp64", eh="fp64", beta="fp64", tau_pos="fp64", tau_neg="fp64")
 for zt, a, acc in (("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):
     build(rk.row_stats_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, tgl_ptr="*" + a),
-          dict(HAS_SOFTCAP=True, HAS_TEMP=True, ACC=acc, BLOCK_V=4096), 8)
+          dict(HAS_SOFTCAP=True, HAS_TEMP=True, ACC=acc, BLOCK_V=4096, HAS_ENT=True), 8)
+    build(rk.row_stats_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, tgl_ptr="*" + a),
+          dict(HAS_SOFTCAP=False, HAS_TEMP=False, ACC=acc, BLOCK_V=4096, HAS_ENT=False), 8)  # the log-prob-only pass
     build(rk.row_grad_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, dlogp_ptr="*" + a,
                                    dent_ptr="*" + a), dict(HAS_SOFTCAP=True, HAS_TEMP=True, HAS_DENT=True, ACC=acc,
                                                            BLOCK_V=2048), 8)

@@ -4,10 +4,11 @@ A backend works on a chunk of *raw* logits ``z = hidden @ weight.T + bias`` [n, 
 float dtype, rows contiguous). With ``s = c * tanh(z / c)`` for ``options.logit_softcap = c``
 (else ``s = z``) and ``u = s / options.temperature``:
 
-- ``row_stats(z, targets, options, execution)`` returns, per row, in the accumulation
-  dtype (fp32; fp64 for fp64 logits): ``lse = logsumexp(u)``, ``entropy = lse - sum(softmax(u)
-  * u)`` and ``target_logit = u[target]`` (0 where ``target < 0``: "not in this vocabulary
-  slice", used by vocab-parallel).
+- ``row_stats(z, targets, options, execution, need_entropy=True)`` returns, per row, in the
+  accumulation dtype (fp32; fp64 for fp64 logits): ``lse = logsumexp(u)``, ``entropy = lse -
+  sum(softmax(u) * u)`` and ``target_logit = u[target]`` (0 where ``target < 0``: "not in this
+  vocabulary slice", used by vocab-parallel). ``need_entropy=False``: the log-prob-only pass,
+  without the entropy's sum (entropy written as 0).
 - ``row_grad_(z, targets, stats, dlogp, dentropy, options, execution)`` overwrites the chunk
   with the gradient with respect to ``z`` of ``sum_i dlogp_i * logp_i + dentropy_i *
   entropy_i``, given the row statistics (the global ones under vocab parallelism):
@@ -77,7 +78,7 @@ class RowBackend:
         """None if this backend can run on (device, dtype), else the reason it cannot."""
         raise NotImplementedError
 
-    def row_stats(self, logits, targets, options, execution) -> RowStats:
+    def row_stats(self, logits, targets, options, execution, need_entropy: bool = True) -> RowStats:
         raise NotImplementedError
 
     def row_grad_(self, logits, targets, stats: RowStats, dlogp, dentropy, options, execution) -> None:

@@ -11,9 +11,9 @@ The extension comes from, in this order:
    the CUDA sources too when CUDA is available and ``nvcc`` is found). About 25 s for
    the CPU-only build on 2 cores; the result is cached for every later process.
 
-Importing this module never compiles; ``prebuilt_available()`` never compiles either
-(it is what ``backend="auto"`` asks). The first call of a ``CppRowBackend`` method
-loads (and if needed builds) the extension.
+Importing this module never compiles; ``prebuilt_available()`` never compiles either.
+The first call of a ``CppRowBackend`` method loads (and if needed builds) the extension;
+``backend="auto"`` on the CPU builds it on first use too (``grpo_kernels.backends``).
 
 Environment: ``GRPO_KERNELS_BUILD_DIR`` (cache root, default
 ``~/.cache/grpo_kernels/torch_extensions``), ``GRPO_KERNELS_NO_CUDA=1`` (build the
@@ -340,13 +340,13 @@ class CppRowBackend(RowBackend):
 
     # -- the contract (base.py): the row primitives and the advantage kernel --
 
-    def row_stats(self, logits, targets, options, execution):
+    def row_stats(self, logits, targets, options, execution, need_entropy=True):
         ext = load_extension()
         n = logits.shape[0]
         acc = accumulation_dtype(logits.dtype)
         out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
         ext.row_stats(logits, _vec(targets, torch.int64, logits.device), *out, **_head_args(options),
-                      stream=_stream(logits))
+                      stream=_stream(logits), need_entropy=bool(need_entropy))
         return RowStats(lse=out[0], entropy=out[1], target_logit=out[2])
 
     def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):

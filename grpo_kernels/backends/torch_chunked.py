@@ -35,9 +35,12 @@ class TorchRowBackend(RowBackend):
     def supports(self, device, dtype):
         return None
 
-    def row_stats(self, logits, targets, options, execution):
+    def row_stats(self, logits, targets, options, execution, need_entropy=True):
         u = scaled_logits(logits, options.temperature, options.logit_softcap)
         target_logit = _gather_targets(u, targets)
+        if not need_entropy:  # the log-prob-only pass: no softmax, no p * u
+            lse = torch.logsumexp(u, dim=-1)
+            return RowStats(lse=lse, entropy=torch.zeros_like(lse), target_logit=target_logit)
         # entropy = lse - sum(p * u) on max-shifted logits: unshifted, both terms are of the
         # size of |u| and p's rounding (exp of u - lse) is amplified by |u| (fp32 logits of
         # 2e5 with a runner-up 3 nats behind gave an entropy of -342)

@@ -55,8 +55,8 @@ class TritonRowBackend(RowBackend):
 
     # -- the contract (base.py): the row primitives and the advantage kernel --
 
-    def row_stats(self, logits, targets, options, execution):
-        return row_kernels.row_stats(logits, targets, options, execution)
+    def row_stats(self, logits, targets, options, execution, need_entropy=True):
+        return row_kernels.row_stats(logits, targets, options, execution, need_entropy)
 
     def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
         row_kernels.row_grad_(logits, targets, stats, dlogp, dentropy, options, execution)

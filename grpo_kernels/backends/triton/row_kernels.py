@@ -59,33 +59,42 @@ def _scaled(z, c, inv_c, inv_T, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexp
 
 @triton.jit
 def _row_lse_entropy(base, V, c, inv_c, inv_T, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr,
-                     ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+                     ACC: tl.constexpr, BLOCK_V: tl.constexpr, HAS_ENT: tl.constexpr):
+    # HAS_ENT = False: the log-prob-only pass, without the entropy's sum t (entropy returned as 0)
     m = tl.full((), float("-inf"), ACC)  # running max
     s = tl.full((), 0.0, ACC)  # sum exp(u - m)
     t = tl.full((), 0.0, ACC)  # sum exp(u - m) * (u - m)
+    nans = tl.full((), 0, tl.int32)  # NaN logits seen: the running max ignores them, the row must not
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         inb = offs < V
         z = tl.load(base + offs, mask=inb, other=0.0).to(ACC)
         u, th = _scaled(z, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP)
         u = tl.where(inb, u, float("-inf"))
+        nans += tl.sum((u != u).to(tl.int32), axis=0)
         m_new = tl.maximum(m, tl.max(u, axis=0))
         # all -inf so far: shift by 0 (every exp is exp(-inf) = 0, s and t stay 0)
         m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
         d = u - m_safe
         e = tl.exp(d)
-        ed = e * tl.where(e > 0, d, 0.0)  # -inf logits: 0, not 0 * -inf
         alpha = tl.exp(m - m_safe)
-        # re-centre t on the new max: sum e'(u - m') = alpha * (t + (m - m') * s); s > 0 iff m finite
-        corr = (tl.where(s > 0, m, m_safe) - m_safe) * s
-        t = alpha * (t + corr) + tl.sum(ed, axis=0)
+        if HAS_ENT:
+            ed = e * tl.where(e > 0, d, 0.0)  # -inf logits: 0, not 0 * -inf
+            # re-centre t on the new max: sum e'(u - m') = alpha * (t + (m - m') * s); s > 0 iff m finite
+            corr = (tl.where(s > 0, m, m_safe) - m_safe) * s
+            t = alpha * (t + corr) + tl.sum(ed, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
     # a row of only -inf (s = 0, m = -inf): lse = -inf and entropy = lse - 0, as the torch backend
     s_safe = tl.where(s > 0, s, 1.0)
     log_s = tl.log(s_safe)
     lse = tl.where(s > 0, m + log_s, m)
-    entropy = tl.where(s > 0, log_s - t / s_safe, lse)
+    if HAS_ENT:
+        entropy = tl.where(s > 0, log_s - t / s_safe, lse)
+        entropy = tl.where(nans > 0, float("nan"), entropy)
+    else:
+        entropy = tl.full((), 0.0, ACC)
+    lse = tl.where(nans > 0, float("nan"), lse)  # NaN logits give NaN, as in the torch and C++ rows
     return lse, entropy
 
 
@@ -123,11 +132,12 @@ def row_stats_kernel(
     z_ptr, stride, tgt_ptr, lse_ptr, ent_ptr, tgl_ptr, V,
     temperature: tl.float64, softcap: tl.float64,
     HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_ENT: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride
     c, inv_c, inv_T = _consts(temperature, softcap, ACC)
-    lse, entropy = _row_lse_entropy(base, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC, BLOCK_V)
+    lse, entropy = _row_lse_entropy(base, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC, BLOCK_V, HAS_ENT)
     target = tl.load(tgt_ptr + row)
     tgl = _target_logit(base, target, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC)
     tl.store(lse_ptr + row, lse)
@@ -177,7 +187,7 @@ def row_fused_kernel(
     base = z_ptr + row.to(tl.int64) * stride
     c, inv_c, inv_T = _consts(temperature, softcap, ACC)
     # 1. statistics sweep
-    lse, entropy = _row_lse_entropy(base, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC, BLOCK_V)
+    lse, entropy = _row_lse_entropy(base, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC, BLOCK_V, True)
     target = tl.load(tgt_ptr + row)
     tgl = _target_logit(base, target, V, c, inv_c, inv_T, HAS_SOFTCAP, HAS_TEMP, ACC)
     # 2. the GRPO epilogue on this row's log-prob
@@ -302,7 +312,7 @@ def _empty(n: int, dtype, device, count: int):
     return [_common.empty(n, dtype, device) for _ in range(count)]
 
 
-def row_stats(logits, targets, options, execution) -> RowStats:
+def row_stats(logits, targets, options, execution, need_entropy: bool = True) -> RowStats:
     _check_logits(logits)
     n, V = logits.shape
     acc = acc_dtype(logits.dtype)
@@ -313,7 +323,7 @@ def row_stats(logits, targets, options, execution) -> RowStats:
         _launch(
             row_stats_kernel, row_stats_tuned, lambda b: (n,), V, execution.fixed_tiles,
             (z, z.stride(0), tg, lse, ent, tgl, V),
-            dict(ACC=tl_acc(logits.dtype), **_row_flags(options)),
+            dict(ACC=tl_acc(logits.dtype), HAS_ENT=bool(need_entropy), **_row_flags(options)),
         )
     return RowStats(lse=lse, entropy=ent, target_logit=tgl)
 
