@@ -18,8 +18,6 @@ Vocab-parallel tensor parallelism
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, normalize_groups, process_advantages
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 
 NAN = float("nan")
 EPS = 1e-4

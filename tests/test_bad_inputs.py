@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 from grpo_kernels import GRPOLoss, grpo_loss, token_logprobs
 from grpo_kernels.backends import BackendUnavailable
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 from grpo_kernels import grpo_loss, token_logprobs
 
 DEVICE = device_for_tests()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import grpo_kernels as gk
-from helpers import make_batch, rel_err
+from support import make_batch, rel_err
 
 TOL = 1e-12
 COMPILER = "aot_eager"

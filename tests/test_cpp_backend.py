@@ -233,6 +233,6 @@ def test_import_prebuilt_available_and_auto_without_build_never_compile(tmp_path
 
 
 def test_parity_suite_lists_cpp():
-    from backends import BACKENDS
+    from support import BACKENDS
 
     assert "cpp" in BACKENDS

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 from grpo_kernels import grpo_loss, token_logprobs
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 from grpo_kernels.plan import chunk_rows, plan_call

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from helpers import make_batch, rel_err
+from support import make_batch, rel_err
 
 WORLD = 2
 TOL = 1e-10

@@ -26,7 +26,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 from grpo_kernels import grpo_loss
 from grpo_kernels.options import LOSS_TYPES
 from grpo_kernels.reference import reference_grpo_loss

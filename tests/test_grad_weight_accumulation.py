@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, as_double, rel_err, run_loss, well_conditioned_batch
+from support import (
+    TOLERANCES, as_double, backend_params, device_for_tests, rel_err, require, run_loss, well_conditioned_batch,
+)
 from grpo_kernels import grpo_loss, plan
 from grpo_kernels.reference import reference_grpo_loss
 

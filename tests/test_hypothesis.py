@@ -56,7 +56,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from backends import backend_params, device_for_tests, unavailable_reason  # noqa: E402
+from support import backend_params, device_for_tests, unavailable_reason  # noqa: E402
 from grpo_kernels import grpo_loss, token_logprobs  # noqa: E402
 from grpo_kernels import reference  # noqa: E402
 from grpo_kernels.options import GRPOOptions, LOSS_TYPES  # noqa: E402

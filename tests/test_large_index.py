@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, require
+from support import backend_params, require
 from grpo_kernels import grpo_loss, plan, sweep, token_logprobs
 from grpo_kernels.backends.torch_chunked import BACKEND as TORCH
 from grpo_kernels.loss import grpo_loss_forward

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
+from support import backend_params, device_for_tests, require
 from grpo_kernels import grpo_loss, token_logprobs
 from grpo_kernels.backends import get_backend
 from grpo_kernels.options import EXECUTION_FIELDS, LOSS_FIELDS, GRPOOptions
@@ -100,10 +100,10 @@ class Recorder:
             monkeypatch.setattr(cuda, "load_extension", lambda allow_build=True: Spy())
 
     def _wrap(self, prim, fn):
-        def wrapped(logits, targets, *args):
+        def wrapped(logits, targets, *args, **kwargs):
             options, execution = args[-2], args[-1]
             self.calls.append((prim, options, execution, logits.shape[0]))
-            return fn(logits, targets, *args)
+            return fn(logits, targets, *args, **kwargs)
 
         return wrapped
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, as_double, make_batch, rel_err, run_loss
+from support import TOLERANCES, as_double, backend_params, device_for_tests, make_batch, rel_err, require, run_loss
 from grpo_kernels import grpo_loss, token_logprobs
 from grpo_kernels.reference import reference_grpo_loss, reference_token_logprobs
 

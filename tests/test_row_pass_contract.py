@@ -36,8 +36,7 @@ import inspect
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
-from helpers import stable_seed
+from support import backend_params, device_for_tests, require, stable_seed
 from grpo_kernels import objective
 from grpo_kernels.advantages import group_advantages, normalize_groups
 from grpo_kernels.backends import get_backend

@@ -11,8 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
-from helpers import check_against_oracle, make_batch, run_loss, stable_seed, well_conditioned_batch
+from support import (
+    backend_params, check_against_oracle, device_for_tests, make_batch, require, run_loss, stable_seed,
+    well_conditioned_batch,
+)
 from grpo_kernels import grpo_loss, plan, sweep
 from grpo_kernels.options import LOSS_TYPES
 

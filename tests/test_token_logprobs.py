@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends import backend_params, device_for_tests, require
-from helpers import TOLERANCES, rel_err
+from support import TOLERANCES, backend_params, device_for_tests, rel_err, require
 from grpo_kernels import token_logprobs
 from grpo_kernels.reference import reference_token_logprobs
 

@@ -1,11 +1,57 @@
-"""Shared test inputs and comparisons (fresh random data, never zeros)."""
+"""The tests' one support module: the backends every contract test runs over, fresh random
+inputs, the float64 oracle's comparisons and tolerances by dtype.
+
+Imported as ``support`` (pytest puts tests/ first on sys.path): nothing here, or in the tests,
+depends on a top-level package named ``tests`` being ours.
+"""
 from __future__ import annotations
 
+import functools
 import zlib
 
+import pytest
 import torch
 
 from grpo_kernels.reference import reference_grpo_loss, reference_token_logprobs
+
+# ----------------------------------------------------------------------------- the backends
+
+#: the row backends every contract and parity test runs over, each skipped with its reason where
+#: it cannot run: a new backend joins the whole suite by adding its name here
+BACKENDS = ["torch", "triton", "cpp"]
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """None when backend ``name`` runs on (device, dtype) here, else why not."""
+    from grpo_kernels.backends import get_backend
+
+    try:
+        get_backend(name, torch.device(device), dtype)
+        if name in ("cpp", "cuda"):  # the extension is JIT-built on first use: build it now
+            from grpo_kernels.backends import cuda
+
+            cuda.load_extension()
+    except Exception as exc:  # noqa: BLE001 - any failure to load is a reason to skip
+        return f"{name}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def backend_params(names=BACKENDS):
+    return [pytest.param(n, id=n) for n in names]
+
+
+def require(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def device_for_tests() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- inputs and comparisons
 
 # (relative tolerance for the loss, for the gradients) by input dtype, against the fp64 oracle
 TOLERANCES = {
@@ -110,7 +156,6 @@ def well_conditioned_batch(dtype, seed, opts, tries=64, **batch_kwargs):
 def check_against_oracle(backend, batch, dtype, device=None, **opts):
     """grpo_loss with ``backend`` against the float64 oracle: loss and every gradient within
     TOLERANCES[dtype], gradients in the input dtype. Skips when the backend cannot run."""
-    from backends import device_for_tests, require
     from grpo_kernels import grpo_loss
 
     require(backend, device or device_for_tests(), dtype)
