@@ -220,7 +220,7 @@ KIND_TITLES = {
     "logprobs": "token_logprobs alone (reference-model pass, no grad)",
     "level": "sequence- vs token-level importance sampling (GSPO), forward + backward, slightly off-policy",
 }
-BAR = 1.15  # DESIGN.md: within 1.15x of the three-matmul floor on an H100
+BAR = 1.15  # the speed bar: within 1.15x of the three-matmul floor on an H100
 
 
 def _ok(r):

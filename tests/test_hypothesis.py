@@ -357,7 +357,7 @@ def _nan_to_inf(x: torch.Tensor) -> torch.Tensor:
 
 
 def norm_weights(t, opts: GRPOOptions) -> torch.Tensor:
-    """Each token's normalization weight (DESIGN.md section 2), float64 [B, T]."""
+    """Each token's normalization weight (TRL 1.16 normalizers, docs/design.md), float64 [B, T]."""
     m = t["mask"].double()
     B = m.shape[0]
     lt = opts.loss_type
