@@ -175,9 +175,9 @@ __device__ __forceinline__ Online<A> online_merge(const Online<A>& a, const Onli
   return r;
 }
 
-// Block-wide merge; every thread gets the result. `scratch` holds 32 entries.
-template <class A, bool ENT = true>
-__device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch) {
+// Warp-wide merge: every lane of the warp gets the merge of the warp's 32 partials.
+template <class A, bool ENT>
+__device__ __forceinline__ Online<A> warp_merge(Online<A> o) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     Online<A> other;
@@ -186,6 +186,13 @@ __device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch
     other.t = ENT ? __shfl_xor_sync(0xffffffffu, o.t, off) : A(0);
     o = online_merge<A, ENT>(o, other);
   }
+  return o;
+}
+
+// Block-wide merge; every thread gets the result. `scratch` holds 32 entries.
+template <class A, bool ENT = true>
+__device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch) {
+  o = warp_merge<A, ENT>(o);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
   __syncthreads();  // scratch may still be read from a previous row
@@ -198,14 +205,7 @@ __device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch
     } else {
       online_init(v);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      Online<A> other;
-      other.m = __shfl_xor_sync(0xffffffffu, v.m, off);
-      other.s = __shfl_xor_sync(0xffffffffu, v.s, off);
-      other.t = ENT ? __shfl_xor_sync(0xffffffffu, v.t, off) : A(0);
-      v = online_merge<A, ENT>(v, other);
-    }
+    v = warp_merge<A, ENT>(v);
     if (lane == 0) scratch[0] = v;
   }
   __syncthreads();
