@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from grpo_kernels import validation as check
-from grpo_kernels.collective import combine_row_stats
+from grpo_kernels.collective import combine_row_stats, initialized
 
 __all__ = [
     "global_num_items",
@@ -32,10 +32,6 @@ __all__ = [
     "vocab_parallel_token_logprobs",
     "combine_row_stats",
 ]
-
-
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 # ------------------------------------------------------------------ data parallelism
@@ -55,7 +51,7 @@ def global_num_items(mask: torch.Tensor, group=None, *, divide_by_world_size: bo
     """
     check.tensor("mask", mask)
     count = mask.sum(dtype=torch.float64).reshape(())
-    if not _initialized():
+    if not initialized():
         return count
     count = count.clone()
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
@@ -86,7 +82,7 @@ def global_high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, top_entr
         raise ValueError(f"top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
     m = mask != 0
     local = entropy.detach()[m].float()
-    if _initialized():
+    if initialized():
         world = dist.get_world_size(group)
         count = torch.tensor([local.numel()], dtype=torch.int64, device=local.device)
         counts = [torch.empty_like(count) for _ in range(world)]
@@ -153,6 +149,6 @@ def vocab_parallel_grpo_loss(hidden, weight_shard, vocab_start, targets, advanta
 
 
 def _group(group):
-    if not _initialized():
+    if not initialized():
         raise RuntimeError("vocab-parallel losses need an initialized torch.distributed process group")
     return dist.group.WORLD if group is None else group

@@ -122,6 +122,10 @@ class Plan:
     vocab: Optional[collective.VocabGroup]  # None: the whole vocabulary is local
     need_entropy: bool = True  # False: the log-prob-only statistics (token_logprobs without entropy)
 
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"unknown path {self.path!r} (one of {PATHS})")
+
     @property
     def fused(self) -> bool:
         """Whether the backend's fused row kernel runs (not under vocab parallelism, whose
