@@ -510,6 +510,7 @@ def test_backend_declares_the_contract(backend):
     dev = torch.device(backend.device)
     assert isinstance(impl, RowBackend)
     assert impl.supports(dev, torch.float32) is None
+    assert isinstance(impl.supports(dev, torch.int64), str), "an integer chunk has no softmax: a reason"
     assert isinstance(impl.temp_bytes_per_elem, int) and impl.temp_bytes_per_elem >= 0
     assert isinstance(impl.deterministic, bool)
     params = lambda f: list(inspect.signature(f).parameters)  # noqa: E731

@@ -33,6 +33,8 @@ class TorchRowBackend(RowBackend):
     temp_bytes_per_elem = 8
 
     def supports(self, device, dtype):
+        if not torch.empty((), dtype=dtype).is_floating_point():
+            return f"dtype {dtype} is not a floating dtype"
         return None
 
     def row_stats(self, logits, targets, options, execution, need_entropy=True):
