@@ -60,29 +60,30 @@ def _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_gra
     return hidden, weight, bias, vp
 
 
-def _num_items(value) -> Optional[torch.Tensor]:
-    """num_items_in_batch as a float64 [] tensor (a per-step count stays a tensor under
-    torch.compile: no recompiles, no graph break), checked when values can be read."""
+def _count_argument(name: str, value) -> Optional[torch.Tensor]:
+    """A per-step count (num_items_in_batch, num_sequences_in_batch) as a float64 [] tensor (it
+    stays a tensor under torch.compile: no recompiles, no graph break), checked when values can
+    be read."""
     if value is None:
         return None
     shown = value  # the messages show the value as given
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(value.shape)}")
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
         if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"num_items_in_batch must be a real number, got {value.dtype}")
+            raise TypeError(f"{name} must be a real number, got {value.dtype}")
         value = value.detach().reshape(()).to(torch.float64)
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"num_items_in_batch must be a number, got {type(value).__name__}")
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
         value = torch.ones((), dtype=torch.float64) * value
     if check.value_checks_enabled(value):
         v = float(value)
         shown = shown if not isinstance(shown, torch.Tensor) else v
         if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"num_items_in_batch must be finite, got {shown}")
+            raise ValueError(f"{name} must be finite, got {shown}")
         if v < 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {shown}")
+            raise ValueError(f"{name} must be >= 0, got {shown}")
     return value
 
 
@@ -167,7 +168,9 @@ def grpo_loss(
     *,
     bias: Optional[torch.Tensor] = None,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
     num_items_in_batch=None,
+    num_sequences_in_batch=None,
     return_metrics: bool = False,
     process_group=None,
     vocab_start: Optional[int] = None,
@@ -178,9 +181,11 @@ def grpo_loss(
 
     hidden [B, T, H], weight [V, H], targets [B, T] int, advantages [B] or [B, T],
     mask [B, T]; old_logps / ref_logps / importance_sampling_ratio [B, T] (the ratio
-    may be [B, 1]); num_items_in_batch: dapo/cispo's normalizer (number or 1-element
-    tensor; None: mask.sum()). Options: the fields of ``GRPOOptions`` and of
-    ``ExecutionOptions``. Returns the scalar loss (fp32, fp64 for fp64 inputs), or
+    may be [B, 1]); sampling_logps [B, T]: the sampler's log-probs for
+    ``off_policy_mask_threshold`` (None: old_logps; NaN = unscored); num_items_in_batch:
+    dapo/cispo/vespo's normalizer, verl's ``batch_num_tokens`` (number or 1-element tensor;
+    None: mask.sum()); num_sequences_in_batch: verl's ``global_batch_size`` (None: the rows
+    with a token). Options: the fields of ``GRPOOptions`` and of ``ExecutionOptions``. Returns the scalar loss (fp32, fp64 for fp64 inputs), or
     ``(loss, GRPOMetrics)`` with ``return_metrics=True``.
 
     Vocab parallel: ``process_group`` / ``vocab_start`` / ``reduce_grad_hidden`` as in
@@ -191,7 +196,8 @@ def grpo_loss(
     opts, execution = split_options(options)
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
-    num_items = _num_items(num_items_in_batch)
+    num_items = _count_argument("num_items_in_batch", num_items_in_batch)
+    num_sequences = _count_argument("num_sequences_in_batch", num_sequences_in_batch)
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
     check.tensor("hidden", hidden, ndim=(3,), floating=True)
@@ -203,21 +209,26 @@ def grpo_loss(
     batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
                              opts.beta, vocab=None if vp.enabled else weight.shape[0])
     keep, targets, advantages, old_logps, ref_logps, importance_sampling_ratio = batch
+    sampling_logps = check.sampling_logps(sampling_logps, keep, opts.off_policy_mask_threshold)
+    adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    inputs = objective.LossInputs(mask=mask, adv=adv2, old=old_logps, ref=ref_logps, is_ratio=importance_sampling_ratio,
+                                  sampling=sampling_logps, num_items=num_items, num_sequences=num_sequences)
 
     with no_autocast:
-        return _grpo_loss_checked(hidden, weight, bias, targets, advantages, mask, old_logps, ref_logps,
-                                  importance_sampling_ratio, num_items, opts, execution, vp, return_metrics)
+        return _grpo_loss_checked(hidden, weight, bias, targets, inputs, opts, execution, vp, return_metrics)
 
 
-def _grpo_loss_checked(hidden, weight, bias, targets, advantages, mask, old_logps, ref_logps,
-                       importance_sampling_ratio, num_items, opts, execution, vp, return_metrics):
+def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInputs, opts, execution, vp,
+                       return_metrics):
     B, T, _ = hidden.shape
+    mask = inputs.mask
     if execution.backend == "reference":
         from grpo_kernels.reference import reference_grpo_loss
 
         out = reference_grpo_loss(
-            hidden, weight, targets, advantages, mask, old_logps, ref_logps, bias=bias,
-            importance_sampling_ratio=importance_sampling_ratio, num_items_in_batch=num_items, options=opts,
+            hidden, weight, targets, inputs.adv, mask, inputs.old, inputs.ref, bias=bias,
+            importance_sampling_ratio=inputs.is_ratio, sampling_logps=inputs.sampling,
+            num_items_in_batch=inputs.num_items, num_sequences_in_batch=inputs.num_sequences, options=opts,
             return_metrics=return_metrics,
         )
         if not return_metrics:
@@ -230,28 +241,25 @@ def _grpo_loss_checked(hidden, weight, bias, targets, advantages, mask, old_logp
             entropy_mean=m["entropy_mean"],
         )
 
-    adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     grad_on = torch.is_grad_enabled()
     needs = (
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    ratio = None if importance_sampling_ratio is None else importance_sampling_ratio.expand(B, T)
-    loss, logp, ent, _, _, _ = loss_op(
-        hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1), mask, adv2.expand(B, T), old_logps, ref_logps,
-        ratio, num_items, (opts, execution, vp), needs,
-    )
+    loss, logp, ent, _, _, _ = loss_op(hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1), inputs,
+                                       (opts, execution, vp), needs)
     if not return_metrics:
         return loss
-    metrics = objective.compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv2, opts, old=old_logps,
-                                        ref=ref_logps)
+    metrics = objective.compute_metrics(logp.view(B, T), ent.view(B, T), mask, inputs.adv, opts, old=inputs.old,
+                                        ref=inputs.ref)
     return loss, metrics
 
 
 class GRPOLoss(nn.Module):
     """Drop-in module: holds the options; ``forward`` takes the tensors (and per-call overrides:
-    options, ``bias``, ``importance_sampling_ratio``, ``num_items_in_batch``, ``return_metrics``)."""
+    options, ``bias``, ``importance_sampling_ratio``, ``sampling_logps``, ``num_items_in_batch``,
+    ``num_sequences_in_batch``, ``return_metrics``)."""
 
     def __init__(self, **options):
         super().__init__()

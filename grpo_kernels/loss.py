@@ -7,7 +7,7 @@ gradients (computed in the forward pass) and the per-token logps / entropy. Padd
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -23,31 +23,13 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch
     return out.index_copy_(0, rows, values)
 
 
-def _functorch_keys_enabled():
-    """Re-enable functorch's dispatch keys for an inner ``torch.func`` transform.
-
-    Under a ``TorchDispatchMode`` (torch.compile's first-call custom-op aliasing check,
-    FlopCounterMode, ...) an op runs with every key above Python excluded, functorch's
-    included, and ``torch.func.grad`` fails with "Cannot access storage of TensorWrapper".
-    """
-    K = torch._C.DispatchKey
-    keys = [K.FuncTorchDynamicLayerFrontMode, K.FuncTorchDynamicLayerBackMode, K.FuncTorchGradWrapper,
-            K.FuncTorchBatched, K.FuncTorchVmapMode]
-    excluded = torch._C._dispatch_tls_local_exclude_set()
-    if not hasattr(torch._C, "_ForceDispatchKeyGuard") or not any(excluded.has(k) for k in keys):
-        return contextlib.nullcontext()
-    for k in keys:
-        excluded = excluded.remove(k)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
-
-
 def plan_loss(hidden, weight, mask, options: GRPOOptions, execution: ExecutionOptions, vocab_parallel: VocabParallel,
               needs) -> Tuple[Plan, torch.Tensor, torch.Tensor]:
     """(plan, real row indices, their hidden states) of a loss call on hidden [B*T, H], mask [B, T]."""
     B, T = mask.shape
     rows = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
     lengths = None
-    if any(needs) and options.importance_sampling_level == "sequence":
+    if any(needs) and objective.scope(options) == "sequence":
         # a meta mask (shape checks) has no values: every position counts, as in nonzero()
         lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
     h = hidden.index_select(0, rows)
@@ -61,12 +43,7 @@ def grpo_loss_forward(
     weight: torch.Tensor,  # [V, H] (this rank's rows under vocab parallelism)
     bias: Optional[torch.Tensor],  # [V]
     targets: torch.Tensor,  # [B*T] int64, global ids
-    mask: torch.Tensor,  # [B, T]
-    adv: torch.Tensor,  # [B, T] (broadcast)
-    old: Optional[torch.Tensor],  # [B, T]
-    ref: Optional[torch.Tensor],  # [B, T]
-    is_ratio: Optional[torch.Tensor],  # [B, T] (broadcast)
-    num_items: Optional[torch.Tensor],  # [] dapo/cispo normalizer
+    inputs: objective.LossInputs,  # the per-call tensors, [B, T] (adv, is_ratio may be [B, 1])
     options: GRPOOptions,
     execution: ExecutionOptions,
     vocab_parallel: VocabParallel,
@@ -74,45 +51,48 @@ def grpo_loss_forward(
 ):
     """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias);
     grads are None when not needed."""
+    mask = inputs.mask
     B, T = mask.shape
     total = B * T
     acc = accumulation_dtype(hidden.dtype)
     plan, rows, h = plan_loss(hidden, weight, mask, options, execution, vocab_parallel, needs)
     tgt = _targets(plan, targets.index_select(0, rows))
-    pick = lambda t: None if t is None else t.reshape(-1).index_select(0, rows).to(acc)  # noqa: E731
-    # padding positions may hold junk (even inf) old/ref logps: they must not reach a sum
+    # padding positions may hold junk (even inf) old/ref/sampling logps: they must not reach a sum
     keep = mask != 0
-    old = None if old is None else torch.where(keep, old.to(acc), torch.zeros((), dtype=acc, device=old.device))
-    ref = None if ref is None else torch.where(keep, ref.to(acc), torch.zeros((), dtype=acc, device=ref.device))
+    zero = torch.zeros((), dtype=acc, device=hidden.device)
+    clean = lambda t: None if t is None else torch.where(keep, t.to(acc), zero)  # noqa: E731
+    inputs = dataclasses.replace(inputs, old=clean(inputs.old), ref=clean(inputs.ref), sampling=clean(inputs.sampling))
+
+    def pick(t):
+        return None if t is None else t.expand(B, T).reshape(-1).index_select(0, rows).to(acc)
 
     logp_full = ent_full = sel_stats = None
     if plan.path in ("forward", "two_sweeps") or plan.entropy_sweep:
         sel_stats = sweep.forward_stats(plan, h, weight, bias, tgt)
         logp_full = _scatter_rows(sel_stats.logp, rows, total)
         ent_full = _scatter_rows(sel_stats.entropy, rows, total)
-
-    policy_scale = is_ratio
     if options.top_entropy_quantile < 1.0:
-        entropy_mask = objective.high_entropy_mask(ent_full.view(B, T), mask, options.top_entropy_quantile)
-        policy_scale = entropy_mask.to(acc) if policy_scale is None else policy_scale.to(acc) * entropy_mask
+        inputs = dataclasses.replace(inputs, entropy_mask=objective.high_entropy_mask(
+            ent_full.view(B, T), mask, options.top_entropy_quantile))
+    weights = objective.objective_weights(mask, options, acc, inputs.num_items, inputs.num_sequences,
+                                          inputs.entropy_mask)
 
-    def loss_of(logp_full):
-        return objective.objective_loss(logp_full.view(B, T), mask, adv, options, old=old, ref=ref,
-                                        policy_scale=policy_scale, num_items=num_items)
-
-    def grad_and_loss(logp_full):
-        # torch.func rather than torch.autograd: this runs inside a custom op, below the
-        # autograd dispatch key, where only functorch's own transform still differentiates
-        with _functorch_keys_enabled():
-            return torch.func.grad_and_value(loss_of)(logp_full)
+    def loss_of(logp_full, ent_full):
+        return objective.objective_loss(logp_full.view(B, T), ent_full.view(B, T), inputs, options, weights)
 
     gh = gw = gb = None
     if plan.path == "forward":
-        return loss_of(logp_full).detach(), logp_full, ent_full, None, None, None
+        return loss_of(logp_full, ent_full).detach(), logp_full, ent_full, None, None, None
     if plan.path == "one_sweep":
+        policy_scale = inputs.is_ratio
+        if inputs.entropy_mask is not None:
+            em = inputs.entropy_mask.to(acc)
+            policy_scale = em if policy_scale is None else policy_scale.to(acc) * em
         token_inputs = objective.TokenInputs(
-            old=pick(old), adv=pick(adv), weight=pick(objective.token_weights(mask, options, acc, num_items)),
-            ref=pick(ref), policy_scale=pick(policy_scale),
+            old=pick(inputs.old), adv=pick(inputs.adv), weight=pick(weights.policy), ref=pick(inputs.ref),
+            policy_scale=pick(policy_scale),
+            kl_weight=None if weights.kl is weights.policy else pick(weights.kl),
+            entropy_weight=pick(weights.entropy) if options.entropy_coef != 0.0 else None,
         )
         n = h.shape[0]
         stats = RowStats.empty(n, h.dtype, h.device)
@@ -129,23 +109,24 @@ def grpo_loss_forward(
         ent_full = _scatter_rows(stats.entropy, rows, total)
     elif plan.path == "sequence_sweep":
         logp_full = torch.zeros(total, dtype=acc, device=h.device)
-        entropy = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        ent_full = torch.zeros(total, dtype=acc, device=h.device)
 
         def sequence_sweep(s, e, z):
             st = sweep.stats(plan, z, tgt[s:e])
-            entropy[s:e] = st.entropy
             # rows of later sequences still hold 0: they do not reach these rows' coefficients
             logp_full.index_copy_(0, rows[s:e], st.logp)
-            dlogp = grad_and_loss(logp_full)[0].index_select(0, rows[s:e])
-            sweep.grad_(plan, z, tgt[s:e], st, dlogp)
+            ent_full.index_copy_(0, rows[s:e], st.entropy)
+            dlogp, dent, _ = objective.gradients(loss_of, logp_full, ent_full)
+            sweep.grad_(plan, z, tgt[s:e], st, dlogp.index_select(0, rows[s:e]),
+                        dent.index_select(0, rows[s:e]) if options.entropy_coef != 0.0 else None)
 
         gh, gw, gb = sweep.sweep(plan, h, weight, bias, sequence_sweep, needs)
-        loss = loss_of(logp_full).detach()
-        ent_full = _scatter_rows(entropy, rows, total)
+        loss = loss_of(logp_full, ent_full).detach()
     else:  # two_sweeps
-        dlogp_full, loss = grad_and_loss(logp_full)
+        dlogp_full, dent_full, loss = objective.gradients(loss_of, logp_full, ent_full)
+        dent = dent_full.index_select(0, rows) if options.entropy_coef != 0.0 else None
         gh, gw, gb = sweep.backward_grads(plan, h, weight, bias, tgt, sel_stats, dlogp_full.index_select(0, rows),
-                                          None, needs)
+                                          dent, needs)
     gh_full = _scatter_rows(gh, rows, total) if gh is not None else None
     return loss, logp_full, ent_full, gh_full, gw, gb
 

@@ -15,6 +15,7 @@ The normalization of every loss type is folded into one per-token weight
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,7 +30,7 @@ def token_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype,
     """[B, T] weights that turn per-token losses into the loss type's normalized scalar.
 
     ``mask`` is [B, T]; B counts every row, fully masked ones included (TRL does too).
-    ``num_items`` ([] tensor or number): dapo/cispo's ``num_items_in_batch``; None: mask.sum().
+    ``num_items`` ([] tensor or number): dapo/cispo/vespo's ``num_items_in_batch``; None: mask.sum().
     """
     m = mask.to(dtype)
     rows = m.shape[0]
@@ -40,7 +41,7 @@ def token_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype,
         return m / m.sum().clamp(min=1.0)
     if lt == "dr_grpo":
         return m / (rows * options.max_completion_length)
-    if lt in ("dapo", "cispo"):
+    if lt in ("dapo", "cispo", "vespo"):
         n = m.sum() if num_items is None else torch.as_tensor(num_items).to(dtype)
         return m / n.clamp(min=1.0)
     if lt == "luspo":
@@ -61,10 +62,15 @@ class TokenInputs:
     weight: torch.Tensor
     ref: Optional[torch.Tensor] = None
     policy_scale: Optional[torch.Tensor] = None
+    #: the KL and entropy terms' aggregation weights where they differ from ``weight`` (verl's sapo
+    #: aggregates its policy term on its own; TRL's entropy bonus is a plain mean): None = weight / unused
+    kl_weight: Optional[torch.Tensor] = None
+    entropy_weight: Optional[torch.Tensor] = None
 
     def select(self, rows) -> "TokenInputs":
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TokenInputs(pick(self.old), self.adv[rows], self.weight[rows], pick(self.ref), pick(self.policy_scale))
+        return TokenInputs(pick(self.old), self.adv[rows], self.weight[rows], pick(self.ref), pick(self.policy_scale),
+                           pick(self.kl_weight), pick(self.entropy_weight))
 
 
 @dataclass
@@ -180,29 +186,469 @@ def k3_kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return _exp_sat(d) - d - 1
 
 
-def objective_loss(
-    logp: torch.Tensor,
-    mask: torch.Tensor,
-    adv: torch.Tensor,
-    options: GRPOOptions,
-    old: Optional[torch.Tensor] = None,
-    ref: Optional[torch.Tensor] = None,
-    policy_scale: Optional[torch.Tensor] = None,
-    num_items: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Differentiable GRPO loss of [B, T] log-probs; adv is [B, T] (broadcast already)."""
-    old = logp.detach() if old is None else old.to(logp.dtype)
-    w = importance_weights(logp, old, mask, options.importance_sampling_level)
-    per_token = policy_term(w, adv.to(logp.dtype), logp, options).expand_as(logp)
-    if policy_scale is not None:
-        per_token = _scale(per_token, policy_scale.to(logp.dtype))
+# ================================================================ the composable objective
+#
+# loss = sum_t w_pol * policy_t * scale_t  +  beta * sum_t w_kl * kl_t  -  entropy_coef * sum_t w_ent * H_t
+#
+# - policy_t: the policy term (TRL's loss_type, or verl's policy_loss), per token or per sequence;
+# - scale_t: the factors TRL and verl multiply into the policy term only (the vLLM / rollout
+#   importance-sampling ratio, the high-entropy mask, the off-policy sequence mask);
+# - w_pol, w_kl, w_ent: the aggregation (TRL's loss-type normalizers or verl's loss_agg_mode with its
+#   global-batch normalizers) as per-token weights: every aggregation both frameworks use is linear;
+# - kl_t: the KL estimator (TRL's k3, or verl's k1 / abs / k2 / low_var_kl and their "+" forms).
+#
+# ``scope`` says what a token's gradient coefficient depends on, hence the plan's path: "token" (its own
+# log-prob: one fused sweep), "sequence" (its sequence's log-probs: the sequence-cut sweep) or "batch"
+# (every log-prob of the call: a statistics sweep first).
+
+SCOPES = ("token", "sequence", "batch")
+#: LossInputs fields the loss derives itself (not call arguments)
+DERIVED_INPUTS = ("entropy_mask",)
+
+
+@dataclass
+class LossInputs:
+    """The per-call tensors of the objective, [B, T] (``adv`` and ``is_ratio`` may be [B, 1]).
+
+    ``old=None``: on-policy (old = logp.detach()); ``sampling``: the sampler's log-probs for TRL's
+    off-policy mask (None: old); ``num_items``: TRL's dapo/cispo/vespo normalizer, verl's
+    ``batch_num_tokens``; ``num_sequences``: verl's ``global_batch_size``. Padding positions hold
+    neutral values (0) already.
+    """
+
+    mask: torch.Tensor
+    adv: torch.Tensor
+    old: Optional[torch.Tensor] = None
+    ref: Optional[torch.Tensor] = None
+    is_ratio: Optional[torch.Tensor] = None
+    sampling: Optional[torch.Tensor] = None
+    num_items: Optional[torch.Tensor] = None
+    num_sequences: Optional[torch.Tensor] = None
+    entropy_mask: Optional[torch.Tensor] = None  # bool [B, T]: TRL's top_entropy_quantile selection
+
+
+def scope(options: GRPOOptions) -> str:
+    """What a token's dL/dlogp depends on: "token", "sequence" or "batch" (module comment)."""
+    pl = options.policy_loss
+    if pl in ("clip_cov", "kl_cov"):
+        return "batch"
+    if pl == "bypass_mode":
+        from grpo_kernels import rollout_correction
+
+        return rollout_correction.scope(options)
+    if pl in ("gspo", "geo_mean"):
+        return "sequence"
+    if pl is None and (options.loss_type == "vespo" or options.importance_sampling_level == "sequence"
+                       or options.off_policy_mask_threshold is not None):
+        return "sequence"
+    return "token"
+
+
+def kernel_epilogue(options: GRPOOptions) -> bool:
+    """Whether the fused row kernels' epilogue (``token_epilogue``) computes this objective: TRL's
+    token-level loss types with its k3 KL, no entropy bonus."""
+    return (options.policy_loss is None and options.loss_agg_mode is None and options.loss_type != "vespo"
+            and options.importance_sampling_level == "token" and options.kl_estimator == "k3"
+            and options.entropy_coef == 0.0 and options.off_policy_mask_threshold is None)
+
+
+# ---------------------------------------------------------------- aggregation as token weights
+
+
+def _count(x: Optional[torch.Tensor], default: torch.Tensor, dtype) -> torch.Tensor:
+    return default if x is None else torch.as_tensor(x).to(dtype=dtype, device=default.device)
+
+
+def aggregation_weights(mask: torch.Tensor, mode: str, options: GRPOOptions, dtype: torch.dtype,
+                        num_items=None, num_sequences=None) -> torch.Tensor:
+    """[B, T] weights of verl 0.9.1's ``agg_loss(loss_mat, mask, mode, dp_size, batch_num_tokens,
+    global_batch_size, loss_scale_factor)``: ``agg = sum(loss_mat * weights)``. A count verl would
+    divide by when it is 0 (an all-padding batch) is clamped at 1 here: 0, not NaN."""
+    m = mask.to(dtype)
+    dp = float(options.dp_size)
+    if mode == "token-mean":
+        n = _count(num_items, m.sum(), dtype).clamp(min=1e-30 if num_items is not None else 1.0)
+        return m / n * dp
+    if mode == "token-sum":
+        return m * dp
+    lengths = m.sum(-1, keepdim=True)
+    seq_mask = (lengths > 0).to(dtype)
+    gbs = _count(num_sequences, seq_mask.sum(), dtype).clamp(min=1e-30 if num_sequences is not None else 1.0)
+    if mode == "seq-mean-token-mean":
+        return m / (lengths + 1e-8) * seq_mask / gbs * dp
+    w = m * seq_mask / gbs * dp
+    if mode == "seq-mean-token-sum-norm":
+        w = w / (options.loss_scale_factor if options.loss_scale_factor is not None else mask.shape[-1])
+    elif mode != "seq-mean-token-sum":
+        raise ValueError(f"unknown loss_agg_mode {mode!r}")
+    return w
+
+
+@dataclass
+class ObjectiveWeights:
+    """Per-token aggregation weights, [B, T]: policy, KL and entropy terms."""
+
+    policy: torch.Tensor
+    kl: torch.Tensor
+    entropy: torch.Tensor
+
+
+def objective_weights(mask: torch.Tensor, options: GRPOOptions, dtype: torch.dtype, num_items=None,
+                      num_sequences=None, entropy_mask: Optional[torch.Tensor] = None) -> ObjectiveWeights:
+    """The aggregation of every term. TRL: the loss type's normalizer for policy and KL alike
+    (``token_weights``), and the entropy bonus a plain mean over the effective mask (mask times the
+    high-entropy mask), outside any loss-type normalizer. verl: ``loss_agg_mode`` for all three,
+    except that its sapo aggregates the policy term seq-mean-token-mean whatever the mode."""
+    mode = options.agg_mode
+    if mode is None:
+        pol = token_weights(mask, options, dtype, num_items)
+        eff = mask.to(dtype) if entropy_mask is None else mask.to(dtype) * entropy_mask.to(dtype)
+        ent = eff / eff.sum().clamp(min=1.0)
+        return ObjectiveWeights(pol, pol, ent)
+    shared = aggregation_weights(mask, mode, options, dtype, num_items, num_sequences)
+    pol = shared
+    if options.policy_loss == "sapo" and mode != "seq-mean-token-mean":
+        pol = aggregation_weights(mask, "seq-mean-token-mean", options, dtype, num_items, num_sequences)
+    return ObjectiveWeights(pol, shared, shared)
+
+
+# ---------------------------------------------------------------- KL estimators
+
+
+def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate of the policy against the reference (``GRPOOptions.kl_estimator``).
+
+    "k3": TRL's ``exp(ref - logp) - (ref - logp) - 1`` (saturating exp, no clamps); verl's
+    ``kl_penalty``: k1 = logp - ref, abs = |logp - ref|, k2 = (logp - ref)^2 / 2, low_var_kl = k3 with
+    ref - logp clamped to [-20, 20] and the result to [-10, 10]; a "+" suffix keeps the value and
+    takes k2's gradient (straight-through), k2 being its own "+" form.
+    """
+    straight_through = estimator.endswith("+")
+    base = estimator[:-1] if straight_through else estimator
+    if base == "k3" and not straight_through:
+        value = k3_kl(logp, ref)
+    elif base in ("k1", "k3"):
+        value = logp - ref if base == "k1" else k3_kl(logp, ref)
+    elif base == "abs":
+        value = (logp - ref).abs()
+    elif base == "k2":
+        return 0.5 * (logp - ref).square()
+    elif base == "low_var_kl":
+        d = torch.clamp(ref - logp, min=-20, max=20)
+        value = torch.clamp(torch.exp(d) - d - 1, min=-10, max=10)
+    else:
+        raise ValueError(f"unknown kl_estimator {estimator!r}")
+    if not straight_through:
+        return value
+    k2 = 0.5 * (logp - ref).square()
+    return k2 - k2.detach() + value.detach()
+
+
+# ---------------------------------------------------------------- policy terms
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """verl's ``masked_mean``: sum(x * mask) / (sum(mask) + 1e-8)."""
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / (m.sum() + 1e-8)
+    return (x * m).sum(dim) / (m.sum(dim) + 1e-8)
+
+
+def vespo_gamma_weights(adv, log_ratio, mask, is_ratio, options: GRPOOptions) -> torch.Tensor:
+    """TRL 1.16's ``get_gamma_weights``, detached [B, 1]: phi(w) = e^lambda w^k e^(-lambda w) for the
+    sequence ratio w = exp(sum_t log_ratio) (times the token IS ratios' product when given)."""
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        seq = (torch.clamp(log_ratio, -20.0, 20.0) * mask.to(log_ratio.dtype)).sum(-1, keepdim=True)
+        if is_ratio is not None:
+            seq = seq + torch.clamp(torch.log(is_ratio.to(log_ratio.dtype)), lower, 20.0).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq, lower, 20.0)
+        w = torch.exp(log_w)
+        pos = adv >= 0
+        k = torch.where(pos, options.vespo_k_pos, options.vespo_k_neg).to(log_w.dtype)
+        lam = torch.where(pos, options.vespo_lambda_pos, options.vespo_lambda_neg).to(log_w.dtype).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * w)
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_mask(adv, logp, sampling, mask, threshold: float) -> torch.Tensor:
+    """TRL 1.16's ``get_off_policy_mask`` (DeepSeek-V3.2): keep a sequence when its advantage is
+    >= 0 or its mean KL(sampler || policy) is at most ``threshold``; [B, 1] (or [B, T]) 0/1."""
+    kl = torch.nan_to_num(sampling - logp.detach(), nan=0.0)
+    m = mask.to(kl.dtype)
+    avg = (kl * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+    return ((adv >= 0) | (avg <= threshold)).to(kl.dtype)
+
+
+def _trl_policy(logp, old, adv, inputs: LossInputs, options: GRPOOptions):
+    """(per-token policy loss, importance weights w, whether the IS ratio was folded in) of a TRL loss type."""
+    w = importance_weights(logp, old, inputs.mask, options.importance_sampling_level)
+    if options.loss_type == "vespo":
+        phi = vespo_gamma_weights(adv, logp - old, inputs.mask, inputs.is_ratio, options)
+        return -phi * adv * logp, w, True
+    return policy_term(w, adv, logp, options), w, False
+
+
+def _ratio20(logp, old):
+    lr = torch.clamp(logp - old, min=-20.0, max=20.0)
+    return torch.exp(lr)
+
+
+def verl_policy(logp, old, adv, mask, is_ratio, options: GRPOOptions):
+    """verl 0.9.1's ``get_policy_loss_fn(policy_loss)`` per-token loss matrix (rollout IS weights
+    applied), or for geo_mean the aggregated scalar. Returns (loss, aggregated, effective mask)."""
+    pl = options.policy_loss
+    lo, hi = options.epsilon_low, options.eps_high
+    A = adv
+    scale = is_ratio
+
+    def scaled(x):
+        return x if scale is None else x * scale
+
+    if pl == "vanilla":
+        return scaled(_dual_clip(logp, old, A, lo, hi, options.clip_ratio_c)), False, mask
+    if pl in ("dppo_tv", "dppo_kl"):
+        ratio = _ratio20(logp, old)
+        truncated = torch.clamp(ratio, max=options.clip_ratio_c).detach()
+        prob, old_prob = torch.exp(logp), torch.exp(old)
+        if pl == "dppo_tv":
+            valid_pos = (prob - old_prob) <= hi
+            valid_neg = (prob - old_prob) >= -lo
+        else:
+            bkl = old_prob * (old - logp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            valid_pos = (bkl <= hi) | (prob <= old_prob)
+            valid_neg = (bkl <= lo) | (prob >= old_prob)
+        valid = torch.where(A > 0, valid_pos, valid_neg).detach().to(logp.dtype)
+        return scaled(-A * truncated * logp * valid), False, mask
+    if pl == "gspo":
+        m = mask.to(logp.dtype)
+        seq = ((logp - old) * m).sum(-1) / m.sum(-1).clamp(min=1)
+        log_sir = torch.clamp(logp - logp.detach() + seq.detach().unsqueeze(-1), max=10.0)
+        sir = torch.exp(log_sir)
+        pg = torch.maximum(-A * sir, -A * torch.clamp(sir, 1 - lo, 1 + hi))
+        return scaled(pg), False, mask
+    if pl == "sapo":
+        ratio = _ratio20(logp, old)
+        tau = torch.where(A > 0, options.sapo_temperature_pos, options.sapo_temperature_neg).to(logp.dtype)
+        return scaled(-(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * A), False, mask
+    if pl == "gpg":
+        return scaled(-logp * A), False, mask
+    if pl == "dro":
+        lr = logp - old
+        return scaled(-(logp * A - 0.5 * options.dro_beta * lr.square())), False, mask
+    if pl == "cispo":
+        clipped = torch.clamp(_ratio20(logp, old), 1 - lo, 1 + hi).detach()
+        return scaled(-clipped * A * logp), False, mask
+    if pl == "clip_cov":
+        return scaled(_clip_cov(logp, old, A, mask, options)), False, mask
+    if pl == "kl_cov":
+        return scaled(_kl_cov(logp, old, A, mask, options)), False, mask
+    if pl == "geo_mean":
+        return _geo_mean(logp, old, A, mask, is_ratio, lo, hi), True, mask
+    if pl == "bypass_mode":
+        from grpo_kernels import rollout_correction
+
+        return rollout_correction.bypass_policy(logp, old, A, mask, options)
+    raise ValueError(f"unknown policy_loss {pl!r}")
+
+
+def _dual_clip(logp, old, A, lo, hi, c):
+    ratio = _ratio20(logp, old)
+    pg1 = -A * ratio
+    pg2 = -A * torch.clamp(ratio, 1 - lo, 1 + hi)
+    clip1 = torch.maximum(pg1, pg2)
+    clip2 = torch.min(-A * c, clip1)
+    return torch.where(A < 0, clip2, clip1)
+
+
+def _clip_cov(logp, old, A, mask, options):
+    """Clip-Cov: PPO-clip with a random ``clip_cov_ratio`` share of the tokens whose covariance of
+    advantage and log-prob lies in (lb, ub) excluded. The share is drawn with ``torch.randperm`` on
+    the default CPU generator, as verl draws it: seed it to reproduce a call."""
+    lo, hi = options.epsilon_low, options.eps_high
+    ratio = torch.exp(logp - old)
+    pg1 = -A * ratio
+    pg2 = -A * torch.clamp(ratio, 1 - lo, 1 + hi)
+    valid = mask > 0
+    clip_by_origin = (pg2 > pg1) & valid
+    A_full = A.expand_as(logp)
+    cov = (A_full - _masked_mean(A_full, mask)) * (logp.detach() - _masked_mean(logp.detach(), mask))
+    cov = cov.masked_fill(~valid | clip_by_origin, -torch.inf)
+    clip_num = max(int(options.clip_cov_ratio * float(mask.sum())), 1)
+    idx = torch.nonzero((cov < options.clip_cov_ub) & (cov > options.clip_cov_lb) & valid)
+    corr = torch.ones_like(logp)
+    if len(idx) > 0:
+        idx = idx[torch.randperm(len(idx))[: min(clip_num, len(idx))]]
+        corr[idx[:, 0], idx[:, 1]] = 0
+    return torch.maximum(pg1, pg2) * corr
+
+
+def _kl_cov(logp, old, A, mask, options):
+    """KL-Cov: policy gradient with a |log ratio| penalty on the ``kl_cov_ratio`` share of tokens of
+    largest covariance of advantage and log-prob."""
+    lr = logp - old
+    ratio = torch.exp(lr)
+    A_full = A.expand_as(logp)
+    pg = -A_full * ratio
+    pg_kl = -A_full * ratio + options.ppo_kl_coef * lr.abs()
+    valid = mask > 0
+    flat_idx = torch.nonzero(valid.reshape(-1), as_tuple=True)[0]
+    adv_v = A_full[valid].detach().reshape(-1).cpu()
+    lp_v = logp[valid].detach().reshape(-1).cpu()
+    if min(options.kl_cov_ratio, len(adv_v)) != 0:
+        cov = (adv_v - adv_v.mean()) * (lp_v - lp_v.mean())
+        top = torch.topk(cov, max(1, int(len(cov) * options.kl_cov_ratio)), largest=True).indices
+        if len(top) != 0:
+            pick = torch.zeros(logp.numel(), dtype=torch.bool, device=logp.device)
+            pick[flat_idx[top.to(flat_idx.device)]] = True
+            pg = torch.where(pick.view_as(logp), pg_kl, pg)
+    return pg
+
+
+def _geo_mean(logp, old, A, mask, is_ratio, lo, hi):
+    """GMPO: -mean over sequences of adv_seq * exp(mean_t sign(A) min(sign(A) r_t, sign(A) clip(r_t)))."""
+    m = mask.to(logp.dtype)
+    nk = logp - old
+    sgn = torch.sign(A)
+    nk_min = sgn * torch.min(sgn * nk, sgn * torch.clamp(nk, -lo, hi))
+    length = m.sum(-1)
+    ratio = torch.exp((nk_min * m).sum(-1) / (length + 1e-8))
+    adv = (A.expand_as(logp) * m).sum(-1) / (length + 1e-8)
+    pg = -adv * ratio
+    if is_ratio is not None:
+        pg = pg * torch.exp((torch.log(is_ratio.expand_as(logp) + 1e-10) * m).sum(-1) / (length + 1e-8))
+    return torch.mean(pg)
+
+
+# ---------------------------------------------------------------- the whole objective
+
+
+def objective_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], inputs: LossInputs,
+                   options: GRPOOptions, weights: Optional[ObjectiveWeights] = None) -> torch.Tensor:
+    """The differentiable loss of [B, T] log-probs (and entropies, for the entropy bonus).
+
+    TRL 1.16's ``GRPOTrainer._compute_loss`` for a TRL loss type; verl 0.9.1's ``ppo_loss`` with
+    ``policy_loss`` / ``loss_agg_mode``. ``weights``: the aggregation, when already computed.
+    """
+    mask = inputs.mask
+    dtype = logp.dtype
+    old = logp.detach() if inputs.old is None else inputs.old.to(dtype)
+    adv = inputs.adv.to(dtype)
+    is_ratio = None if inputs.is_ratio is None else inputs.is_ratio.to(dtype)
+    if weights is None:
+        weights = objective_weights(mask, options, dtype, inputs.num_items, inputs.num_sequences, inputs.entropy_mask)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def weighted(x, w):
+        # where() rather than a product: a masked position's value never reaches the sum
+        return torch.where(w != 0, x.expand_as(w) * w, zero).sum()
+
+    w = None
+    if options.policy_loss is None:
+        per_token, w, folded = _trl_policy(logp, old, adv, inputs, options)
+        if options.off_policy_mask_threshold is not None:
+            sampling = old if inputs.sampling is None else inputs.sampling.to(dtype)
+            per_token = per_token * off_policy_mask(adv, logp, sampling, mask, options.off_policy_mask_threshold)
+        if inputs.entropy_mask is not None:
+            per_token = _scale(per_token.expand_as(logp), inputs.entropy_mask.to(dtype))
+        if is_ratio is not None and not folded:
+            per_token = _scale(per_token.expand_as(logp), is_ratio.expand_as(logp))
+        loss = weighted(per_token, weights.policy)
+    else:
+        per_token, aggregated, policy_mask = verl_policy(logp, old, adv, mask, is_ratio, options)
+        if aggregated:
+            loss = per_token
+        elif policy_mask is mask:
+            loss = weighted(per_token, weights.policy)
+        else:  # bypass_mode's rejection sampling changes the policy term's mask (only its)
+            loss = weighted(per_token, objective_weights(policy_mask, options, dtype, inputs.num_items,
+                                                         inputs.num_sequences).policy)
     if options.beta != 0.0:
-        kl = k3_kl(logp, ref.to(logp.dtype))
-        per_token = per_token + options.beta * (kl * w if options.use_bias_correction_kl else kl)
-    weights = token_weights(mask, options, logp.dtype, num_items)
-    # where() rather than a product: a masked position's value never reaches the sum,
-    # so a non-finite junk logp there cannot produce NaN.
-    return torch.where(weights != 0, per_token * weights, torch.zeros_like(per_token)).sum()
+        kl = kl_estimate(logp, inputs.ref.to(dtype), options.kl_estimator)
+        if options.use_bias_correction_kl:
+            kl = kl * w
+        loss = loss + options.beta * weighted(kl, weights.kl)
+    if options.entropy_coef != 0.0:
+        loss = loss - options.entropy_coef * weighted(entropy, weights.entropy)
+    return loss
+
+
+def token_objective(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInputs",
+                    options: GRPOOptions) -> torch.Tensor:
+    """Per-token weighted losses [n] of a flat selection of tokens for a token-scope objective
+    (``scope(options) == "token"``): ``objective_loss``'s terms with the aggregation given as per-token
+    weights (``inputs.weight``, ``kl_weight``, ``entropy_weight``). Summed over every token it is
+    ``objective_loss``."""
+    dtype = logp.dtype
+    old = logp.detach() if inputs.old is None else inputs.old.to(dtype)
+    adv = inputs.adv.to(dtype)
+    scale = None if inputs.policy_scale is None else inputs.policy_scale.to(dtype)
+    mask = (inputs.weight != 0)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+
+    def weighted(x, w):
+        w = w.to(dtype)
+        return torch.where(w != 0, x * w, zero)
+
+    if options.policy_loss is None:
+        w = importance_weights(logp, old, mask, "token")
+        per_token = policy_term(w, adv, logp, options)
+        if scale is not None:
+            per_token = _scale(per_token, scale)
+    else:
+        w = None
+        per_token, _, _ = verl_policy(logp, old, adv, mask, scale, options)
+    loss = weighted(per_token, inputs.weight)
+    if options.beta != 0.0:
+        kl = kl_estimate(logp, inputs.ref.to(dtype), options.kl_estimator)
+        if options.use_bias_correction_kl:
+            kl = kl * w
+        kl_w = inputs.weight if inputs.kl_weight is None else inputs.kl_weight
+        loss = loss + options.beta * weighted(kl, kl_w)
+    if options.entropy_coef != 0.0:
+        loss = loss - options.entropy_coef * weighted(entropy, inputs.entropy_weight)
+    return loss
+
+
+def functorch_keys_enabled():
+    """Re-enable functorch's dispatch keys for an inner ``torch.func`` transform.
+
+    Under a ``TorchDispatchMode`` (torch.compile's first-call custom-op aliasing check,
+    FlopCounterMode, ...) an op runs with every key above Python excluded, functorch's
+    included, and ``torch.func.grad`` fails with "Cannot access storage of TensorWrapper".
+    """
+    K = torch._C.DispatchKey
+    keys = [K.FuncTorchDynamicLayerFrontMode, K.FuncTorchDynamicLayerBackMode, K.FuncTorchGradWrapper,
+            K.FuncTorchBatched, K.FuncTorchVmapMode]
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    if not hasattr(torch._C, "_ForceDispatchKeyGuard") or not any(excluded.has(k) for k in keys):
+        return contextlib.nullcontext()
+    for k in keys:
+        excluded = excluded.remove(k)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
+
+
+def gradients(fn, logp: torch.Tensor, entropy: torch.Tensor):
+    """(dL/dlogp, dL/dentropy, L) of a scalar ``fn(logp, entropy)``, with ``torch.func`` (this runs
+    inside a custom op, below the autograd dispatch key, where only functorch still differentiates)."""
+    with functorch_keys_enabled():
+        (dlogp, dent), value = torch.func.grad_and_value(fn, argnums=(0, 1))(logp, entropy)
+    return dlogp, dent, value
+
+
+def token_epilogue_any(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInputs",
+                       options: GRPOOptions):
+    """(TokenEpilogue, dL/dentropy or None) of any token-scope objective: the analytic
+    ``token_epilogue`` where it applies (what the fused kernels compute), else autodiff of
+    ``token_objective``."""
+    if kernel_epilogue(options):
+        return token_epilogue(logp, inputs, options), None
+    dlogp, dent, _ = gradients(lambda lp, ent: token_objective(lp, ent, inputs, options).sum(),
+                               logp.detach(), entropy.detach())
+    # the per-token values once more, outside the transform (O(n), no vocabulary work)
+    loss = token_objective(logp.detach(), entropy.detach(), inputs, options)
+    return TokenEpilogue(loss, dlogp), (dent if options.entropy_coef != 0.0 else None)
 
 
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:

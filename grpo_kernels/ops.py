@@ -13,13 +13,14 @@ change. Call them through ``loss_op`` / ``token_logprobs_op``, which take the ob
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from grpo_kernels import loss as loss_impl
+from grpo_kernels import loss as loss_impl, objective
 from grpo_kernels.backends.base import RowStats, accumulation_dtype
 from grpo_kernels.options import OP_FIELDS, from_op_args, to_op_args
 
@@ -158,22 +159,24 @@ def token_logprobs_op(hidden, weight, bias, targets, *option_objects, need_entro
 
 # ---------------------------------------------------------------- grpo loss
 
-_LOSS_TENSORS = (
-    ("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor), ("mask", Tensor),
-    ("advantages", Tensor), ("old_logps", Optional[Tensor]), ("ref_logps", Optional[Tensor]),
-    ("importance_sampling_ratio", Optional[Tensor]), ("num_items_in_batch", Optional[Tensor]),
-)
+_HEAD_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
+#: the per-call tensors of the objective (``objective.LossInputs``), in field order: a field added
+#: there reaches the op with no other change
+_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs) if f.name not in objective.DERIVED_INPUTS)
+_LOSS_TENSORS = _HEAD_TENSORS + tuple((n, Tensor if n in ("mask", "adv") else Optional[Tensor]) for n in _INPUT_FIELDS)
+_N_HEAD = len(_HEAD_TENSORS)
 
 
-def _loss_impl(hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, opts, needs):
+def _loss_impl(hidden, weight, bias, targets, *rest):
+    tensors, opts, needs = rest[:len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS) + 1]
+    inputs = objective.LossInputs(**dict(zip(_INPUT_FIELDS, tensors)))
     needs_t = (needs[0], needs[1], needs[2] and bias is not None)
-    loss, logp, ent, gh, gw, gb = loss_impl.grpo_loss_forward(
-        hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, *opts, needs_t,
-    )
+    loss, logp, ent, gh, gw, gb = loss_impl.grpo_loss_forward(hidden, weight, bias, targets, inputs, *opts, needs_t)
     return loss, logp, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
 
 
-def _loss_fake(hidden, weight, bias, targets, mask, advantages, old, ref, ratio, num_items, opts, needs):
+def _loss_fake(hidden, weight, bias, targets, *rest):
+    needs = rest[len(_INPUT_FIELDS) + 1]
     acc = _acc(hidden)
     n = hidden.shape[0]
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
@@ -241,13 +244,13 @@ def _loss_backward(ctx, grad_loss, *_unused):
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-def loss_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps, importance_sampling_ratio,
-            num_items_in_batch, option_objects, needs) -> Tuple[Tensor, ...]:
-    """hidden [B*T, H], targets [B*T], mask/advantages/old/ref/ratio [B, T], num_items [] or None;
-    ``option_objects`` = (GRPOOptions, ExecutionOptions, VocabParallel).
+def loss_op(hidden, weight, bias, targets, inputs: "objective.LossInputs", option_objects, needs
+            ) -> Tuple[Tensor, ...]:
+    """hidden [B*T, H], targets [B*T], ``inputs`` the per-call tensors ([B, T]; see
+    ``objective.LossInputs``); ``option_objects`` = (GRPOOptions, ExecutionOptions, VocabParallel).
 
     Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias); a
     gradient not asked for in ``needs`` comes back as an empty tensor.
     """
-    return _loss_op(hidden, weight, bias, targets, mask, advantages, old_logps, ref_logps,
-                    importance_sampling_ratio, num_items_in_batch, *to_op_args(*option_objects), list(needs))
+    tensors = tuple(getattr(inputs, n) for n in _INPUT_FIELDS)
+    return _loss_op(hidden, weight, bias, targets, *tensors, *to_op_args(*option_objects), list(needs))

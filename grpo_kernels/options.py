@@ -16,8 +16,20 @@ import typing
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+#: the loss types whose per-token coefficient needs only the token (the fused kernels' epilogue)
+TOKEN_LOSS_TYPES = tuple(lt for lt in LOSS_TYPES if lt != "vespo")
+#: policy losses by verl 0.9.1's names (``policy_loss.loss_mode``); None: the loss_type's own
+POLICY_LOSSES = ("vanilla", "gspo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dppo_tv", "dppo_kl", "dro", "cispo",
+                 "sapo", "bypass_mode")
+#: verl 0.9.1's ``loss_agg_mode``; None: the loss_type's normalizer (TRL)
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+#: KL estimators: "k3" is TRL's (unclamped); k1, abs, k2 and low_var_kl (k3 clamped, verl's "k3") are
+#: verl's, and "+" is its straight-through form (k2's gradient under the estimator's value)
+KL_ESTIMATORS = ("k3", "k1", "abs", "k2", "low_var_kl", "k3+", "k1+", "abs+", "low_var_kl+")
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 IS_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "reference")
 
@@ -40,6 +52,13 @@ def _optional_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _choice(name: str, value, allowed, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}{' or None' if allow_none else ''}, got {value!r}")
 
 
 def _bool(name: str, value) -> None:
@@ -71,11 +90,50 @@ class GRPOOptions(_Options):
     sapo_temperature_neg: float = 1.05
     use_bias_correction_kl: bool = False
     top_entropy_quantile: float = 1.0
+    # TRL 1.16: VESPO's gamma weights, the entropy bonus, DeepSeek-V3.2's off-policy sequence mask
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_coef: float = 0.0
+    off_policy_mask_threshold: Optional[float] = None
+    # the objective's pieces by verl's names (grpo_kernels.integrations.verl maps verl's config)
+    policy_loss: Optional[str] = None
+    loss_agg_mode: Optional[str] = None
+    kl_estimator: str = "k3"
+    clip_ratio_c: float = 3.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 0.1
+    dro_beta: Optional[float] = None
+    dp_size: int = 1
+    loss_scale_factor: Optional[float] = None
+    # bypass_mode's rollout correction (verl's rollout_correction config; old_logps are the rollout's)
+    rollout_is: Optional[str] = None
+    rollout_is_threshold: float = 2.0
+    rollout_is_threshold_lower: Optional[float] = None
+    rollout_is_batch_normalize: bool = False
+    rollout_rs: Optional[str] = None
+    rollout_rs_threshold: Optional[str] = None
+    bypass_loss_type: str = "ppo_clip"
 
     @property
     def eps_high(self) -> float:
         """epsilon_high with its default (epsilon_low) applied."""
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def verl_style(self) -> bool:
+        """Whether the objective is composed from verl's pieces (``policy_loss`` or ``loss_agg_mode``
+        set): aggregation, KL and entropy then follow ``loss_agg_mode`` (default token-mean)."""
+        return self.policy_loss is not None or self.loss_agg_mode is not None
+
+    @property
+    def agg_mode(self) -> Optional[str]:
+        """verl's aggregation of the call; None: the TRL loss_type's normalizer."""
+        return self.loss_agg_mode if self.loss_agg_mode is not None else ("token-mean" if self.verl_style else None)
 
     def validate(self) -> "GRPOOptions":
         if self.loss_type not in LOSS_TYPES:
@@ -110,6 +168,52 @@ class GRPOOptions(_Options):
                 raise TypeError("max_completion_length must be an int")
             if self.max_completion_length <= 0:
                 raise ValueError(f"max_completion_length must be > 0, got {self.max_completion_length}")
+        return self._validate_additions()
+
+    def _validate_additions(self) -> "GRPOOptions":
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
+                     "clip_ratio_c", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef",
+                     "rollout_is_threshold"):
+            _finite_number(name, getattr(self, name))
+        for name in ("off_policy_mask_threshold", "dro_beta", "loss_scale_factor", "rollout_is_threshold_lower"):
+            _finite_number(name, getattr(self, name), allow_none=True)
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES, allow_none=True)
+        _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES, allow_none=True)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS, allow_none=True)
+        _choice("bypass_loss_type", self.bypass_loss_type, BYPASS_LOSS_TYPES)
+        _bool("rollout_is_batch_normalize", self.rollout_is_batch_normalize)
+        if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int):
+            raise TypeError(f"dp_size must be an int, got {type(self.dp_size).__name__}")
+        if self.dp_size < 1:
+            raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
+        if self.loss_scale_factor is not None and self.loss_scale_factor <= 0:
+            raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
+        if self.policy_loss == "vanilla" and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 for dual-clip PPO (policy_loss='vanilla'), got {self.clip_ratio_c}")
+        if self.policy_loss == "clip_cov" and self.clip_cov_ratio <= 0:
+            raise ValueError(f"clip_cov_ratio must be > 0, got {self.clip_cov_ratio}")
+        if self.policy_loss == "kl_cov" and self.kl_cov_ratio <= 0:
+            raise ValueError(f"kl_cov_ratio must be > 0, got {self.kl_cov_ratio}")
+        if self.policy_loss == "dro" and (self.dro_beta is None or self.dro_beta <= 0):
+            raise ValueError(f"dro_beta must be a positive number for policy_loss='dro', got {self.dro_beta}")
+        if self.rollout_is_threshold <= 0:
+            raise ValueError(f"rollout_is_threshold must be > 0, got {self.rollout_is_threshold}")
+        lower = self.rollout_is_threshold_lower
+        if lower is not None and not 0 < lower <= self.rollout_is_threshold:
+            raise ValueError(f"rollout_is_threshold_lower must be in (0, rollout_is_threshold], got {lower}")
+        if self.rollout_rs is not None or self.rollout_rs_threshold is not None:
+            from grpo_kernels import rollout_correction
+
+            rollout_correction.parse_rejection(self.rollout_rs, self.rollout_rs_threshold)
+        if self.verl_style and self.importance_sampling_level != "token":
+            raise ValueError("importance_sampling_level='sequence' is TRL's (GSPO); with verl's policy_loss use "
+                             "policy_loss='gspo'")
+        if self.verl_style and (self.loss_type != "dapo" or self.top_entropy_quantile != 1.0 or self.delta is not None
+                                or self.off_policy_mask_threshold is not None or self.use_bias_correction_kl):
+            raise ValueError("policy_loss/loss_agg_mode (verl's objective) do not combine with TRL's loss_type, "
+                             "top_entropy_quantile, delta, off_policy_mask_threshold or use_bias_correction_kl: "
+                             "leave those at their defaults")
         return self
 
 

@@ -9,13 +9,15 @@ Paths of the loss, by what a token's gradient coefficient dL/dlogp depends on (f
 three matmuls of the head; docs/design.md, "Flops by path"):
 
 - ``forward``: no gradient wanted: one statistics sweep (2NHV).
-- ``one_sweep``: token-level importance sampling: the coefficient follows from the token's own
-  log-prob, so statistics, epilogue and gradient run in one fused sweep (6NHV).
-- ``sequence_sweep``: sequence-level importance sampling with every sequence inside one chunk:
-  chunks are cut at sequence boundaries and each chunk's coefficients come from its own
-  statistics while its logits are still in the buffer (6NHV).
-- ``two_sweeps``: sequence-level with a sequence longer than a chunk: a statistics sweep, the
-  coefficients of all rows, then a gradient sweep that recomputes the logits (8NHV).
+- ``one_sweep``: a token-scope objective (``objective.scope``): the coefficient follows from the
+  token's own log-prob, so statistics, epilogue and gradient run in one fused sweep (6NHV).
+- ``sequence_sweep``: a sequence-scope objective (sequence-level importance sampling, vespo,
+  gspo, geo_mean, the off-policy mask) with every sequence inside one chunk: chunks are cut at
+  sequence boundaries and each chunk's coefficients come from its own statistics while its
+  logits are still in the buffer (6NHV).
+- ``two_sweeps``: a sequence longer than a chunk, or a batch-scope objective (clip_cov, kl_cov,
+  bypass_mode's rejection sampling): a statistics sweep, the coefficients of all rows, then a
+  gradient sweep that recomputes the logits (8NHV).
 
 ``top_entropy_quantile < 1`` needs every token's entropy before any coefficient: one
 statistics sweep more (``entropy_sweep``).
@@ -27,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from grpo_kernels import collective, env
+from grpo_kernels import collective, env, objective
 from grpo_kernels.backends import choose_backend
 from grpo_kernels.backends.base import RowBackend, accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
@@ -128,9 +130,11 @@ class Plan:
 
     @property
     def fused(self) -> bool:
-        """Whether the backend's fused row kernel runs (not under vocab parallelism, whose
-        statistics must be combined over the ranks before the epilogue)."""
-        return self.backend.row_fused_ is not None and self.vocab is None
+        """Whether the backend's fused row kernel runs: it has one, its epilogue computes the
+        objective (``objective.kernel_epilogue``), and no vocab parallelism (whose statistics must
+        be combined over the ranks before the epilogue)."""
+        return (self.backend.row_fused_ is not None and self.vocab is None
+                and objective.kernel_epilogue(self.options))
 
 
 def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> Optional[collective.VocabGroup]:
@@ -165,11 +169,13 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
         path = "forward"
     elif not loss:
         path = "two_sweeps"
-    elif options.importance_sampling_level == "token":
+    elif objective.scope(options) == "token":
         path = "one_sweep"
-    else:
+    elif objective.scope(options) == "sequence":
         bounds = sequence_chunks(sequence_lengths, rows)
         path = "two_sweeps" if bounds is None else "sequence_sweep"
+    else:  # the coefficients need every log-prob of the call
+        path = "two_sweeps"
     if bounds is None:
         bounds = uniform_chunks(n, rows)
     return Plan(

@@ -1,10 +1,15 @@
 """The oracle: plain torch, materialized logits, TRL 1.16 ``GRPOTrainer._compute_loss`` line by line.
 
+verl's objectives (``policy_loss`` / ``loss_agg_mode`` set) are the one exception: their oracle is
+``objective.objective_loss`` on the materialized log-probs, itself tested against verl 0.9.1's
+``ppo_loss`` (tests/test_verl_parity.py).
+
 Runs in whatever dtype it is given (tests use float64). Deliberately naive and
 independent of ``objective.py``: it is what every fast path is tested against.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -52,14 +57,16 @@ def reference_grpo_loss(
     *,
     bias=None,
     importance_sampling_ratio=None,
+    sampling_logps=None,
     num_items_in_batch=None,
+    num_sequences_in_batch=None,
     options: Optional[GRPOOptions] = None,
     return_metrics: bool = False,
     **option_overrides,
 ):
     """TRL's loss from hidden states. Same arguments as ``grpo_kernels.grpo_loss``; the loss
     options as a ``GRPOOptions`` and/or keywords (execution settings are accepted and ignored)."""
-    for name in ("backend", "chunk_size", "deterministic"):
+    for name in ("backend", "chunk_size", "deterministic", "batch_invariant"):
         option_overrides.pop(name, None)
     o = (options or GRPOOptions()).replace(**option_overrides) if option_overrides else (options or GRPOOptions())
     eps_low, eps_high = o.epsilon_low, o.eps_high
@@ -67,6 +74,19 @@ def reference_grpo_loss(
     per_token_logps, entropies = reference_token_logprobs(
         hidden, weight, targets, bias, o.temperature, o.logit_softcap
     )
+    if o.verl_style:
+        from grpo_kernels import objective
+
+        inputs = objective.LossInputs(
+            mask=mask, adv=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages, old=old_logps,
+            ref=ref_logps, is_ratio=importance_sampling_ratio, num_items=num_items_in_batch,
+            num_sequences=num_sequences_in_batch)
+        loss = objective.objective_loss(per_token_logps, entropies, inputs, o)
+        if not return_metrics:
+            return loss
+        m = mask.sum().clamp(min=1.0)
+        return loss, {"logps": per_token_logps.detach(), "entropy": entropies.detach(),
+                      "entropy_mean": (entropies.detach() * mask).sum() / m, "kl_mean": None}
 
     if o.top_entropy_quantile < 1.0:
         entropy_mask = _high_entropy_mask(entropies.detach(), mask, 1 - o.top_entropy_quantile)
@@ -76,6 +96,11 @@ def reference_grpo_loss(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     old_per_token_logps = per_token_logps.detach() if old_logps is None else old_logps
+    if o.off_policy_mask_threshold is not None:
+        sampling = old_per_token_logps if sampling_logps is None else sampling_logps
+        kl_div = torch.nan_to_num(sampling - per_token_logps.detach(), nan=0.0)
+        avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        off_policy_mask = ((advantages >= 0) | (avg_seq_kl <= o.off_policy_mask_threshold)).to(mask.dtype)
 
     log_ratio = per_token_logps - old_per_token_logps
     if o.importance_sampling_level == "token":
@@ -104,12 +129,29 @@ def reference_grpo_loss(
         temperatures = torch.where(advantages > 0, o.sapo_temperature_pos, o.sapo_temperature_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
         per_token_loss = -soft_coef_1 * advantages
+    elif o.loss_type == "vespo":
+        with torch.no_grad():  # TRL's get_gamma_weights
+            lower_clamp = math.log(1e-8)
+            seq_log_ratio = torch.sum(torch.clamp(log_ratio, -20.0, 20.0) * mask, dim=-1, keepdim=True)
+            if importance_sampling_ratio is not None:
+                log_is = torch.clamp(torch.log(importance_sampling_ratio), lower_clamp, 20.0)
+                seq_log_ratio = seq_log_ratio + torch.sum(log_is, dim=-1, keepdim=True)
+            log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+            w_seq = torch.exp(log_w_seq)
+            nonneg = advantages >= 0
+            k_seq = torch.where(nonneg, o.vespo_k_pos, o.vespo_k_neg)
+            lambda_seq = torch.where(nonneg, o.vespo_lambda_pos, o.vespo_lambda_neg).clamp(min=1e-4)
+            phi_seq = torch.exp(lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq)
+            phi_seq = phi_seq.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi_seq * advantages * per_token_logps
     else:
         raise ValueError(o.loss_type)
 
+    if o.off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * off_policy_mask
     if entropy_mask is not None:
         per_token_loss = per_token_loss * entropy_mask
-    if importance_sampling_ratio is not None:
+    if importance_sampling_ratio is not None and o.loss_type != "vespo":
         per_token_loss = per_token_loss * importance_sampling_ratio
     if o.beta != 0.0:
         per_token_loss = per_token_loss + o.beta * per_token_kl
@@ -120,11 +162,14 @@ def reference_grpo_loss(
         loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
     elif o.loss_type == "dr_grpo":
         loss = (per_token_loss * mask).sum() / (per_token_loss.size(0) * o.max_completion_length)
-    elif o.loss_type in ["cispo", "dapo"]:
+    elif o.loss_type in ["cispo", "dapo", "vespo"]:
         n = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch).to(hidden.dtype)
         loss = (per_token_loss * mask).sum() / n.clamp(min=1.0)
     else:  # luspo
         loss = (per_token_loss * mask).sum(-1).mean()
+    if o.entropy_coef != 0.0:  # TRL's entropy bonus: a mean over the effective mask
+        effective_mask = mask if entropy_mask is None else mask * entropy_mask
+        loss = loss - o.entropy_coef * (entropies * effective_mask).sum() / effective_mask.sum().clamp(min=1.0)
 
     if not return_metrics:
         return loss

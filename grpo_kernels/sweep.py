@@ -160,12 +160,14 @@ def grad_(plan: Plan, z, targets, st: RowStats, dlogp, dentropy=None) -> None:
 
 
 def fused_(plan: Plan, z, targets, token_inputs: objective.TokenInputs):
-    """(RowStats, TokenEpilogue) of one chunk with its gradient left in ``z``."""
+    """(RowStats, TokenEpilogue) of one chunk of a token-scope objective, its gradient left in ``z``:
+    the backend's fused kernel where it computes the objective, else statistics, the epilogue in
+    torch (``objective.token_epilogue_any``: the entropy term's gradient included) and the gradient."""
     if plan.fused:
         return plan.backend.row_fused_(z, targets, token_inputs, plan.options, plan.execution)
     st = stats(plan, z, targets)
-    epi = objective.token_epilogue(st.logp, token_inputs, plan.options)
-    grad_(plan, z, targets, st, epi.dlogp)
+    epi, dentropy = objective.token_epilogue_any(st.logp, st.entropy, token_inputs, plan.options)
+    grad_(plan, z, targets, st, epi.dlogp, dentropy)
     return st, epi
 
 

@@ -193,3 +193,20 @@ def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importan
     old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
     ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
     return GRPOBatch(keep, targets, advantages, old_logps, ref_logps, ratio)
+
+
+def sampling_logps(x, keep: torch.Tensor, threshold) -> Optional[torch.Tensor]:
+    """TRL's ``sampling_per_token_logps`` [B, T]: NaN allowed (a token the sampler could not
+    score), +-inf not, at unmasked positions; padding set to 0. Only read with
+    ``off_policy_mask_threshold``: given without it is an error, not silently ignored."""
+    if x is None:
+        return None
+    if threshold is None:
+        raise ValueError("sampling_logps is given but off_policy_mask_threshold is None (it is read only by "
+                         "the off-policy mask)")
+    tensor("sampling_logps", x, ndim=(2,), floating=True)
+    same_device("sampling_logps", x, keep.device)
+    shape("sampling_logps", x, keep.shape, " ([B, T])")
+    if value_checks_enabled(x) and bool(torch.isinf(_select(x, keep)).any()):
+        raise ValueError("sampling_logps contains inf at an unmasked position (NaN marks an unscored token)")
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))

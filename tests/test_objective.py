@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grpo_kernels import objective
-from grpo_kernels.options import LOSS_TYPES, GRPOOptions
+from grpo_kernels.options import TOKEN_LOSS_TYPES as LOSS_TYPES, GRPOOptions
 
 
 def _inputs(n=40, seed=0, with_ref=True, with_scale=True):

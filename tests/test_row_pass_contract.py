@@ -43,7 +43,7 @@ from grpo_kernels.backends import get_backend
 from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
 from grpo_kernels.backends.torch_chunked import TorchRowBackend
 from grpo_kernels.objective import TokenInputs
-from grpo_kernels.options import CLIPPED_LOSS_TYPES, LOSS_TYPES, ExecutionOptions, GRPOOptions
+from grpo_kernels.options import CLIPPED_LOSS_TYPES, TOKEN_LOSS_TYPES as LOSS_TYPES, ExecutionOptions, GRPOOptions
 
 pytestmark = [
     # numpy's warnings under the Triton interpreter for IEEE results the torch reference gives as
