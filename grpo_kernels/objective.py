@@ -58,7 +58,7 @@ class TokenInputs:
     """
 
     old: Optional[torch.Tensor]  # None: on-policy, old = logp.detach()
-    adv: torch.Tensor
+    adv: Optional[torch.Tensor]  # None: each token's advantage from ``rewards`` (below)
     weight: torch.Tensor
     ref: Optional[torch.Tensor] = None
     policy_scale: Optional[torch.Tensor] = None
@@ -66,19 +66,52 @@ class TokenInputs:
     #: aggregates its policy term on its own; TRL's entropy bonus is a plain mean): None = weight / unused
     kl_weight: Optional[torch.Tensor] = None
     entropy_weight: Optional[torch.Tensor] = None
+    #: rewards -> advantages in the epilogue (``adv`` None): the whole batch's rewards [B, R] and the
+    #: reward functions' weights [R] (not per token: every token reads its group, or the batch), and
+    #: each token's sequence index ``seq`` [n] (int64) into them; ``reward_advantages`` is the formula
+    rewards: Optional[torch.Tensor] = None
+    reward_weights: Optional[torch.Tensor] = None
+    seq: Optional[torch.Tensor] = None
 
     def select(self, rows) -> "TokenInputs":
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TokenInputs(pick(self.old), self.adv[rows], self.weight[rows], pick(self.ref), pick(self.policy_scale),
-                           pick(self.kl_weight), pick(self.entropy_weight))
+        return TokenInputs(pick(self.old), pick(self.adv), self.weight[rows], pick(self.ref), pick(self.policy_scale),
+                           pick(self.kl_weight), pick(self.entropy_weight), self.rewards, self.reward_weights,
+                           pick(self.seq))
+
+    def advantages(self, options: GRPOOptions, dtype: torch.dtype) -> torch.Tensor:
+        """Each token's advantage [n]: ``adv``, or its sequence's ``reward_advantages``."""
+        if self.adv is not None:
+            return self.adv.to(dtype)
+        if self.rewards is None or self.seq is None:
+            raise ValueError("TokenInputs needs adv, or rewards with seq")
+        per_sequence = reward_advantages(self.rewards, self.reward_weights, options.num_generations,
+                                         options.scale_rewards, options.reward_eps)
+        return per_sequence.to(dtype)[self.seq.to(device=per_sequence.device, dtype=torch.int64)]
+
+
+def reward_advantages(rewards: torch.Tensor, reward_weights: Optional[torch.Tensor], num_generations: int,
+                      scale_rewards: str, eps: float) -> torch.Tensor:
+    """Advantages [B] from rewards [B] or [B, R] (NaN: unscored) and weights [R] (None: ones), in
+    the rewards' accumulation dtype: TRL 1.16's sum_then_normalize, i.e.
+    ``advantages.group_advantages(rewards, num_generations, scale_rewards=, weights=, eps=)``. What
+    the fused kernels' epilogue computes for a token's sequence (torch mirror)."""
+    from grpo_kernels import advantages
+
+    if num_generations is None:
+        raise ValueError("num_generations is required with rewards (rows come in groups of num_generations)")
+    return advantages.group_advantages(rewards, num_generations, scale_rewards=scale_rewards,
+                                       weights=reward_weights, eps=eps, backend="torch")
 
 
 @dataclass
 class TokenEpilogue:
-    """Per-token weighted loss ``weight * loss_t`` and its derivative ``dL/dlogp``, [n]."""
+    """Per-token weighted loss ``weight * loss_t`` and its derivative ``dL/dlogp``, [n]; ``adv``: the
+    tokens' advantages [n] when the epilogue computed them from rewards (else None)."""
 
     loss: torch.Tensor
     dlogp: torch.Tensor
+    adv: Optional[torch.Tensor] = None
 
 
 def _exp_sat(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +143,7 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
     if options.importance_sampling_level != "token":
         raise ValueError("token_epilogue needs importance_sampling_level='token'")
     logp = logp.detach()
-    A = inputs.adv.to(logp.dtype)
+    A = inputs.advantages(options, logp.dtype)
     old = logp if inputs.old is None else inputs.old.to(logp.dtype)
     w = _exp_sat(logp - old)
     lt = options.loss_type
@@ -154,7 +187,7 @@ def token_epilogue(logp: torch.Tensor, inputs: TokenInputs, options: GRPOOptions
         loss = loss + options.beta * kl
         dlogp = dlogp + options.beta * dkl
     weight = inputs.weight.to(logp.dtype)
-    return TokenEpilogue(_scale(loss, weight), _scale(dlogp, weight))
+    return TokenEpilogue(_scale(loss, weight), _scale(dlogp, weight), A if inputs.adv is None else None)
 
 
 def importance_weights(logp, old, mask, level: str) -> torch.Tensor:
@@ -217,13 +250,17 @@ class LossInputs:
     """
 
     mask: torch.Tensor
-    adv: torch.Tensor
+    adv: Optional[torch.Tensor]  # None: computed from ``rewards`` (grpo_loss(rewards=...))
     old: Optional[torch.Tensor] = None
     ref: Optional[torch.Tensor] = None
     is_ratio: Optional[torch.Tensor] = None
     sampling: Optional[torch.Tensor] = None
     num_items: Optional[torch.Tensor] = None
     num_sequences: Optional[torch.Tensor] = None
+    #: rewards [B] or [B, R] (NaN: unscored) and the reward functions' weights [R] (None: ones): the
+    #: advantages then come from them (options.num_generations / scale_rewards / reward_eps)
+    rewards: Optional[torch.Tensor] = None
+    reward_weights: Optional[torch.Tensor] = None
     entropy_mask: Optional[torch.Tensor] = None  # bool [B, T]: TRL's top_entropy_quantile selection
 
 
@@ -675,6 +712,8 @@ class GRPOMetrics:
     clip_ratio_region: Optional[torch.Tensor]
     cispo_clip_ratio: Optional[torch.Tensor]
     entropy_mean: torch.Tensor
+    #: [B]: the advantages computed from ``rewards=`` (None when the caller gave advantages)
+    advantages: Optional[torch.Tensor] = None
 
 
 def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None) -> GRPOMetrics:
@@ -693,11 +732,13 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
     A_w = adv.to(logp.dtype)
     kl_mean = low = high = region = cispo = None
     if options.beta != 0.0:
-        kl = k3_kl(logp, ref.to(logp.dtype))
+        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator)
         if options.use_bias_correction_kl:
             kl = kl * w
         kl_mean = masked_mean(kl)
-    if options.loss_type in CLIPPED_LOSS_TYPES:
+    if options.verl_style:  # verl's own metrics: grpo_kernels.integrations.verl computes them
+        pass
+    elif options.loss_type in CLIPPED_LOSS_TYPES:
         wc = w if options.delta is None else torch.clamp(w, max=options.delta)
         is_low = (wc < 1 - options.epsilon_low) & (A_w < 0)
         is_high = (wc > 1 + options.eps_high) & (A_w > 0)

@@ -57,6 +57,35 @@ OPTION_CASES = {
     "no_beta": dict(loss_type="luspo", beta=0.0),
     "chunk_1": dict(loss_type="dapo", chunk_size=1),
     "chunk_auto": dict(loss_type="dapo", chunk_size=None),
+    # TRL 1.16's additions
+    "vespo": dict(loss_type="vespo"),
+    "vespo_params": dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.0, vespo_k_neg=2.5,
+                         vespo_lambda_neg=1.0, num_items_in_batch=9),
+    "entropy_coef": dict(loss_type="dapo", entropy_coef=0.05),
+    "entropy_coef_grpo_seq": dict(loss_type="grpo", entropy_coef=0.2, importance_sampling_level="sequence"),
+    "entropy_coef_quantile": dict(loss_type="bnpo", entropy_coef=0.1, top_entropy_quantile=0.5),
+    "entropy_coef_chunk_1": dict(loss_type="sapo", entropy_coef=0.1, chunk_size=1),
+    "off_policy_mask": dict(loss_type="dapo", off_policy_mask_threshold=0.02),
+    "off_policy_mask_vespo": dict(loss_type="vespo", off_policy_mask_threshold=0.02, entropy_coef=0.01),
+}
+
+#: verl 0.9.1's objectives by their pieces (the oracle: objective_loss on materialized log-probs, itself
+#: checked against verl's ppo_loss in tests/test_verl_parity.py)
+VERL_CASES = {
+    "vanilla": dict(policy_loss="vanilla", epsilon_high=0.28, clip_ratio_c=1.5),
+    "vanilla_seq_mean": dict(policy_loss="vanilla", loss_agg_mode="seq-mean-token-mean", kl_estimator="low_var_kl"),
+    "vanilla_norm": dict(policy_loss="vanilla", loss_agg_mode="seq-mean-token-sum-norm", loss_scale_factor=7.0),
+    "token_sum_dp": dict(policy_loss="gpg", loss_agg_mode="token-sum", dp_size=2, kl_estimator="k1+"),
+    "global_tokens": dict(policy_loss="cispo", num_items_in_batch=40, dp_size=4, kl_estimator="abs"),
+    "global_sequences": dict(policy_loss="dro", dro_beta=0.3, loss_agg_mode="seq-mean-token-sum",
+                             num_sequences_in_batch=5, kl_estimator="k2"),
+    "gspo": dict(policy_loss="gspo", loss_agg_mode="seq-mean-token-mean", entropy_coef=0.01),
+    "geo_mean": dict(policy_loss="geo_mean", kl_estimator="low_var_kl+"),
+    "sapo": dict(policy_loss="sapo", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, entropy_coef=0.02),
+    "dppo_tv": dict(policy_loss="dppo_tv", clip_ratio_c=20.0),
+    "dppo_kl": dict(policy_loss="dppo_kl", loss_agg_mode="seq-mean-token-mean"),
+    "clip_cov": dict(policy_loss="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-1e9, clip_cov_ub=1e9),
+    "kl_cov": dict(policy_loss="kl_cov", kl_cov_ratio=0.2, ppo_kl_coef=0.5),
 }
 
 
@@ -67,6 +96,57 @@ def test_options_match_oracle(backend, case):
     opts.update(OPTION_CASES[case])
     batch = make_batch(dtype=torch.float64, device=DEVICE, seed=7, off_policy=0.3)
     check_against_oracle(backend, batch, torch.float64, **opts)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("case", sorted(VERL_CASES))
+def test_verl_objectives_match_oracle(backend, case):
+    opts = dict(beta=0.04, chunk_size=3)
+    opts.update(VERL_CASES[case])
+    batch = make_batch(dtype=torch.float64, device=DEVICE, seed=13, off_policy=0.3)
+    if case == "clip_cov":  # its excluded tokens are drawn at random: the same draw in both calls
+        require(backend, DEVICE, torch.float64)
+        torch.manual_seed(0)
+        out, grads = run_loss(grpo_loss, batch, backend=backend, **opts)
+        torch.manual_seed(0)
+        ref, ref_grads = run_loss(reference_grpo_loss, batch, **opts)
+        assert rel_err(out, ref) < 1e-10
+        assert all(rel_err(a, b) < 1e-10 for a, b in zip(grads, ref_grads))
+        return
+    check_against_oracle(backend, batch, torch.float64, **opts)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", ["float32", "low"])
+@pytest.mark.parametrize("case", ["vanilla_seq_mean", "gspo", "sapo", "token_sum_dp"])
+def test_verl_objectives_low_precision(backend, dtype, case):
+    dtype = low_precision(backend) if dtype == "low" else getattr(torch, dtype)
+    opts = dict(beta=0.04, chunk_size=3, **VERL_CASES[case])
+    batch = well_conditioned_batch(dtype, stable_seed(case), opts, device=DEVICE)
+    check_against_oracle(backend, batch, dtype, **opts)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("loss_type", ["vespo", "dapo"])
+def test_off_policy_mask_with_sampling_logps(backend, loss_type):
+    """The sampler's log-probs (NaN where it could not score) drive TRL's off-policy mask."""
+    batch = make_batch(dtype=torch.float64, device=DEVICE, seed=21, off_policy=0.2)
+    g = torch.Generator().manual_seed(4)
+    sampling = batch["old_logps"] + 0.3 * torch.randn(batch["old_logps"].shape, generator=g,
+                                                      dtype=torch.float64).to(DEVICE)
+    sampling[0, 1] = float("nan")
+    check_against_oracle(backend, batch, torch.float64, loss_type=loss_type, off_policy_mask_threshold=0.05,
+                         sampling_logps=sampling, beta=0.02)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape", ["token", "row"])
+def test_vespo_folds_the_importance_sampling_ratio(backend, shape):
+    batch = make_batch(dtype=torch.float64, device=DEVICE, seed=23, off_policy=0.2)
+    B, T = batch["mask"].shape
+    g = torch.Generator().manual_seed(6)
+    ratio = torch.rand((B, T) if shape == "token" else (B, 1), generator=g, dtype=torch.float64) + 0.5
+    check_against_oracle(backend, batch, torch.float64, loss_type="vespo", importance_sampling_ratio=ratio.to(DEVICE))
 
 
 @pytest.mark.parametrize("backend", backend_params())
