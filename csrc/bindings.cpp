@@ -118,12 +118,13 @@ grpo::EpilogueOptions epilogue_options(int64_t kind, double lo, double hi, std::
 }
 
 grpo::TokenArgs token_args(int64_t n, at::ScalarType acc, const at::Device& dev, const OptTensor& old,
-                           const Tensor& adv, const Tensor& weight, const OptTensor& ref,
-                           const OptTensor& policy_scale, double beta, const char* what) {
+                           const OptTensor& adv, const Tensor& weight, const OptTensor& ref,
+                           const OptTensor& policy_scale, double beta, bool has_rewards, const char* what) {
   grpo::TokenArgs t;
   t.old = opt_ptr(old, "old", n, acc, dev, what);
-  check_vec(adv, "adv", n, acc, dev, what);
-  t.adv = adv.data_ptr();
+  t.adv = opt_ptr(adv, "adv", n, acc, dev, what);
+  TORCH_CHECK(t.adv != nullptr || has_rewards || n == 0, "grpo_kernels ", what,
+              ": adv is required without rewards");
   check_vec(weight, "weight", n, acc, dev, what);
   t.weight = weight.data_ptr();
   t.ref = opt_ptr(ref, "ref", n, acc, dev, what);
@@ -195,12 +196,51 @@ void row_grad_(const Tensor& logits, const Tensor& targets, const Tensor& lse, c
   run_cpu([&] { grpo::row_grad_cpu(p); }, what);
 }
 
-void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& old, const Tensor& adv,
+// The rewards of the fused epilogue: rewards [B, K] (contiguous), weights [K], seq [n] int64 (values
+// in [0, B), checked by the caller), adv_out [n]; all in the accumulation dtype but seq.
+grpo::RewardArgs reward_args(const OptTensor& rewards, const OptTensor& weights, const OptTensor& seq,
+                             const OptTensor& adv_out, int64_t n, int64_t num_generations, int64_t mode,
+                             double eps, at::ScalarType acc, const at::Device& dev, void** adv_ptr,
+                             const char* what) {
+  grpo::RewardArgs ra{};
+  *adv_ptr = nullptr;
+  if (!rewards.has_value() || !rewards->defined()) return ra;
+  const Tensor& r = *rewards;
+  TORCH_CHECK(r.dim() == 2 && r.is_contiguous(), "grpo_kernels ", what, ": rewards must be a contiguous [B, K], got ",
+              r.sizes());
+  TORCH_CHECK(r.scalar_type() == acc && r.device() == dev, "grpo_kernels ", what, ": rewards must be ", acc,
+              " on ", dev);
+  const int64_t B = r.size(0), K = r.size(1);
+  TORCH_CHECK(num_generations > 0 && B % num_generations == 0, "grpo_kernels ", what, ": batch size ", B,
+              " is not a multiple of num_generations=", num_generations);
+  TORCH_CHECK(mode == grpo::kScaleGroup || mode == grpo::kScaleBatch || mode == grpo::kScaleNone,
+              "grpo_kernels ", what, ": unknown scale mode ", mode);
+  TORCH_CHECK(weights.has_value() && weights->defined(), "grpo_kernels ", what, ": reward_weights are required");
+  check_vec(*weights, "reward_weights", K, acc, dev, what);
+  TORCH_CHECK(seq.has_value() && seq->defined(), "grpo_kernels ", what, ": seq is required with rewards");
+  check_vec(*seq, "seq", n, at::kLong, dev, what);
+  TORCH_CHECK(adv_out.has_value() && adv_out->defined(), "grpo_kernels ", what, ": adv_out is required");
+  check_vec(*adv_out, "adv_out", n, acc, dev, what);
+  ra.rewards = r.data_ptr();
+  ra.weights = weights->data_ptr();
+  ra.seq = seq->data_ptr<int64_t>();
+  ra.B = B;
+  ra.K = K;
+  ra.G = num_generations;
+  ra.mode = (int)mode;
+  ra.eps = eps;
+  *adv_ptr = adv_out->data_ptr();
+  return ra;
+}
+
+void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& old, const OptTensor& adv,
                 const Tensor& weight, const OptTensor& ref, const OptTensor& policy_scale, const Tensor& lse,
                 const Tensor& entropy, const Tensor& target_logit, const Tensor& loss, const Tensor& dlogp,
                 double temperature, std::optional<double> softcap, int64_t kind, double lo, double hi,
                 std::optional<double> delta, double eps_high, double sapo_pos, double sapo_neg, double beta,
-                bool bias_correction_kl, int64_t stream) {
+                bool bias_correction_kl, int64_t stream, const OptTensor& rewards, const OptTensor& reward_weights,
+                const OptTensor& seq, const OptTensor& adv_out, int64_t num_generations, int64_t scale_mode,
+                double reward_eps) {
   const char* what = "row_fused_";
   grpo::RowFusedParams p;
   p.row = row_args(logits, targets, temperature, softcap, what);
@@ -208,7 +248,9 @@ void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& ol
   const auto dev = logits.device();
   const int64_t n = p.row.n;
   p.out = stats_out(lse, entropy, target_logit, n, acc, dev, what);
-  p.tok = token_args(n, acc, dev, old, adv, weight, ref, policy_scale, beta, what);
+  p.rew = reward_args(rewards, reward_weights, seq, adv_out, n, num_generations, scale_mode, reward_eps, acc, dev,
+                      &p.adv_out, what);
+  p.tok = token_args(n, acc, dev, old, adv, weight, ref, policy_scale, beta, p.rew.rewards != nullptr, what);
   p.opt = epilogue_options(kind, lo, hi, delta, eps_high, sapo_pos, sapo_neg, beta, bias_correction_kl);
   check_vec(loss, "loss", n, acc, dev, what);
   check_vec(dlogp, "dlogp", n, acc, dev, what);
@@ -268,7 +310,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("policy_scale"), py::arg("lse"), py::arg("entropy"), py::arg("target_logit"), py::arg("loss"),
         py::arg("dlogp"), py::arg("temperature"), py::arg("softcap"), py::arg("kind"), py::arg("lo"), py::arg("hi"),
         py::arg("delta"), py::arg("eps_high"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("beta"),
-        py::arg("bias_correction_kl"), py::arg("stream") = 0);
+        py::arg("bias_correction_kl"), py::arg("stream") = 0, py::arg("rewards") = py::none(),
+        py::arg("reward_weights") = py::none(), py::arg("seq") = py::none(), py::arg("adv_out") = py::none(),
+        py::arg("num_generations") = 1, py::arg("scale_mode") = 0, py::arg("reward_eps") = 1e-4);
   m.def("group_normalize", &group_normalize, "group-normalized advantages into out", py::arg("rewards"),
         py::arg("out"), py::arg("num_generations"), py::arg("mode"), py::arg("eps"), py::arg("stream") = 0);
 }

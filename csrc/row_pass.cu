@@ -359,30 +359,50 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_grad_
 
 template <class A>
 __device__ __forceinline__ void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp,
-                                            A* loss, A* dlogp) {
+                                            A adv, A* loss, A* dlogp) {
   const A* old = tk.old ? static_cast<const A*>(tk.old) + i : nullptr;
   const A* ref = (opt.beta != 0.0) ? static_cast<const A*>(tk.ref) + i : nullptr;
   const A* scale = tk.policy_scale ? static_cast<const A*>(tk.policy_scale) + i : nullptr;
-  token_epilogue_one<A>(logp, old, static_cast<const A*>(tk.adv)[i], static_cast<const A*>(tk.weight)[i], ref, scale,
-                        opt, loss, dlogp);
+  token_epilogue_one<A>(logp, old, adv, static_cast<const A*>(tk.weight)[i], ref, scale, opt, loss, dlogp);
 }
+
+template <class A>
+__device__ __forceinline__ A block_sum(A v, A* scratch);
+template <class A, class X>
+__device__ A block_nanstd(const X& x, int64_t len, A* scratch);
 
 template <class T>
 __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_fused_kernel(RowFusedParams p) {
   using A = typename AccOf<T>::type;
   __shared__ Online<A> scratch[32];
   __shared__ A bcast[3];
+  __shared__ A rscratch[32];
   const Xform<A> xf = make_xform<A>(p.row);
   T* base = static_cast<T*>(p.row.logits);
+  const bool rewards = p.rew.rewards != nullptr;
+  // the batch's std (scale "batch"), once per block by the whole block (block-uniform branch);
+  // each row's group statistics in its epilogue (row_pass.h's grpo_reward_advantage)
+  A batch_sigma = A(0);
+  if (rewards && p.rew.mode == kScaleBatch && p.rew.B > 1) {
+    const CombinedRewards<A> x{static_cast<const A*>(p.rew.rewards), static_cast<const A*>(p.rew.weights), p.rew.K,
+                               0};
+    batch_sigma = block_nanstd<A>(x, p.rew.B, rscratch);
+  }
   for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) {
     T* row = base + r * p.row.ld;
     const int64_t tgt = p.row.targets[r];
     const Online<A> o = row_online<T, A>(row, p.row.V, xf, scratch);
     if (threadIdx.x == 0) {
-      A lse, ent, loss, dl;
+      A lse, ent, loss, dl, adv;
       finish_stats(o, &lse, &ent);
       const A tl = target_value(row, p.row.V, tgt, xf);
-      epilogue_at<A>(p.tok, p.opt, r, tl - lse, &loss, &dl);
+      if (rewards) {
+        adv = grpo_reward_advantage<A>(p.rew, p.rew.seq[r], batch_sigma);
+        static_cast<A*>(p.adv_out)[r] = adv;
+      } else {
+        adv = static_cast<const A*>(p.tok.adv)[r];
+      }
+      epilogue_at<A>(p.tok, p.opt, r, tl - lse, adv, &loss, &dl);
       static_cast<A*>(p.out.lse)[r] = lse;
       static_cast<A*>(p.out.entropy)[r] = ent;
       static_cast<A*>(p.out.target_logit)[r] = tl;
@@ -402,6 +422,7 @@ __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_fused
 
 template <class A>
 __device__ __forceinline__ A block_sum(A v, A* scratch) {
+  // (every thread of the block calls it: the reductions synchronize)
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -419,6 +440,32 @@ __device__ __forceinline__ A block_sum(A v, A* scratch) {
   return scratch[0];
 }
 
+// The nanstd of x(0..len) (row_pass.h's grpo_nan_mean_std_of) by block reductions: every thread of
+// the block calls it and gets the result.
+template <class A, class X>
+__device__ A block_nanstd(const X& x, int64_t len, A* scratch) {
+  A s = A(0), c = A(0);
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const A v = x(i);
+    if (v == v) {
+      s += v;
+      c += A(1);
+    }
+  }
+  s = block_sum(s, scratch);
+  const int64_t n = (int64_t)block_sum(c, scratch);
+  const A mean = s / A(n);
+  A q = A(0);
+  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+    const A v = x(i);
+    if (v == v) {
+      const A d = v - mean;
+      q += d * d;
+    }
+  }
+  return grpo_nanstd_from<A>(block_sum(q, scratch), n);
+}
+
 // Group-normalized advantages (advantages.normalize_groups): one block; the batch std
 // (scale "batch") by block reductions, then one thread per group.
 template <class A>
@@ -428,26 +475,7 @@ __global__ void group_normalize_kernel(GroupNormParams p) {
   A* out = static_cast<A*>(p.out);
   const int64_t B = p.B, G = p.G;
   A batch_std = A(0);
-  if (p.mode == kScaleBatch && B > 1) {
-    A s = A(0), c = A(0);
-    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-      if (r[i] == r[i]) {
-        s += r[i];
-        c += A(1);
-      }
-    }
-    s = block_sum(s, scratch);
-    const int64_t n = (int64_t)block_sum(c, scratch);
-    const A mean = s / A(n);
-    A q = A(0);
-    for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-      if (r[i] == r[i]) {
-        const A d = r[i] - mean;
-        q += d * d;
-      }
-    }
-    batch_std = grpo_nanstd_from<A>(block_sum(q, scratch), n);
-  }
+  if (p.mode == kScaleBatch && B > 1) batch_std = block_nanstd<A>(PlainRewards<A>{r}, B, scratch);
   for (int64_t g = threadIdx.x; g < B / G; g += blockDim.x) {
     A mean, sigma;
     grpo_nan_mean_std<A>(r + g * G, G, &mean, &sigma);

@@ -70,7 +70,8 @@ struct EpilogueOptions {
 };
 
 // Per-token inputs, [n] in the accumulation dtype; old/ref/policy_scale may be null
-// (old null: on-policy, old = logp; ref is read only when beta != 0).
+// (old null: on-policy, old = logp; ref is read only when beta != 0); adv is null when the
+// advantages come from the rewards (RewardArgs).
 struct TokenArgs {
   const void* old;
   const void* adv;
@@ -93,6 +94,20 @@ struct RowGradParams {
   const void* dentropy;  // may be null
 };
 
+// Rewards -> advantages in the fused epilogue (advantages.group_advantages, TRL 1.16's
+// sum_then_normalize): each row's advantage is that of its sequence seq[r], from the combined
+// rewards of its group of G sequences (and the batch's std for kScaleBatch). Accumulation dtype.
+struct RewardArgs {
+  const void* rewards;  // [B, K] row-major; null: no rewards (TokenArgs.adv holds the advantages)
+  const void* weights;  // [K] the reward functions' weights
+  const int64_t* seq;   // [n] each row's sequence index in [0, B)
+  int64_t B;
+  int64_t K;
+  int64_t G;  // num_generations, B % G == 0
+  int mode;   // ScaleMode
+  double eps;
+};
+
 struct RowFusedParams {
   RowArgs row;
   StatsOut out;
@@ -100,6 +115,8 @@ struct RowFusedParams {
   EpilogueOptions opt;
   void* loss;   // [n] weight * loss_t
   void* dlogp;  // [n] dL/dlogp
+  RewardArgs rew;
+  void* adv_out;  // [n] each row's advantage, written when rew.rewards is set
 };
 
 struct GroupNormParams {
@@ -246,22 +263,55 @@ GRPO_HD inline A grpo_nanstd_from(A q, int64_t n) {
   return grpo_sqrt<A>(var * corr);
 }
 
-// mean and std of the non-NaN entries of x[0..len)
+// the values a group's statistics are taken over: combined rewards x[k] as given ...
 template <class A>
-GRPO_HD inline void grpo_nan_mean_std(const A* x, int64_t len, A* mean, A* std) {
+struct PlainRewards {
+  const A* x;
+  GRPO_HD A operator()(int64_t k) const { return x[k]; }
+};
+
+// ... or combined here from rewards [B, K] and weights [K] (advantages._combine_rewards):
+// nansum_k w_k r_ik, NaN when every r_ik is NaN (an unscorable completion)
+template <class A>
+GRPO_HD inline A grpo_combined_reward(const A* r, const A* w, int64_t K, int64_t i) {
+  A s = A(0);
+  bool scored = false;
+  for (int64_t k = 0; k < K; ++k) {
+    const A x = r[i * K + k];
+    if (x == x) scored = true;
+    const A p = x * w[k];
+    if (p == p) s += p;
+  }
+  return scored ? s : grpo_nan<A>();
+}
+
+template <class A>
+struct CombinedRewards {
+  const A* r;
+  const A* w;
+  int64_t K;
+  int64_t start;  // row of x(0)
+  GRPO_HD A operator()(int64_t k) const { return grpo_combined_reward<A>(r, w, K, start + k); }
+};
+
+// mean and std of the non-NaN entries of x(0..len)
+template <class A, class X>
+GRPO_HD inline void grpo_nan_mean_std_of(const X& x, int64_t len, A* mean, A* std) {
   A s = A(0);
   int64_t n = 0;
   for (int64_t k = 0; k < len; ++k) {
-    if (x[k] == x[k]) {
-      s += x[k];
+    const A v = x(k);
+    if (v == v) {
+      s += v;
       ++n;
     }
   }
   const A m = s / A(n);
   A q = A(0);
   for (int64_t k = 0; k < len; ++k) {
-    if (x[k] == x[k]) {
-      const A d = x[k] - m;
+    const A v = x(k);
+    if (v == v) {
+      const A d = v - m;
       q += d * d;
     }
   }
@@ -269,14 +319,47 @@ GRPO_HD inline void grpo_nan_mean_std(const A* x, int64_t len, A* mean, A* std) 
   *std = grpo_nanstd_from<A>(q, n);
 }
 
-// the advantages of one group given its mean and the std used (none: no division)
+template <class A>
+GRPO_HD inline void grpo_nan_mean_std(const A* x, int64_t len, A* mean, A* std) {
+  grpo_nan_mean_std_of<A>(PlainRewards<A>{x}, len, mean, std);
+}
+
+// one advantage given its group's mean and the std used (none: no division)
+template <class A>
+GRPO_HD inline A grpo_group_advantage(A x, int mode, A mean, A sigma, A eps) {
+  A a = x - mean;
+  if (mode != kScaleNone) a = a / (sigma + eps);
+  return grpo_nan_to_num<A>(a);
+}
+
+// the advantages of one group given its mean and the std used
 template <class A>
 GRPO_HD inline void grpo_group_advantages(const A* x, A* out, int64_t G, int mode, A mean, A sigma, A eps) {
-  for (int64_t k = 0; k < G; ++k) {
-    A a = x[k] - mean;
-    if (mode != kScaleNone) a = a / (sigma + eps);
-    out[k] = grpo_nan_to_num<A>(a);
-  }
+  for (int64_t k = 0; k < G; ++k) out[k] = grpo_group_advantage<A>(x[k], mode, mean, sigma, eps);
+}
+
+// the std every group divides by under kScaleBatch (0 for one sequence; unused otherwise)
+template <class A>
+GRPO_HD inline A grpo_batch_sigma(const RewardArgs& ra) {
+  if (ra.mode != kScaleBatch || ra.B <= 1) return A(0);
+  A mean, sigma;
+  const CombinedRewards<A> x{static_cast<const A*>(ra.rewards), static_cast<const A*>(ra.weights), ra.K, 0};
+  grpo_nan_mean_std_of<A>(x, ra.B, &mean, &sigma);
+  return sigma;
+}
+
+// the advantage of sequence s from the rewards: normalize_groups of the combined rewards of its
+// group, dividing by batch_sigma (grpo_batch_sigma) under kScaleBatch
+template <class A>
+GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_sigma) {
+  const A* r = static_cast<const A*>(ra.rewards);
+  const A* w = static_cast<const A*>(ra.weights);
+  const int64_t start = (s / ra.G) * ra.G;
+  A mean, sigma;
+  grpo_nan_mean_std_of<A>(CombinedRewards<A>{r, w, ra.K, start}, ra.G, &mean, &sigma);
+  if (ra.mode == kScaleBatch) sigma = batch_sigma;
+  if (ra.mode == kScaleGroup && ra.G == 1) sigma = A(0);
+  return grpo_group_advantage<A>(grpo_combined_reward<A>(r, w, ra.K, s), ra.mode, mean, sigma, A(ra.eps));
 }
 
 // ---------------------------------------------------------------------------------

@@ -260,12 +260,12 @@ void row_grad_t(const RowGradParams& p) {
 }
 
 template <class A>
-inline void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp, A* loss, A* dlogp) {
+inline void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp, A adv, A* loss,
+                        A* dlogp) {
   const A* old = tk.old ? static_cast<const A*>(tk.old) + i : nullptr;
   const A* ref = (opt.beta != 0.0) ? static_cast<const A*>(tk.ref) + i : nullptr;
   const A* scale = tk.policy_scale ? static_cast<const A*>(tk.policy_scale) + i : nullptr;
-  token_epilogue_one<A>(logp, old, static_cast<const A*>(tk.adv)[i], static_cast<const A*>(tk.weight)[i], ref, scale,
-                        opt, loss, dlogp);
+  token_epilogue_one<A>(logp, old, adv, static_cast<const A*>(tk.weight)[i], ref, scale, opt, loss, dlogp);
 }
 
 template <class T>
@@ -278,13 +278,22 @@ void row_fused_t(const RowFusedParams& p) {
   A* tl = static_cast<A*>(p.out.target_logit);
   A* loss = static_cast<A*>(p.loss);
   A* dlogp = static_cast<A*>(p.dlogp);
+  const bool rewards = p.rew.rewards != nullptr;
+  // the batch's std (scale "batch") once per launch; each row's group statistics in its epilogue
+  const A batch_sigma = rewards ? grpo_batch_sigma<A>(p.rew) : A(0);
   at::parallel_for(0, p.row.n, grain_rows(p.row.V), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       T* row = base + r * p.row.ld;
       const int64_t tgt = p.row.targets[r];
       const RowResult<A> st = row_stats_one<T, A>(row, p.row.V, tgt, xf);
-      A l, d;
-      epilogue_at<A>(p.tok, p.opt, r, st.target_logit - st.lse, &l, &d);
+      A l, d, adv;
+      if (rewards) {
+        adv = grpo_reward_advantage<A>(p.rew, p.rew.seq[r], batch_sigma);
+        static_cast<A*>(p.adv_out)[r] = adv;
+      } else {
+        adv = static_cast<const A*>(p.tok.adv)[r];
+      }
+      epilogue_at<A>(p.tok, p.opt, r, st.target_logit - st.lse, adv, &l, &d);
       lse[r] = st.lse;
       ent[r] = st.entropy;
       tl[r] = st.target_logit;

@@ -187,31 +187,40 @@ def _combine_rewards(rewards: torch.Tensor, weights):
     K = r.shape[1]
     acc = _acc_dtype(rewards.dtype)
     r = r.to(acc)
-    if weights is None:
+    w = _weights_tensor(weights, K, acc, r.device)
+    if w is None:
         w = torch.ones(K, dtype=acc, device=r.device)
-    else:
-        if isinstance(weights, torch.Tensor):
-            if weights.dim() != 1:
-                raise ValueError(f"weights must be 1-D (one weight per reward function), got shape {tuple(weights.shape)}")
-            if weights.dtype == torch.bool or not (weights.is_floating_point() or weights.dtype in _INT_DTYPES):
-                raise TypeError(f"weights must hold real numbers, got {weights.dtype}")
-            w = weights.detach().to(device=r.device, dtype=acc)
-        elif isinstance(weights, (list, tuple)):
-            if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in weights):
-                raise TypeError("weights must be a sequence of real numbers (one weight per reward function)")
-            w = torch.tensor([float(x) for x in weights], dtype=acc, device=r.device)
-        else:
-            raise TypeError(f"weights must be a list/tuple of floats or a 1-D tensor, got {type(weights).__name__}")
-        if w.numel() != K:
-            raise ValueError(
-                f"weights must have one entry per reward function: rewards has K={K} "
-                f"(columns of a [B, K] tensor; 1 for [B]), weights has {w.numel()}"
-            )
-        if w.numel() and not bool(torch.isfinite(w).all()):
-            raise ValueError("weights must be finite")
     unscorable = torch.isnan(r).all(dim=1)
     combined = (r * w.unsqueeze(0)).nansum(dim=1)
     return torch.where(unscorable, torch.full_like(combined, float("nan")), combined), unscorable
+
+
+def _weights_tensor(weights, K: int, dtype: torch.dtype, device, name: str = "weights",
+                    check_values: bool = True) -> Optional[torch.Tensor]:
+    """The K reward-function weights (list/tuple/1-D tensor) as a [K] ``dtype`` tensor on ``device``,
+    checked; None stays None (all 1). ``check_values``: the finiteness check, which reads them."""
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"{name} must be 1-D (one weight per reward function), got shape {tuple(weights.shape)}")
+        if weights.dtype == torch.bool or not (weights.is_floating_point() or weights.dtype in _INT_DTYPES):
+            raise TypeError(f"{name} must hold real numbers, got {weights.dtype}")
+        w = weights.detach().to(device=device, dtype=dtype)
+    elif isinstance(weights, (list, tuple)):
+        if not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in weights):
+            raise TypeError(f"{name} must be a sequence of real numbers (one weight per reward function)")
+        w = torch.tensor([float(x) for x in weights], dtype=dtype, device=device)
+    else:
+        raise TypeError(f"{name} must be a list/tuple of floats or a 1-D tensor, got {type(weights).__name__}")
+    if w.numel() != K:
+        raise ValueError(
+            f"{name} must have one entry per reward function: rewards has K={K} "
+            f"(columns of a [B, K] tensor; 1 for [B]), {name} has {w.numel()}"
+        )
+    if check_values and w.numel() and w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} must be finite")
+    return w
 
 
 def group_advantages(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Optional
 
 import torch
@@ -161,11 +162,13 @@ def grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    advantages: torch.Tensor,
+    advantages: Optional[torch.Tensor],
     mask: torch.Tensor,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     *,
+    rewards: Optional[torch.Tensor] = None,
+    reward_weights=None,
     bias: Optional[torch.Tensor] = None,
     importance_sampling_ratio: Optional[torch.Tensor] = None,
     sampling_logps: Optional[torch.Tensor] = None,
@@ -188,6 +191,13 @@ def grpo_loss(
     with a token). Options: the fields of ``GRPOOptions`` and of ``ExecutionOptions``. Returns the scalar loss (fp32, fp64 for fp64 inputs), or
     ``(loss, GRPOMetrics)`` with ``return_metrics=True``.
 
+    Rewards instead of advantages: ``advantages=None, rewards=r`` ([B] or [B, R] float, NaN =
+    unscored) with the options ``num_generations=G`` and ``scale_rewards="group" | "batch" |
+    "none"`` (True / False as GRPOConfig; ``reward_eps``, default 1e-4) and ``reward_weights`` (R
+    numbers, None: all 1): the advantages are ``group_advantages(r, G, scale_rewards=,
+    weights=reward_weights, eps=reward_eps)``, computed by the fused row kernels' epilogue in the
+    same launch where they run, and returned as ``metrics.advantages``.
+
     Vocab parallel: ``process_group`` / ``vocab_start`` / ``reduce_grad_hidden`` as in
     ``token_logprobs``; the loss and metrics are the global ones on every rank,
     ``weight.grad`` is this rank's slice and ``hidden.grad`` the full gradient (partial with
@@ -206,13 +216,21 @@ def grpo_loss(
     if B * T == 0:
         raise ValueError(f"hidden must have at least one token, got shape {tuple(hidden.shape)}")
     check.lm_head(hidden, weight, bias)
+    if (advantages is None) == (rewards is None):
+        raise ValueError("grpo_loss takes exactly one of advantages and rewards (with num_generations), got "
+                         + ("both" if rewards is not None else "neither"))
+    if rewards is None and reward_weights is not None:
+        raise ValueError("reward_weights is given without rewards (it weights the reward functions' columns)")
     batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
                              opts.beta, vocab=None if vp.enabled else weight.shape[0])
     keep, targets, advantages, old_logps, ref_logps, importance_sampling_ratio = batch
+    if rewards is not None:
+        rewards, reward_weights = check.rewards(rewards, reward_weights, hidden, opts.num_generations)
     sampling_logps = check.sampling_logps(sampling_logps, keep, opts.off_policy_mask_threshold)
-    adv2 = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    adv2 = None if advantages is None else (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
     inputs = objective.LossInputs(mask=mask, adv=adv2, old=old_logps, ref=ref_logps, is_ratio=importance_sampling_ratio,
-                                  sampling=sampling_logps, num_items=num_items, num_sequences=num_sequences)
+                                  sampling=sampling_logps, num_items=num_items, num_sequences=num_sequences,
+                                  rewards=rewards, reward_weights=reward_weights)
 
     with no_autocast:
         return _grpo_loss_checked(hidden, weight, bias, targets, inputs, opts, execution, vp, return_metrics)
@@ -225,6 +243,11 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
     if execution.backend == "reference":
         from grpo_kernels.reference import reference_grpo_loss
 
+        computed = None
+        if inputs.rewards is not None:  # the oracle takes advantages: computed once, in torch
+            computed = objective.reward_advantages(inputs.rewards, inputs.reward_weights, opts.num_generations,
+                                                   opts.scale_rewards, opts.reward_eps)
+            inputs = dataclasses.replace(inputs, adv=computed.unsqueeze(1))
         out = reference_grpo_loss(
             hidden, weight, targets, inputs.adv, mask, inputs.old, inputs.ref, bias=bias,
             importance_sampling_ratio=inputs.is_ratio, sampling_logps=inputs.sampling,
@@ -238,7 +261,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
             logps=m["logps"] * mask, entropy=m["entropy"] * mask, kl_mean=m["kl_mean"],
             clip_ratio_low=m.get("clip_ratio_low"), clip_ratio_high=m.get("clip_ratio_high"),
             clip_ratio_region=m.get("clip_ratio_region"), cispo_clip_ratio=m.get("cispo_clip_ratio"),
-            entropy_mean=m["entropy_mean"],
+            entropy_mean=m["entropy_mean"], advantages=computed,
         )
 
     grad_on = torch.is_grad_enabled()
@@ -247,12 +270,16 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    loss, logp, ent, _, _, _ = loss_op(hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1), inputs,
-                                       (opts, execution, vp), needs)
+    loss, logp, ent, _, _, _, computed = loss_op(hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1),
+                                                 inputs, (opts, execution, vp), needs)
     if not return_metrics:
         return loss
-    metrics = objective.compute_metrics(logp.view(B, T), ent.view(B, T), mask, inputs.adv, opts, old=inputs.old,
+    computed = None if inputs.rewards is None else computed
+    adv = inputs.adv if computed is None else computed.unsqueeze(1)
+    metrics = objective.compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old,
                                         ref=inputs.ref)
+    if computed is not None:
+        metrics = dataclasses.replace(metrics, advantages=computed)
     return loss, metrics
 
 
@@ -266,6 +293,9 @@ class GRPOLoss(nn.Module):
         self.options, self.execution = split_options(options)
 
     def forward(self, hidden, weight, targets, advantages, mask, old_logps=None, ref_logps=None, **overrides):
+        """``advantages=None`` with ``rewards=`` (and ``reward_weights=``) among the overrides: the
+        advantages from the rewards (``grpo_loss``), ``num_generations`` / ``scale_rewards`` from the
+        module's options or the overrides."""
         kwargs = as_kwargs(self.options, self.execution)
         kwargs.update(overrides)
         return grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, **kwargs)

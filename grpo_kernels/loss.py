@@ -49,13 +49,23 @@ def grpo_loss_forward(
     vocab_parallel: VocabParallel,
     needs: Tuple[bool, bool, bool],  # grads wanted for (hidden, weight, bias)
 ):
-    """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias);
-    grads are None when not needed."""
+    """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages);
+    grads are None when not needed; advantages [B] when computed from ``inputs.rewards`` (else None).
+
+    Rewards: on the fused one-sweep path the row kernel's epilogue computes each token's advantage
+    from the rewards itself (no separate group-normalize launch); on every other path they are
+    computed once here (``objective.reward_advantages``, torch) before the sweep."""
     mask = inputs.mask
     B, T = mask.shape
     total = B * T
     acc = accumulation_dtype(hidden.dtype)
     plan, rows, h = plan_loss(hidden, weight, mask, options, execution, vocab_parallel, needs)
+    advantages = None
+    in_kernel = inputs.rewards is not None and plan.fused and plan.path == "one_sweep"
+    if inputs.rewards is not None and not in_kernel:
+        advantages = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options.num_generations,
+                                                 options.scale_rewards, options.reward_eps)
+        inputs = dataclasses.replace(inputs, adv=advantages.unsqueeze(1))
     tgt = _targets(plan, targets.index_select(0, rows))
     # padding positions may hold junk (even inf) old/ref/sampling logps: they must not reach a sum
     keep = mask != 0
@@ -82,29 +92,35 @@ def grpo_loss_forward(
 
     gh = gw = gb = None
     if plan.path == "forward":
-        return loss_of(logp_full, ent_full).detach(), logp_full, ent_full, None, None, None
+        return loss_of(logp_full, ent_full).detach(), logp_full, ent_full, None, None, None, advantages
     if plan.path == "one_sweep":
         policy_scale = inputs.is_ratio
         if inputs.entropy_mask is not None:
             em = inputs.entropy_mask.to(acc)
             policy_scale = em if policy_scale is None else policy_scale.to(acc) * em
         token_inputs = objective.TokenInputs(
-            old=pick(inputs.old), adv=pick(inputs.adv), weight=pick(weights.policy), ref=pick(inputs.ref),
-            policy_scale=pick(policy_scale),
+            old=pick(inputs.old), adv=None if in_kernel else pick(inputs.adv), weight=pick(weights.policy),
+            ref=pick(inputs.ref), policy_scale=pick(policy_scale),
             kl_weight=None if weights.kl is weights.policy else pick(weights.kl),
             entropy_weight=pick(weights.entropy) if options.entropy_coef != 0.0 else None,
+            **(_reward_inputs(inputs, rows, T, acc) if in_kernel else {}),
         )
         n = h.shape[0]
         stats = RowStats.empty(n, h.dtype, h.device)
         loss_t = torch.empty(n, dtype=stats.lse.dtype, device=h.device)
+        adv_rows = torch.empty(n, dtype=stats.lse.dtype, device=h.device) if in_kernel else None
 
         def one_sweep(s, e, z):
             st, epi = sweep.fused_(plan, z, tgt[s:e], token_inputs.select(slice(s, e)))
             stats.put_(s, e, st)
             loss_t[s:e] = epi.loss
+            if adv_rows is not None:
+                adv_rows[s:e] = epi.adv
 
         gh, gw, gb = sweep.sweep(plan, h, weight, bias, one_sweep, needs)
         loss = loss_t.sum()
+        if in_kernel:
+            advantages = _sequence_advantages(adv_rows, token_inputs.seq, inputs, options, B)
         logp_full = _scatter_rows(stats.logp, rows, total)
         ent_full = _scatter_rows(stats.entropy, rows, total)
     elif plan.path == "sequence_sweep":
@@ -128,7 +144,37 @@ def grpo_loss_forward(
         gh, gw, gb = sweep.backward_grads(plan, h, weight, bias, tgt, sel_stats, dlogp_full.index_select(0, rows),
                                           dent, needs)
     gh_full = _scatter_rows(gh, rows, total) if gh is not None else None
-    return loss, logp_full, ent_full, gh_full, gw, gb
+    return loss, logp_full, ent_full, gh_full, gw, gb, advantages
+
+
+def _reward_inputs(inputs: objective.LossInputs, rows: torch.Tensor, T: int, acc: torch.dtype) -> dict:
+    """The fused epilogue's reward inputs (``objective.TokenInputs``): rewards [B, R] and weights [R]
+    in the accumulation dtype, each real row's sequence index."""
+    r = inputs.rewards.detach()
+    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(acc).contiguous()
+    w = inputs.reward_weights
+    w = torch.ones(r.shape[1], dtype=acc, device=r.device) if w is None else w.detach().to(acc).contiguous()
+    return dict(rewards=r, reward_weights=w, seq=torch.div(rows, T, rounding_mode="floor"))
+
+
+def _sequence_advantages(adv_rows, seq, inputs: objective.LossInputs, options: GRPOOptions, B: int):
+    """[B] advantages of the fused kernels' per-row ones (every row of a sequence holds the same value:
+    its first row's is taken), in the rewards' accumulation dtype; a sequence without a real token
+    (reaching no gradient) gets the torch formula's value."""
+    from grpo_kernels.advantages import _acc_dtype
+
+    dtype = _acc_dtype(inputs.rewards.dtype)
+    out = torch.zeros(B, dtype=dtype, device=adv_rows.device)
+    first = torch.ones_like(seq, dtype=torch.bool)
+    first[1:] = seq[1:] != seq[:-1]
+    out[seq[first]] = adv_rows[first].to(dtype)
+    covered = torch.zeros(B, dtype=torch.bool, device=adv_rows.device)
+    covered[seq] = True
+    if out.is_meta or not bool(covered.all()):
+        fallback = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options.num_generations,
+                                               options.scale_rewards, options.reward_eps)
+        out = torch.where(covered, out, fallback.to(dtype))
+    return out
 
 
 def token_logprobs_forward(hidden, weight, bias, targets, options: GRPOOptions, execution: ExecutionOptions,

@@ -163,7 +163,7 @@ _HEAD_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tenso
 #: the per-call tensors of the objective (``objective.LossInputs``), in field order: a field added
 #: there reaches the op with no other change
 _INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs) if f.name not in objective.DERIVED_INPUTS)
-_LOSS_TENSORS = _HEAD_TENSORS + tuple((n, Tensor if n in ("mask", "adv") else Optional[Tensor]) for n in _INPUT_FIELDS)
+_LOSS_TENSORS = _HEAD_TENSORS + tuple((n, Tensor if n == "mask" else Optional[Tensor]) for n in _INPUT_FIELDS)
 _N_HEAD = len(_HEAD_TENSORS)
 
 
@@ -171,27 +171,36 @@ def _loss_impl(hidden, weight, bias, targets, *rest):
     tensors, opts, needs = rest[:len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS) + 1]
     inputs = objective.LossInputs(**dict(zip(_INPUT_FIELDS, tensors)))
     needs_t = (needs[0], needs[1], needs[2] and bias is not None)
-    loss, logp, ent, gh, gw, gb = loss_impl.grpo_loss_forward(hidden, weight, bias, targets, inputs, *opts, needs_t)
-    return loss, logp, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
+    loss, logp, ent, gh, gw, gb, adv = loss_impl.grpo_loss_forward(hidden, weight, bias, targets, inputs, *opts,
+                                                                   needs_t)
+    adv = hidden.new_empty(_EMPTY, dtype=logp.dtype) if adv is None else adv
+    return (loss, logp, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden),
+            adv)
 
 
 def _loss_fake(hidden, weight, bias, targets, *rest):
     needs = rest[len(_INPUT_FIELDS) + 1]
     acc = _acc(hidden)
     n = hidden.shape[0]
+    fields = dict(zip(_INPUT_FIELDS, rest[:len(_INPUT_FIELDS)]))
+    rewards = fields["rewards"]
+    if rewards is None:
+        adv = hidden.new_empty(_EMPTY, dtype=acc)
+    else:  # the advantages computed from the rewards, in their accumulation dtype
+        adv = rewards.new_empty((rewards.shape[0],), dtype=_acc(rewards))
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
-            *_fake_grads(hidden, weight, bias, needs))
+            *_fake_grads(hidden, weight, bias, needs), adv)
 
 
-_loss_op = _define("grpo_loss", _LOSS_TENSORS, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+_loss_op = _define("grpo_loss", _LOSS_TENSORS, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
                    _loss_impl, _loss_fake)
 
 
 def _loss_setup(ctx, inputs, output):
-    _, logp, ent, gh, gw, gb = output
+    _, logp, ent, gh, gw, gb, adv = output
     # the gradients are results, not functions of the inputs: without this autograd would
     # allocate a zero [V, H] "gradient" for the unused gw output before every backward
-    ctx.mark_non_differentiable(logp, ent, gh, gw, gb)
+    ctx.mark_non_differentiable(logp, ent, gh, gw, gb, adv)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(gh, gw, gb)
     ctx.has_bias = inputs[2] is not None
@@ -249,8 +258,9 @@ def loss_op(hidden, weight, bias, targets, inputs: "objective.LossInputs", optio
     """hidden [B*T, H], targets [B*T], ``inputs`` the per-call tensors ([B, T]; see
     ``objective.LossInputs``); ``option_objects`` = (GRPOOptions, ExecutionOptions, VocabParallel).
 
-    Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias); a
-    gradient not asked for in ``needs`` comes back as an empty tensor.
+    Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages); a
+    gradient not asked for in ``needs`` comes back as an empty tensor, and so do the advantages [B]
+    unless ``inputs.rewards`` gave them.
     """
     tensors = tuple(getattr(inputs, n) for n in _INPUT_FIELDS)
     return _loss_op(hidden, weight, bias, targets, *tensors, *to_op_args(*option_objects), list(needs))

@@ -118,6 +118,12 @@ class GRPOOptions(_Options):
     rollout_rs: Optional[str] = None
     rollout_rs_threshold: Optional[str] = None
     bypass_loss_type: str = "ppo_clip"
+    # rewards -> advantages inside the loss (``grpo_loss(..., rewards=...)``): TRL 1.16's GRPOConfig
+    # ``num_generations`` and ``scale_rewards`` ("group" | "batch" | "none"; True -> "group", False ->
+    # "none"), and the eps added to the std (TRL: 1e-4); unused when advantages are given
+    num_generations: Optional[int] = None
+    scale_rewards: str = "group"
+    reward_eps: float = 1e-4
 
     @property
     def eps_high(self) -> float:
@@ -170,7 +176,17 @@ class GRPOOptions(_Options):
                 raise ValueError(f"max_completion_length must be > 0, got {self.max_completion_length}")
         return self._validate_additions()
 
+    def _validate_rewards(self) -> None:
+        from grpo_kernels import advantages
+
+        if self.num_generations is not None:
+            advantages._check_int("num_generations", self.num_generations, 1)
+        # True / False as GRPOConfig: stored as the mode's name (the op schema holds a str)
+        object.__setattr__(self, "scale_rewards", advantages._scale_mode(self.scale_rewards))
+        advantages._check_real("reward_eps", self.reward_eps, 0.0)
+
     def _validate_additions(self) -> "GRPOOptions":
+        self._validate_rewards()
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
                      "clip_ratio_c", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef",
                      "rollout_is_threshold"):

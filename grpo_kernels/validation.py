@@ -157,13 +157,15 @@ def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importan
     if vocab is not None:
         # ids are checked at unmasked positions only: padding may hold anything (-100, pad ids)
         token_ids("targets", targets, vocab, where=keep)
-    tensor("advantages", advantages, ndim=(1, 2), floating=True)
-    same_device("advantages", advantages, dev)
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), got {tuple(advantages.shape)}")
-    if tuple(advantages.shape) == (B, 1) and T != 1:
-        advantages = advantages.reshape(B)
-    finite("advantages", advantages)
+    if advantages is not None:  # None: computed from rewards (checked by ``rewards`` below)
+        tensor("advantages", advantages, ndim=(1, 2), floating=True)
+        same_device("advantages", advantages, dev)
+        if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+            raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), "
+                             f"got {tuple(advantages.shape)}")
+        if tuple(advantages.shape) == (B, 1) and T != 1:
+            advantages = advantages.reshape(B)
+        finite("advantages", advantages)
     finite("hidden", hidden)
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is None:
@@ -193,6 +195,31 @@ def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importan
     old_logps = None if old_logps is None else torch.where(keep, old_logps, zero.to(old_logps.dtype))
     ref_logps = None if ref_logps is None else torch.where(keep, ref_logps, zero.to(ref_logps.dtype))
     return GRPOBatch(keep, targets, advantages, old_logps, ref_logps, ratio)
+
+
+def rewards(x, weights, hidden, num_generations):
+    """grpo_loss's ``rewards`` [B] or [B, R] (NaN: unscored; no inf) and ``reward_weights`` (R
+    numbers: list, tuple or 1-D tensor; None: all 1) with ``num_generations`` dividing B, checked as
+    ``advantages.group_advantages`` checks them. Returns (rewards, weights as a [R] tensor or None)."""
+    from grpo_kernels import advantages as adv
+
+    B = hidden.shape[0]
+    x = adv._check_float_tensor("rewards", x, (1, 2))
+    tensor("rewards", x)
+    same_device("rewards", x, hidden.device)
+    if x.shape[0] != B:
+        raise ValueError(f"rewards must have one row per sequence of hidden ([{B}] or [{B}, R]), "
+                         f"got shape {tuple(x.shape)}")
+    if num_generations is None:
+        raise ValueError("num_generations is required with rewards (rows come in consecutive groups of "
+                         "num_generations completions of one prompt)")
+    adv._check_num_generations(num_generations, B, "rewards")
+    if value_checks_enabled(x):
+        adv._no_inf("rewards", x)
+    R = 1 if x.dim() == 1 else x.shape[1]
+    w = adv._weights_tensor(weights, R, adv._acc_dtype(x.dtype), x.device, name="reward_weights",
+                            check_values=value_checks_enabled(x))
+    return x, w
 
 
 def sampling_logps(x, keep: torch.Tensor, threshold) -> Optional[torch.Tensor]:

@@ -113,7 +113,7 @@ def test_fused_loss_on_meta_past_2_31(level, recorded_chunks, meta_nonzero):
     f32 = lambda *s: _meta(*s, dtype=torch.float32)  # noqa: E731
     opts = GRPOOptions(importance_sampling_level=level, beta=0.04, top_entropy_quantile=0.5,
                        loss_type="grpo").validate()
-    loss, logp, ent, gh, gw, gb = grpo_loss_forward(
+    loss, logp, ent, gh, gw, gb, _ = grpo_loss_forward(
         _meta(N, H), _meta(V, H), _meta(V), _meta(N, dtype=torch.int64), _meta(B, T, dtype=torch.bool),
         f32(B, T), f32(B, T), f32(B, T), f32(B, T), None, opts, ExecutionOptions(backend="torch", chunk_size=N),
         VocabParallel(), (True, True, True))

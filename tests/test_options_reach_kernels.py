@@ -61,7 +61,13 @@ LOSS_CASES = {
     "rollout_rs": ("token_k1", {"policy_loss": "bypass_mode"}),
     "rollout_rs_threshold": ("0.5", {"policy_loss": "bypass_mode", "rollout_rs": "token_k1"}),
     "bypass_loss_type": ("reinforce", {"policy_loss": "bypass_mode"}),
+    # the rewards path (grpo_loss(rewards=...)): these run with rewards instead of advantages
+    "num_generations": (2, {}),
+    "scale_rewards": ("batch", {"num_generations": 1}),
+    "reward_eps": (0.01, {"num_generations": 2}),
 }
+#: options read only with rewards: their cases call grpo_loss(advantages=None, rewards=...)
+REWARD_OPTIONS = ("num_generations", "scale_rewards", "reward_eps")
 EXECUTION_CASES = {"chunk_size": 3, "deterministic": True, "batch_invariant": True}
 
 
@@ -82,6 +88,10 @@ def _inputs(dtype=torch.float32):
     ref = -3 + 0.1 * torch.randn(B, T, generator=g)
     old = -3 + 0.1 * torch.randn(B, T, generator=g)
     return [x.to(DEVICE) for x in (hidden, weight, targets, adv, mask, old, ref)]
+
+
+def _rewards():
+    return torch.tensor([[0.5, 1.0], [2.0, float("nan")]], device=DEVICE)
 
 
 class Recorder:
@@ -133,11 +143,15 @@ class Recorder:
         return wrapped
 
 
-def _loss(backend, recorder_options):
+def _loss(backend, recorder_options, rewards=False):
     h, w, t, a, m, old, ref = _inputs()
     h.requires_grad_(True)
     w.requires_grad_(True)
-    loss = grpo_loss(h, w, t, a, m, old, ref, backend=backend, **recorder_options)
+    if rewards:
+        loss = grpo_loss(h, w, t, None, m, old, ref, backend=backend, rewards=_rewards(), reward_weights=[1.0, 0.5],
+                         **recorder_options)
+    else:
+        loss = grpo_loss(h, w, t, a, m, old, ref, backend=backend, **recorder_options)
     loss.backward()
 
 
@@ -147,7 +161,7 @@ def test_loss_option_reaches_the_backend(backend, name, monkeypatch):
     require(backend, DEVICE, torch.float32)
     value, extra = LOSS_CASES[name]
     rec = Recorder(monkeypatch, backend)
-    _loss(backend, {name: value, **extra})
+    _loss(backend, {name: value, **extra}, rewards=name in REWARD_OPTIONS)
     assert rec.calls, "no backend primitive ran"
     for prim, options, execution, _ in rec.calls:
         assert isinstance(options, GRPOOptions)
@@ -162,12 +176,15 @@ TRITON_ARGS = {
     "beta": ("beta", 0.03), "epsilon_low": ("lo", 1 - 0.15), "epsilon_high": ("hi", 1 + 0.31),
     "delta": ("delta", 1.7), "temperature": ("temperature", 0.9), "logit_softcap": ("softcap", 25.0),
     "use_bias_correction_kl": ("BIAS_KL", True),
+    "num_generations": ("G", 2), "scale_rewards": ("SCALE", 1), "reward_eps": ("reward_eps", 0.01),
 }
 CPP_ARGS = {
     "beta": ("beta", 0.03), "epsilon_low": ("lo", 1 - 0.15), "epsilon_high": ("hi", 1 + 0.31),
     "delta": ("delta", 1.7), "temperature": ("temperature", 0.9), "logit_softcap": ("softcap", 25.0),
     "use_bias_correction_kl": ("bias_correction_kl", True), "sapo_temperature_pos": ("sapo_pos", 0.8),
     "sapo_temperature_neg": ("sapo_neg", 1.3),
+    "num_generations": ("num_generations", 2), "scale_rewards": ("scale_mode", 1),
+    "reward_eps": ("reward_eps", 0.01),
 }
 
 
@@ -178,7 +195,7 @@ def test_loss_option_reaches_the_kernel_launch(backend, name, monkeypatch):
     require(backend, DEVICE, torch.float32)
     value, extra = LOSS_CASES[name]
     rec = Recorder(monkeypatch, backend)
-    _loss(backend, {name: value, **extra})
+    _loss(backend, {name: value, **extra}, rewards=name in REWARD_OPTIONS)
     key, want = table[name]
     fused = [launch for launch in rec.launches if key in launch]
     assert fused, f"no {backend} launch received {key!r}"

@@ -288,6 +288,21 @@ def _option_args(options) -> dict:
     )
 
 
+def _reward_args(token_inputs, options, acc: torch.dtype, device) -> dict:
+    """The fused epilogue's rewards (``objective.TokenInputs.rewards``; none: {}): rewards [B, R],
+    weights [R], each row's sequence index, the per-row advantages' output and the scale settings."""
+    if token_inputs.adv is not None or token_inputs.rewards is None:
+        return {}
+    r = token_inputs.rewards.detach()
+    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(device=device, dtype=acc).contiguous()
+    w = token_inputs.reward_weights
+    w = torch.ones(r.shape[1], dtype=acc, device=device) if w is None else _vec(w, acc, device)
+    seq = _vec(token_inputs.seq, torch.int64, device)
+    return dict(rewards=r, reward_weights=w, seq=seq, adv_out=torch.empty(seq.shape[0], dtype=acc, device=device),
+                num_generations=int(options.num_generations), scale_mode=_SCALE_MODE[options.scale_rewards],
+                reward_eps=float(options.reward_eps))
+
+
 def _token_args(token_inputs, acc: torch.dtype, device, beta: float) -> dict:
     ref = token_inputs.ref if beta != 0.0 else None
     if beta != 0.0 and ref is None:
@@ -368,13 +383,15 @@ class CppRowBackend(RowBackend):
         acc = accumulation_dtype(logits.dtype)
         dev = logits.device
         lse, ent, tl, loss, dlogp = (torch.empty(n, dtype=acc, device=dev) for _ in range(5))
+        rewards = _reward_args(token_inputs, options, acc, dev)
         ext.row_fused_(
             logits, _vec(targets, torch.int64, dev),
             **_token_args(token_inputs, acc, dev, options.beta),
             lse=lse, entropy=ent, target_logit=tl, loss=loss, dlogp=dlogp,
-            **_head_args(options), **_option_args(options), stream=_stream(logits),
+            **_head_args(options), **_option_args(options), stream=_stream(logits), **rewards,
         )
-        return RowStats(lse=lse, entropy=ent, target_logit=tl), TokenEpilogue(loss, dlogp)
+        return (RowStats(lse=lse, entropy=ent, target_logit=tl),
+                TokenEpilogue(loss, dlogp, rewards["adv_out"] if rewards else None))
 
     def group_normalize(self, rewards, num_generations: int, scale_rewards: str, eps: float):
         """``advantages.normalize_groups`` in one kernel, on the arguments as checked by

@@ -29,6 +29,7 @@ import triton.language as tl
 from grpo_kernels.backends.base import RowStats
 from grpo_kernels.backends.triton import _common
 from grpo_kernels.backends.triton._common import INTERPRET, acc_dtype, next_pow2, tanh, tl_acc, to_acc
+from grpo_kernels.backends.triton.advantages_kernel import SCALE_MODES, reward_advantage, reward_block
 from grpo_kernels.backends.triton.objective_kernel import epilogue_params, grpo_token_epilogue, token_vectors
 
 NEG_INF = float("-inf")
@@ -176,13 +177,17 @@ def row_grad_kernel(
 def row_fused_kernel(
     z_ptr, stride, tgt_ptr, old_ptr, adv_ptr, weight_ptr, ref_ptr, scale_ptr,
     lse_ptr, ent_ptr, tgl_ptr, loss_ptr, dlogp_ptr, V,
+    rew_ptr, rw_ptr, seq_ptr, adv_out_ptr, K, B, G,
     temperature: tl.float64, softcap: tl.float64,
     lo: tl.float64, hi: tl.float64, delta: tl.float64, eh: tl.float64, beta: tl.float64,
-    tau_pos: tl.float64, tau_neg: tl.float64,
-    CAP: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, ACC: tl.constexpr,
+    tau_pos: tl.float64, tau_neg: tl.float64, reward_eps: tl.float64,
+    CAP: tl.constexpr, MAXF: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMP: tl.constexpr, ACC: tl.constexpr,
     LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_KL: tl.constexpr, BIAS_KL: tl.constexpr, HAS_REWARDS: tl.constexpr, SCALE: tl.constexpr,
+    RBLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    # HAS_REWARDS: the row's advantage from the rewards [B, K] of its group (sequence seq[row]),
+    # computed here in the epilogue (advantages_kernel.reward_advantage) and written to adv_out
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * stride
     c, inv_c, inv_T = _consts(temperature, softcap, ACC)
@@ -196,7 +201,13 @@ def row_fused_kernel(
         old = tl.load(old_ptr + row)
     else:
         old = logp
-    adv = tl.load(adv_ptr + row)
+    if HAS_REWARDS:
+        seq = tl.load(seq_ptr + row)
+        adv = reward_advantage(rew_ptr, rw_ptr, K, B, G, seq, to_acc(reward_eps, ACC), to_acc(MAXF, ACC),
+                               SCALE, ACC, RBLOCK)
+        tl.store(adv_out_ptr + row, adv)
+    else:
+        adv = tl.load(adv_ptr + row)
     wt = tl.load(weight_ptr + row)
     if HAS_KL:
         ref = tl.load(ref_ptr + row)
@@ -360,18 +371,40 @@ def row_fused_(logits, targets, token_inputs, options, execution):
     acc = acc_dtype(logits.dtype)
     dev = logits.device
     lse, ent, tgl, loss, dlogp = _empty(n, acc, dev, 5)
+    has_rewards = token_inputs.adv is None and token_inputs.rewards is not None
+    adv_out = _common.empty(n, acc, dev) if has_rewards else None
     if n:
         z = _rowwise(logits)
         tg = _vec(targets, torch.int64, dev)
         old, adv, weight, ref, scale = token_vectors(token_inputs, (n,), acc, dev, options.beta)
         params = epilogue_params(options, logits.dtype)
+        rewards = _reward_vectors(token_inputs, options, acc, dev, has_rewards)
         _launch(
             row_fused_kernel, row_fused_tuned, lambda b: (n,), V, execution.fixed_tiles,
-            (z, z.stride(0), tg, lse if old is None else old, adv, weight, lse if ref is None else ref,
-             lse if scale is None else scale, lse, ent, tgl, loss, dlogp, V),
-            dict(HAS_OLD=old is not None, HAS_SCALE=scale is not None,
-                 **_row_flags(options), **params),
+            (z, z.stride(0), tg, lse if old is None else old, lse if adv is None else adv, weight,
+             lse if ref is None else ref, lse if scale is None else scale, lse, ent, tgl, loss, dlogp, V,
+             *rewards["pointers"], lse if adv_out is None else adv_out),
+            dict(HAS_OLD=old is not None, HAS_SCALE=scale is not None, MAXF=float(torch.finfo(acc).max),
+                 **rewards["flags"], **_row_flags(options), **params),
         )
         if z is not logits:
             logits.copy_(z)
-    return RowStats(lse=lse, entropy=ent, target_logit=tgl), TokenEpilogue(loss, dlogp)
+    return RowStats(lse=lse, entropy=ent, target_logit=tgl), TokenEpilogue(loss, dlogp, adv_out)
+
+
+def _reward_vectors(token_inputs, options, acc, dev, has_rewards: bool) -> dict:
+    """The fused kernel's reward arguments: pointers (rewards [B, K], weights [K], seq [n]) and keywords
+    (K, B, G, HAS_REWARDS, SCALE, RBLOCK, reward_eps); placeholders without rewards."""
+    if not has_rewards:
+        dummy = torch.zeros(1, dtype=acc, device=dev)
+        return dict(pointers=(dummy, dummy, torch.zeros(1, dtype=torch.int64, device=dev)),
+                    flags=dict(K=1, B=1, G=1, HAS_REWARDS=False, SCALE=0, RBLOCK=16, reward_eps=0.0))
+    r = token_inputs.rewards.detach()
+    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(device=dev, dtype=acc).contiguous()
+    B, K = r.shape
+    w = token_inputs.reward_weights
+    w = torch.ones(K, dtype=acc, device=dev) if w is None else _vec(w, acc, dev)
+    G = int(options.num_generations)
+    return dict(pointers=(r, w, _vec(token_inputs.seq, torch.int64, dev)),
+                flags=dict(K=K, B=B, G=G, HAS_REWARDS=True, SCALE=SCALE_MODES[options.scale_rewards],
+                           RBLOCK=reward_block(B, G, options.scale_rewards), reward_eps=float(options.reward_eps)))
