@@ -426,7 +426,9 @@ def make_token_inputs(logp64, acc, device, seed, off_policy, scaled, saturate=Fa
 
 def on_cpu(ti: TokenInputs, dtype) -> TokenInputs:
     f = (ti.old, ti.adv, ti.weight, ti.ref, ti.policy_scale)
-    return TokenInputs(*(None if x is None else x.detach().cpu().to(dtype) for x in f))
+    cpu = lambda x, dt=dtype: None if x is None else x.detach().cpu().to(dt)  # noqa: E731
+    return TokenInputs(*(cpu(x) for x in f), rewards=cpu(ti.rewards), reward_weights=cpu(ti.reward_weights),
+                       seq=cpu(ti.seq, torch.int64))
 
 
 def check_row_fused(impl, device, dtype, case, shape=(8, 300, 0), xform=None, seed=0, saturate=False,
@@ -468,6 +470,64 @@ def check_row_fused(impl, device, dtype, case, shape=(8, 300, 0), xform=None, se
     close(work[rows], expect[finite_rows], GRAD_TOL[dtype], "grad", scale=scale)
     if pad:
         assert torch.equal(buf[:, V:], margin), "row_fused_ wrote outside the chunk"
+
+
+#: the fused epilogue's rewards -> advantages: (B, R, G, scale_rewards, NaN rewards (row, column or None))
+REWARD_CASES = {
+    "B8-R2-G4-group-nan": (8, 2, 4, "group", ((1, 0), (5, None))),
+    "B8-R3-G2-batch-nan": (8, 3, 2, "batch", ((0, 1), (3, None), (2, None))),  # an all-NaN group
+    "B6-R1-G3-none": (6, 1, 3, "none", ()),
+    "B4-R2-G1-group": (4, 2, 1, "group", ((2, 0),)),
+    "B12-R2-G12-batch": (12, 2, 12, "batch", ((7, None),)),
+    "B8-R2-G4-group-all-nan-group": (8, 2, 4, "group", ((4, None), (5, None), (6, None), (7, None))),
+}
+
+
+def check_row_fused_rewards(impl, device, dtype, case, seed=0, n=10, V=300):
+    """row_fused_ with the advantages computed in its epilogue from rewards [B, R], weights [R] and each
+    row's sequence index (TokenInputs.adv None): the statistics against float64, the per-row
+    advantages, loss and dL/dlogp against objective.token_epilogue of those statistics (which computes
+    them with objective.reward_advantages, i.e. group_advantages), the gradient by float64 autograd."""
+    B, R, G, mode, nans = REWARD_CASES[case]
+    options = row_options((0.9, None), loss_type="grpo", beta=0.04, num_generations=G, scale_rewards=mode)
+    acc = accumulation_dtype(dtype)
+    z, t = make_logits(n, V, dtype, device, seed)
+    ref = reference_stats(z, t, options)
+    base = make_token_inputs(ref.logp, acc, device, seed, True, True)
+    g = gen(seed + 11)
+    rewards = torch.randn(B, R, generator=g, dtype=torch.float64)
+    for i, k in nans:
+        if k is None:
+            rewards[i] = NAN
+        else:
+            rewards[i, k] = NAN
+    weights = torch.rand(R, generator=g, dtype=torch.float64) + 0.5
+    seq = torch.randint(0, B, (n,), generator=g)
+    seq[0], seq[1] = 5 % B, 0  # an unscorable sequence's rows (advantage 0) where it exists
+    to = lambda x, dt=acc: x.to(device=device, dtype=dt)  # noqa: E731
+    ti = TokenInputs(old=base.old, adv=None, weight=base.weight, ref=base.ref, policy_scale=base.policy_scale,
+                     rewards=to(rewards), reward_weights=to(weights), seq=to(seq, torch.int64))
+    work = z.clone()
+    with poisoned():
+        st, out = impl.row_fused_(work, t, ti, options, execution_for(impl))
+    check_stats(st, ref, dtype, device, "fused rewards ")
+    epi = objective.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
+    assert out.adv is not None and out.adv.dtype == acc, "row_fused_ returns the rows' advantages"
+    expect_adv = objective.reward_advantages(rewards, weights, G, mode, 1e-4)[seq]
+    # the mirror is group_advantages (of rewards rounded to acc), the kernel its formula in acc
+    close(epi.adv, expect_adv, EPI_TOL[acc], "mirror advantages")
+    close(out.adv, epi.adv, EPI_TOL[acc], "advantages")
+    for name in ("loss", "dlogp"):  # (relative to the largest: G = 1 leaves only tiny KL terms)
+        close(getattr(out, name), getattr(epi, name), EPI_TOL[acc], name)
+    expect = reference_grad(z, t, epi.dlogp, None, options)
+    close(work, expect, GRAD_TOL[dtype], "grad", scale=epi.dlogp.abs().max().item())
+
+
+@pytest.mark.parametrize("case", list(REWARD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_row_fused_computes_advantages_from_rewards(backend, dtype, case):
+    impl = fused_impl(backend, dtype)
+    check_row_fused_rewards(impl, backend.device, dtype, case, seed=stable_seed("fused-rewards", dtype, case))
 
 
 GROUP_CASES = {
@@ -893,6 +953,13 @@ class _WrongEpilogue(_Composed):
         return super().row_fused_(logits, targets, token_inputs, options.replace(beta=0.0), execution)
 
 
+class _RewardsAsGroupMode(_Composed):
+    """Computes the advantages with scale_rewards="group" whatever the mode."""
+
+    def row_fused_(self, logits, targets, token_inputs, options, execution):
+        return super().row_fused_(logits, targets, token_inputs, options.replace(scale_rewards="group"), execution)
+
+
 class _BatchAsGroup(_Composed):
     def group_normalize(self, rewards, num_generations, scale_rewards, eps):
         return super().group_normalize(rewards, num_generations, "group" if scale_rewards == "batch" else scale_rewards,
@@ -907,6 +974,7 @@ def test_the_checks_pass_a_correct_backend():
         check_row_fused(impl, "cpu", dtype, "grpo-beta-biaskl-scale")
         check_row_fused(impl, "cpu", dtype, "sapo-beta", saturate=True)
         check_group_normalize(impl, "cpu", dtype, "nan-rows", "batch", 1e-4)
+        check_row_fused_rewards(impl, "cpu", dtype, "B8-R3-G2-batch-nan")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -919,8 +987,9 @@ def test_the_checks_pass_a_correct_backend():
     (_SkipsLastRow, lambda impl, dt: check_row_stats(impl, "cpu", dt, SHAPES["n3-V8"], XFORMS["plain"])),
     (_WrongEpilogue, lambda impl, dt: check_row_fused(impl, "cpu", dt, "grpo-beta")),
     (_BatchAsGroup, lambda impl, dt: check_group_normalize(impl, "cpu", dt, "plain", "batch", 1e-4)),
+    (_RewardsAsGroupMode, lambda impl, dt: check_row_fused_rewards(impl, "cpu", dt, "B8-R3-G2-batch-nan")),
 ], ids=["grad*1.001", "fused-grad*1.001", "temperature*1.001", "fused-temperature*1.001", "no-dentropy",
-        "unwritten-row", "fused-epilogue-without-KL", "batch-as-group"])
+        "unwritten-row", "fused-epilogue-without-KL", "batch-as-group", "rewards-batch-as-group"])
 def test_the_checks_fail_a_wrong_backend(bug, check, dtype):
     with pytest.raises(AssertionError):
         check(bug(), dtype)
