@@ -60,6 +60,17 @@ def test_qwen_vocab_bf16(backend, case):
     contract.check_row_fused(backend, DEVICE, torch.bfloat16, case, shape=shape, seed=13)
 
 
+@pytest.mark.parametrize("case", ["B8-R2-G4-group-nan", "B8-R3-G2-batch-nan", "B1024-R3-G16-batch-nan",
+                                  "B8-R2-G4-group-all-nan-group"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_fused_rewards_to_advantages(backend, dtype, case):
+    """The CUDA fused kernel's epilogue computes each row's advantage from the rewards (the batch std
+    by block reductions, once per block), over Qwen's vocabulary and over a small one; many rows, so
+    that blocks grid-stride."""
+    contract.check_row_fused_rewards(backend, DEVICE, dtype, case, n=48, V=QWEN_V, seed=21)
+    contract.check_row_fused_rewards(backend, DEVICE, dtype, case, n=3000, V=64, seed=22)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp64", "fp32", "bf16", "fp16"])
 def test_bindings_match_the_backend(ext, dtype):

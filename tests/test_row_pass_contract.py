@@ -480,6 +480,8 @@ REWARD_CASES = {
     "B4-R2-G1-group": (4, 2, 1, "group", ((2, 0),)),
     "B12-R2-G12-batch": (12, 2, 12, "batch", ((7, None),)),
     "B8-R2-G4-group-all-nan-group": (8, 2, 4, "group", ((4, None), (5, None), (6, None), (7, None))),
+    # more sequences than a CUDA block has threads: the batch std by block reductions
+    "B1024-R3-G16-batch-nan": (1024, 3, 16, "batch", ((5, None), (100, 1), (700, 2))),
 }
 
 
