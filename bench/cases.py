@@ -81,7 +81,10 @@ GPU_SET: List[Shape] = [
     for V in (32768, 151936)
     for N in (4096, 8192, 16384)
 ]
-SETS: Dict[str, List[Shape]] = {"quick": QUICK_SET, "cpu": CPU_SET, "gpu": GPU_SET}
+# the chunk sweep's (bench/report.py --sweep-chunks): the CPU set plus a large vocabulary, where
+# one row of logits is 4.6x larger and a byte budget buys 4.6x fewer rows
+CHUNK_SET: List[Shape] = CPU_SET + [Shape(4, 256, 256, 151936, "float32")]
+SETS: Dict[str, List[Shape]] = {"quick": QUICK_SET, "cpu": CPU_SET, "gpu": GPU_SET, "chunks": CHUNK_SET}
 SHAPES: Dict[str, Shape] = {s.name: s for shapes in SETS.values() for s in shapes}
 
 
@@ -175,7 +178,7 @@ class Case:
 def check_value(kind: str, out, inp: Inputs) -> Optional[float]:
     """A number every correct implementation agrees on: ||grad_hidden|| for losses, the masked
     sum of logps for log-prob passes."""
-    if kind in ("loss", "level"):
+    if kind in ("loss", "level", "chunk"):
         g = inp.hidden.grad
         return None if g is None else float(g.double().norm())
     if kind == "logprobs":
@@ -416,10 +419,11 @@ def build_reference_logprobs(inp: Inputs, device: torch.device):
     return run
 
 
-def build_liger_loss(inp: Inputs, device: torch.device):
+def build_liger_loss(inp: Inputs, device: torch.device, compiled: bool = True):
     grpo = _import("liger-kernel", "liger_kernel.chunked_loss")
     module = grpo.LigerFusedLinearGRPOLoss(
         beta=0.0, use_ref_model=False, loss_type="dapo", epsilon_low=EPS, epsilon_high=EPS, temperature=1.0,
+        compiled=compiled,
     )
     mask = inp.mask.long()  # TRL hands Liger its integer completion mask
 
@@ -573,7 +577,77 @@ RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "trl:chunked", "trl:selectiv
 REPORT_KINDS = ("loss", "logprobs", "floor")  # bench/report.py's default; "level" on request
 
 
+# ------------------------------------------------------------------ the chunk-size sweep
+# kind "chunk" (bench/report.py --sweep-chunks): the GRPO loss (forward + backward) of our
+# backends at a grid of chunk sizes, each point either a row count (``ours:cpp:rows=256``, the
+# execution option chunk_size) or a byte budget (``ours:torch:bytes=64MiB``, the variable
+# GRPO_KERNELS_CHUNK_BYTES, set around each call); ``ours:cpp:default`` is plan.py's rule as it
+# stands. Liger eager (``liger:eager``, compiled=False) and the three-matmul floor over the real
+# tokens (``floor:real``) run in the same sweep as the bars: memory at or below Liger's, time at
+# or below the default's. The ids are parsed, so any grid point can be asked for by name.
+
+CHUNK_BACKENDS = ("cpp", "torch")
+CHUNK_ROWS = (128, 256, 512, 1024, 2048)  # the default grid (bench/report.py --chunk-rows)
+CHUNK_BYTES = ("32MiB", "128MiB")  # (bench/report.py --chunk-bytes)
+
+
+def with_chunk_bytes(run: Callable[[], object], budget: str) -> Callable[[], object]:
+    """``run`` with GRPO_KERNELS_CHUNK_BYTES=budget during the call (read when a call is planned)."""
+
+    def call():
+        old = os.environ.get("GRPO_KERNELS_CHUNK_BYTES")
+        os.environ["GRPO_KERNELS_CHUNK_BYTES"] = budget
+        try:
+            return run()
+        finally:
+            if old is None:
+                del os.environ["GRPO_KERNELS_CHUNK_BYTES"]
+            else:
+                os.environ["GRPO_KERNELS_CHUNK_BYTES"] = old
+
+    return call
+
+
+def chunk_case(case_id: str) -> Optional[Case]:
+    """The chunk-sweep case of an id (``ours:BACKEND:rows=R``, ``ours:BACKEND:bytes=SIZE``,
+    ``ours:BACKEND:default``, ``liger:eager``), None for an id that is none of these."""
+    if case_id == "liger:eager":
+        return Case(case_id, "chunk", "peer", "Liger LigerFusedLinearGRPOLoss, compiled=False",
+                    lambda i, d: build_liger_loss(i, d, compiled=False), needs="liger_kernel")
+    parts = case_id.split(":")
+    if len(parts) != 3 or parts[0] != "ours" or parts[1] not in OURS_BACKENDS:
+        return None
+    backend, point = parts[1], parts[2]
+    if point == "default":
+        return Case(case_id, "chunk", "ours", f"grpo_kernels backend={backend}, plan.py's chunk rule",
+                    ours_loss(backend), backend=backend)
+    name, _, value = point.partition("=")
+    if name == "rows" and value.isdigit() and int(value) > 0:
+        return Case(case_id, "chunk", "ours", f"grpo_kernels backend={backend}, chunk_size={value}",
+                    ours_loss(backend, chunk_size=int(value)), backend=backend)
+    if name == "bytes" and value:
+        def build(inp: Inputs, device: torch.device, backend=backend, value=value):
+            return with_chunk_bytes(ours_loss(backend)(inp, device), value)
+
+        return Case(case_id, "chunk", "ours", f"grpo_kernels backend={backend}, GRPO_KERNELS_CHUNK_BYTES={value}",
+                    build, backend=backend)
+    return None
+
+
+def chunk_grid(backends=CHUNK_BACKENDS, rows=CHUNK_ROWS, budgets=CHUNK_BYTES) -> List[Case]:
+    """The sweep's cases: per backend the default, every row count and every byte budget; then
+    Liger eager and the floor over the real tokens."""
+    ids = [f"ours:{b}:{p}" for b in backends
+           for p in ["default"] + [f"rows={r}" for r in rows] + [f"bytes={s}" for s in budgets]]
+    return [chunk_case(i) for i in ids + ["liger:eager"]] + [BY_KEY["floor/floor:real"]]
+
+
 def select(kinds=None, ids=None, before: bool = False) -> List[Case]:
-    """The cases of these kinds and ids (every one when None); ``before``: the before:* ones."""
+    """The cases of these kinds and ids (every one when None); ``before``: the before:* ones.
+    Kind ``chunk`` is the chunk sweep's: its ids are parsed (``chunk_case``), the default grid
+    without ids."""
     pool = BEFORE if before else CASES
-    return [c for c in pool if (not kinds or c.kind in kinds) and (not ids or c.id in ids)]
+    out = [c for c in pool if (not kinds or c.kind in kinds) and (not ids or c.id in ids)]
+    if kinds and "chunk" in kinds and not before:
+        out += [c for c in (chunk_case(i) for i in ids) if c is not None] if ids else chunk_grid()[:-1]
+    return out

@@ -66,7 +66,8 @@ def pytest_generate_tests(metafunc):
     config = metafunc.config
     kind = metafunc.function.__name__[len("test_"):]
     chosen = config.getoption("--bench-case")
-    pool = cases.select([kind], before=bool(config.getoption("--bench-before")))
+    ids = [k.split("/", 1)[1] for k in chosen or () if k.startswith(kind + "/")] or None
+    pool = cases.select([kind], ids if kind == "chunk" else None, before=bool(config.getoption("--bench-before")))
     selected = [c for c in pool if not chosen or c.key in chosen]
     shapes = _shapes(config)
     metafunc.parametrize("case", selected, ids=[c.id for c in selected])

@@ -6,6 +6,7 @@
     python bench/report.py --out DIR      # outputs (default bench/out/)
     python bench/report.py --compare-with PATH   # also before:* = PATH's grpo_kernels: before/after ratios
     python bench/report.py --render OUT/results.json --out DIR   # re-render a saved run
+    python bench/report.py --sweep-chunks --out DIR   # chunk sizes (rows, bytes) x backends, + Liger eager, floor
 
 Each (case, shape) is one pytest run, ``pytest bench/test_bench.py --bench-case KIND/ID
 --bench-shape NAME --benchmark-json F --junitxml F``: in a fresh subprocess on the CPU (so that
@@ -91,7 +92,7 @@ class CppBuild:
 
 
 _GROUP_ORDER = {"ours": 0, "before": 1, "floor": 2, "peer": 3}
-_KIND_ORDER = {"loss": 0, "floor": 0, "logprobs": 1, "level": 2}
+_KIND_ORDER = {"loss": 0, "floor": 0, "chunk": 0, "logprobs": 1, "level": 2}
 
 
 def order(cases: List[Case], shapes: List[Shape], device: torch.device):
@@ -171,7 +172,9 @@ def run_job(case: Case, shape: Shape, device, *, isolate: bool, rounds: Optional
 
 def run_set(cases: List[Case], shapes: List[Shape], device: torch.device, *, rounds: Optional[int], cold: bool,
             isolate: bool, budget_s: Optional[float], allow_build: bool, before: Optional[str],
-            log: Callable[[str], None] = print) -> List[Dict]:
+            log: Callable[[str], None] = print, keep_order: bool = False) -> List[Dict]:
+    """Every (case, shape) job; ``keep_order``: shape by shape, the cases in the order given
+    (the chunk sweep's interleaving), else ``order``'s."""
     start = time.monotonic()
     builds: Dict[str, CppBuild] = {}  # per checkout of grpo_kernels: "ours" or "before"
     if allow_build and shapes:
@@ -184,7 +187,8 @@ def run_set(cases: List[Case], shapes: List[Shape], device: torch.device, *, rou
             b.wait(900.0)
     results: List[Dict] = []
     width = max([14] + [len(c.id) for c in cases])
-    for case, shape in order(cases, shapes, device):
+    jobs = [(c, s) for s in shapes for c in cases] if keep_order else order(cases, shapes, device)
+    for case, shape in jobs:
         elapsed = time.monotonic() - start
         tag = f"[{elapsed:6.1f}s] {case.kind:8s} {case.id:{width}s} {shape.name}"
         reason = case_defs.cheap_skip_reason(case, device)
@@ -446,6 +450,162 @@ def plot(results: List[Dict], path_prefix: str) -> List[str]:
     return written
 
 
+# ================================================================== the chunk sweep
+
+
+def chunk_rows_of(case_id: str, shape: Shape, real: int, device) -> Optional[int]:
+    """Rows per chunk that grpo_kernels' plan gives a chunk-sweep case on ``real`` rows of this shape."""
+    parts = case_id.split(":")
+    if len(parts) != 3 or parts[0] != "ours":
+        return None
+    try:
+        from grpo_kernels import plan
+        from grpo_kernels.backends import get_backend
+
+        backend = get_backend(parts[1], device, shape.torch_dtype)
+        name, _, value = parts[2].partition("=")
+        if name == "rows":
+            return plan.chunk_rows(real, shape.V, shape.torch_dtype, backend, int(value), device)
+        budget = value if name == "bytes" else None
+        old = os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
+        try:
+            if budget:
+                os.environ["GRPO_KERNELS_CHUNK_BYTES"] = budget
+            return plan.chunk_rows(real, shape.V, shape.torch_dtype, backend, None, device)
+        finally:
+            os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
+            if old is not None:
+                os.environ["GRPO_KERNELS_CHUNK_BYTES"] = old
+    except Exception:
+        return None
+
+
+def merge_repeats(runs: List[List[Dict]]) -> List[Dict]:
+    """One record per (kind, case, shape) from the repeats: every timed call's time, the time the
+    minimum of them (noise on a shared machine only adds), the peak the median of the repeats'."""
+    merged: Dict[tuple, Dict] = OrderedDict()
+    for run in runs:
+        for r in run:
+            key = (r["kind"], r["case"], r["shape"])
+            m = merged.get(key)
+            if m is None or not _ok(m):
+                merged[key] = dict(r, repeat_min_s=[r["time_s"]] if _ok(r) else [],
+                                   repeat_peak_bytes=[r.get("peak_bytes")] if _ok(r) else [])
+                continue
+            if _ok(r):
+                m["times_s"] = list(m["times_s"]) + list(r["times_s"])
+                m["repeat_min_s"].append(r["time_s"])
+                m["repeat_peak_bytes"].append(r.get("peak_bytes"))
+    for m in merged.values():
+        if _ok(m):
+            m["time_s"] = m["min_s"] = min(m["times_s"])
+            m["median_s"] = statistics.median(m["times_s"])
+            peaks = [p for p in m["repeat_peak_bytes"] if p is not None]
+            if peaks:
+                m["peak_bytes"] = statistics.median(peaks)
+    return list(merged.values())
+
+
+def chunk_table(results: List[Dict], shape: str) -> str:
+    """One shape of the chunk sweep: every grid point against the default, Liger eager and the floor."""
+    idx = _index(results)
+    rows = [r for r in results if r["shape"] == shape and r["kind"] == "chunk"]
+    liger = idx.get(("chunk", "liger:eager", shape))
+    floor_r = idx.get(("floor", "floor:real", shape))
+    head = ["case", "rows/chunk", "logits MiB", "time ms", "÷ own default", "÷ liger:eager", "÷ floor:real",
+            "peak MiB", "peak−grads MiB", "peak ÷ liger:eager", "repeats (min ms each)", "Δcheck"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows + ([floor_r] if floor_r else []):
+        if not _ok(r):
+            out.append(f"| `{r['case']}` | {r['status']}: {r.get('reason', '')[:120]} |" + " |" * (len(head) - 2))
+            continue
+        parts = r["case"].split(":")
+        default = idx.get(("chunk", f"ours:{parts[1]}:default", shape)) if parts[0] == "ours" else None
+        t = r["time_s"]
+        n_rows = r.get("chunk_rows")
+        chunk_mib = "-" if r.get("logits_bytes") is None else f"{r['logits_bytes'] / MiB:.0f}"
+        lig = lambda v: _x(v(r), v(liger)) if liger is not None and _ok(liger) else "-"  # noqa: E731
+        check_ref = idx.get(("chunk", "ours:torch:default", shape))
+        check = "-"
+        if r.get("check") is not None and check_ref and _ok(check_ref) and check_ref.get("check"):
+            check = f"{abs(r['check'] - check_ref['check']) / abs(check_ref['check']):.0e}"
+        out.append("| " + " | ".join([
+            f"`{r['case']}`", "-" if n_rows is None else str(n_rows), chunk_mib, _ms(t),
+            _x(t, default["time_s"]) if default and _ok(default) else "-",
+            lig(lambda x: x["time_s"]),
+            _x(t, floor_r["time_s"]) if floor_r and _ok(floor_r) else "-",
+            _mib(_peak(r)), _mib(_peak(r, True)), lig(_peak),
+            " / ".join(_ms(x) for x in r.get("repeat_min_s", [t])), check]) + " |")
+    return "\n".join(out)
+
+
+def sweep_markdown(results: List[Dict], meta: Dict[str, str]) -> str:
+    parts = [f"### {meta['title']}", ""]
+    parts += [f"- {k}: {v}" for k, v in meta.items() if k not in ("title", "device_type", "set")]
+    for s in _shapes(results):
+        label = next(r for r in results if r["shape"] == s)
+        real = next((r.get("real_tokens") for r in results if r["shape"] == s and r.get("real_tokens")), None)
+        parts += ["", f"**{s}** (N={label['N']}, real tokens {real}, H={label['H']}, V={label['V']}, {label['dtype']})",
+                  "", chunk_table(results, s)]
+    return "\n".join(parts)
+
+
+def run_sweep(args, device: torch.device, log=print) -> int:
+    """--sweep-chunks: the chunk-size grid of every backend at every shape of the set, with Liger
+    eager and the floor, each job in a fresh process, the whole job list ``--repeats`` times,
+    interleaved (forward, then backward order, ...) so that a drift of the machine's speed falls
+    on every case alike."""
+    set_name = args.set or "chunks"
+    shapes = [s for s in case_defs.SETS[set_name] if not args.n or s.N in args.n]
+    grid = case_defs.chunk_grid(args.chunk_backends, args.chunk_rows, args.chunk_bytes)
+    if args.cases:
+        grid = [c for c in grid if c.id in args.cases]
+    jobs_per_repeat = len(grid) * len(shapes)
+    log(f"grpo_kernels chunk sweep: {len(shapes)} shapes x {len(grid)} cases x {args.repeats} repeats "
+        f"({jobs_per_repeat * args.repeats} processes), out {args.out}")
+    # rows per chunk as planned now, before any job runs (the jobs import this checkout's plan.py)
+    planned = {}
+    for shape in shapes:
+        real = int(case_defs.completion_mask(shape.B, shape.T, shape.pad, "cpu").sum())
+        for c in grid:
+            planned[(c.id, shape.name)] = chunk_rows_of(c.id, shape, real, device)
+    load0, t0 = _loadavg(), time.monotonic()
+    runs = []
+    for k in range(args.repeats):
+        order_ = grid if k % 2 == 0 else grid[::-1]
+        runs.append(run_set(order_, shapes, device, rounds=args.rounds, cold=False, isolate=True,
+                            budget_s=args.budget_s, allow_build=True, before=None, log=log,
+                            keep_order=True))
+    results = merge_repeats(runs)
+    for r in results:
+        shape = case_defs.SHAPES[r["shape"]]
+        r["chunk_rows"] = planned.get((r["case"], r["shape"]))
+        if r["chunk_rows"] is not None:
+            r["logits_bytes"] = r["chunk_rows"] * shape.V * shape.torch_dtype.itemsize
+    meta = {
+        "title": f"grpo_kernels chunk sweep: set `{set_name}` on {device.type}",
+        "device_type": device.type, "set": set_name, "device": _device_name(device),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(["bench/report.py"] + (args.argv if args.argv is not None else sys.argv[1:])),
+        "versions": f"torch {torch.__version__}, liger-kernel {_version('liger-kernel')}, grpo_kernels {_git(REPO)}",
+        "workload": "GRPO loss forward + backward, dapo, beta 0, on-policy, ~20% padding (bench/cases.py)",
+        "timing": (f"each job a fresh process: an untimed first call, then {args.rounds or 2} timed round(s); "
+                   f"the job list {args.repeats}x, interleaved; time = the minimum over every timed call"),
+        "memory": "VmHWM − VmRSS over the first timed call (after malloc_trim), the median over the repeats; "
+                  "`peak` includes grad_hidden + grad_weight, `peak−grads` does not",
+        "wall time": f"{time.monotonic() - t0:.0f} s",
+        "load average (1 min) at start / end": f"{load0} / {_loadavg()}",
+    }
+    md = sweep_markdown(results, meta)
+    with open(os.path.join(args.out, "chunk_sweep.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(args.out, "chunk_sweep.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    log("\n" + md)
+    log(f"\nwrote {os.path.join(args.out, 'chunk_sweep.md')}, chunk_sweep.json")
+    return 0
+
+
 # ================================================================== the command
 
 
@@ -518,7 +678,18 @@ def main(argv=None) -> int:
                     "on the grpo_kernels of this other checkout (a subprocess each), for before/after ratios")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="only re-render report.md and the plots from a "
                     "results.json written earlier (into --out)")
+    g = ap.add_argument_group("chunk sweep (--sweep-chunks)")
+    g.add_argument("--sweep-chunks", action="store_true", help="the loss of every backend at a grid of chunk "
+                   "sizes (rows and byte budgets) on every shape of --set (default `chunks`: the CPU set plus "
+                   "V=151936), with Liger eager and floor:real; writes chunk_sweep.md / .json")
+    g.add_argument("--chunk-rows", type=int, nargs="*", default=list(case_defs.CHUNK_ROWS),
+                   help=f"rows-per-chunk grid (default {' '.join(map(str, case_defs.CHUNK_ROWS))})")
+    g.add_argument("--chunk-bytes", nargs="*", default=list(case_defs.CHUNK_BYTES),
+                   help=f"byte-budget grid, GRPO_KERNELS_CHUNK_BYTES values (default {' '.join(case_defs.CHUNK_BYTES)})")
+    g.add_argument("--chunk-backends", nargs="*", default=list(case_defs.CHUNK_BACKENDS), help="backends swept")
+    g.add_argument("--repeats", type=int, default=2, help="times the whole job list runs, interleaved (default 2)")
     args = ap.parse_args(argv)
+    args.argv = argv
     os.makedirs(args.out, exist_ok=True)
     if args.render:
         with open(args.render) as f:
@@ -527,6 +698,8 @@ def main(argv=None) -> int:
         return 0
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sweep_chunks:
+        return run_sweep(args, device)
     set_name = args.set or case_defs.default_set(device, args.quick)
     shapes = [s for s in case_defs.SETS[set_name] if not args.n or s.N in args.n]
     kinds = args.kinds or case_defs.REPORT_KINDS

@@ -6,7 +6,9 @@
 - ``test_floor``: the three-matmul floor (logits, grad_hidden, grad_weight) every loss time is
   compared to;
 - ``test_level``: sequence-level importance sampling (GSPO) vs token level, per backend, in
-  the same run (``pytest bench -k test_level --benchmark-group-by=group``).
+  the same run (``pytest bench -k test_level --benchmark-group-by=group``);
+- ``test_chunk``: the loss at a grid of chunk sizes (rows or bytes) per backend, with Liger
+  eager, for plan.py's chunk rule (``bench/report.py --sweep-chunks``).
 
 Timing: CUDA: CUDA events around each call (after one untimed first call, which absorbs
 compilation and autotuning, and one warm-up call), repetitions sized to ~0.3 s per case
@@ -47,7 +49,7 @@ import torch
 
 from bench.cases import Unavailable, check_value, cheap_skip_reason
 
-GROUPS = {"floor": "loss", "level": "importance-sampling level"}  # pytest-benchmark group, else the kind
+GROUPS = {"floor": "loss", "level": "importance-sampling level", "chunk": "chunk sweep"}  # pytest-benchmark group, else the kind
 
 
 def _malloc_trim() -> None:
@@ -165,4 +167,8 @@ def test_floor(benchmark, pytestconfig, case, shape, bench_device, bench_inputs)
 
 
 def test_level(benchmark, pytestconfig, case, shape, bench_device, bench_inputs):
+    measure(benchmark, pytestconfig, case, shape, bench_device, bench_inputs)
+
+
+def test_chunk(benchmark, pytestconfig, case, shape, bench_device, bench_inputs):
     measure(benchmark, pytestconfig, case, shape, bench_device, bench_inputs)
