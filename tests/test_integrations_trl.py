@@ -31,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
+import grpo_kernels.integrations.trl as gk_trl  # noqa: E402
 from grpo_kernels.integrations.trl import FusedGRPOTrainer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
@@ -74,6 +75,23 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    """A tiny Mixtral (4 experts, top-2, router_aux_loss_coef 0.02) saved locally."""
+    torch.manual_seed(1)
+    cfg = transformers.MixtralConfig(
+        vocab_size=len(CHARS) + 3, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
+        eos_token_id=1, bos_token_id=None, router_aux_loss_coef=0.02, tie_word_embeddings=False,
+    )
+    model = transformers.MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.8)
+    path = tmp_path_factory.mktemp("tiny_mixtral")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def dataset():
     return datasets.Dataset.from_dict({"prompt": ["abc", "hello", "xyz q", "tiny", "rl", "grpo", "kernel", "fuse"]})
 
@@ -88,7 +106,11 @@ def reward_a(completions, **kwargs):
 
 def make_trainer(model_dir, tokenizer, dataset, tmp_path, cls=FusedGRPOTrainer, dtype=torch.float64,
                  trainer_kwargs=None, **config):
-    model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if os.path.basename(model_dir).startswith("tiny_mixtral"):
+        # eager experts: the default grouped_mm has no float64 kernel
+        model = transformers.MixtralForCausalLM.from_pretrained(model_dir, dtype=dtype, experts_implementation="eager")
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype)
     defaults = dict(
         output_dir=str(tmp_path / "out"), report_to="none", use_cpu=DEVICE.type == "cpu", bf16=False, fp16=False,
         max_completion_length=K, num_generations=2, per_device_train_batch_size=B, max_steps=2,
@@ -151,6 +173,9 @@ def make_batch(trainer, seed=0, old=True, ref=False, tool_mask=False, sampling=F
         inputs["ref_per_token_logps"] = near()
     if sampling:
         inputs["sampling_per_token_logps"] = near()
+        if sampling == "nan":  # tokens the sampler could not score
+            inputs["sampling_per_token_logps"][1, 2] = float("nan")
+            inputs["sampling_per_token_logps"][3, 0] = float("nan")
     if is_ratio is not None:
         shape = (B, K) if is_ratio == "token" else (B, 1)
         ratio = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
@@ -161,14 +186,15 @@ def make_batch(trainer, seed=0, old=True, ref=False, tool_mask=False, sampling=F
 def exact_logps(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
                 compute_aux_loss=False, **_):
     """TRL's _get_per_token_logps_and_entropies semantics from the model's own (float64) logits."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logits = logits[:, -logits_to_keep - 1 : -1] / self.temperature
+    extra = dict(output_router_logits=True) if compute_aux_loss else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+    logits = out.logits[:, -logits_to_keep - 1 : -1] / self.temperature
     logsm = torch.log_softmax(logits, -1)
     targets = input_ids[:, -logits_to_keep:]
     scored = attention_mask[:, -logits_to_keep:] != 0
     logps = logsm.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~scored, 0)
     ent = (-(logsm.exp() * logsm).sum(-1)).masked_fill(~scored, 0) if compute_entropy else None
-    return logps, ent, None
+    return logps, ent, (out.aux_loss if compute_aux_loss else None)
 
 
 def grads(model):
@@ -279,6 +305,40 @@ CASES = {
                                dict(vllm=True)),
     "tool_mask": (dict(loss_type="dapo", beta=0.03), dict(tool_mask=True, ref=True), {}),
     "token_advantages_sapo": (dict(loss_type="sapo"), dict(token_advantages=True), {}),
+    "off_policy_mask_nan_sampling_2procs": (dict(loss_type="grpo", off_policy_mask_threshold=0.01),
+                                            dict(sampling="nan"), dict(procs=2)),
+    # vespo: the gamma weights phi(w) of the sequence ratio, the vLLM ratio folded into w (not multiplied)
+    "vespo": (dict(loss_type="vespo"), {}, {}),
+    "vespo_k_lambda_beta": (dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.0,
+                                 vespo_lambda_neg=1.0, beta=0.05), dict(ref=True, spread=0.1), {}),
+    "vespo_vllm_token": (dict(loss_type="vespo"), dict(is_ratio="token", spread=0.1), dict(vllm=True)),
+    "vespo_vllm_sequence_2procs_gas": (dict(loss_type="vespo", gradient_accumulation_steps=2, steps_per_generation=4),
+                                       dict(is_ratio="sequence", spread=0.1), dict(vllm=True, procs=2)),
+    "vespo_off_policy_mask_tool_mask": (dict(loss_type="vespo", off_policy_mask_threshold=0.02),
+                                        dict(sampling=True, tool_mask=True, spread=0.1), {}),
+    "vespo_eval": (dict(loss_type="vespo", gradient_accumulation_steps=2), dict(spread=0.1), dict(eval=True)),
+    "vespo_top_entropy_2procs": (dict(loss_type="vespo", top_entropy_quantile=0.5), dict(spread=0.1),
+                                 dict(procs=2)),
+    # the entropy bonus: - entropy_coef * mean entropy / accumulation steps, outside the loss type's normalizer
+    "entropy_grpo_gas": (dict(loss_type="grpo", entropy_coef=0.05, gradient_accumulation_steps=2), {}, {}),
+    "entropy_bnpo": (dict(loss_type="bnpo", entropy_coef=0.1), {}, {}),
+    "entropy_dr_grpo_beta": (dict(loss_type="dr_grpo", entropy_coef=0.1, beta=0.04), dict(ref=True), {}),
+    "entropy_dapo_2procs_gas_spg": (dict(loss_type="dapo", entropy_coef=0.03, gradient_accumulation_steps=2,
+                                         steps_per_generation=4), {}, dict(procs=2)),
+    "entropy_cispo": (dict(loss_type="cispo", epsilon_high=1.3, entropy_coef=0.2), {}, {}),
+    "entropy_sapo_tool_mask": (dict(loss_type="sapo", entropy_coef=0.05), dict(tool_mask=True), {}),
+    "entropy_luspo": (dict(loss_type="luspo", importance_sampling_level="sequence", entropy_coef=0.05), {}, {}),
+    "entropy_vespo_gas": (dict(loss_type="vespo", entropy_coef=0.05, gradient_accumulation_steps=3),
+                          dict(spread=0.1), {}),
+    "entropy_negative_coef": (dict(loss_type="grpo", entropy_coef=-0.05), {}, {}),
+    "entropy_top_entropy": (dict(loss_type="bnpo", entropy_coef=0.1, top_entropy_quantile=0.4), {}, {}),
+    "entropy_top_entropy_2procs": (dict(loss_type="grpo", entropy_coef=0.1, top_entropy_quantile=0.5,
+                                        gradient_accumulation_steps=2), {}, dict(procs=2)),
+    "entropy_dapo_eval": (dict(loss_type="dapo", entropy_coef=0.1, gradient_accumulation_steps=2), {},
+                          dict(eval=True, procs=2)),
+    "entropy_off_policy_mask": (dict(loss_type="dapo", entropy_coef=0.05, off_policy_mask_threshold=0.02),
+                                dict(sampling=True), {}),
+    "entropy_vllm_is": (dict(loss_type="grpo", entropy_coef=0.05), dict(is_ratio="token"), dict(vllm=True)),
 }
 # float32 only: TRL casts the head to float32 in place, which a float64 oracle cannot follow
 FP32_ONLY = {"grpo_cast_lm_head_fp32": (dict(loss_type="grpo", cast_lm_head_to_fp32=True, beta=0.02),
@@ -345,30 +405,130 @@ def test_generation_logps_use_grpo_kernels(model_dir, tokenizer, dataset, tmp_pa
     torch.testing.assert_close(ent, eent, rtol=1e-10, atol=1e-12)
 
 
+# ------------------------------------------------------------------ the adaptive entropy controller
+
+
+def _controller(trainer):
+    stats = trainer._entropy_window_stats
+    return (trainer.entropy_coef, trainer._last_world_entropy, None if stats is None else stats.detach().clone())
+
+
+@pytest.mark.parametrize("target, procs", [(10.0, 1), (1e-3, 1), (10.0, 2)])
+def test_adaptive_entropy_controller_equals_trl(model_dir, tokenizer, dataset, tmp_path, target, procs):
+    """use_adaptive_entropy: over two accumulation windows of two micro-batches (optimizer steps at
+    sync_gradients) the losses, gradients, metrics and the controller state (entropy_coef,
+    _last_world_entropy, the window statistics) equal TRL's after every micro-batch. target=10:
+    entropy below target, the coefficient grows and applies from the second window on; target=1e-3:
+    it shrinks and never applies."""
+    trainer = make_trainer(model_dir, tokenizer, dataset, tmp_path, loss_type="dapo", use_adaptive_entropy=True,
+                           entropy_coef=0.02, entropy_coef_delta=0.01, entropy_target=target,
+                           gradient_accumulation_steps=2, top_entropy_quantile=0.6)
+    trainer.current_gradient_accumulation_steps = 2
+    if procs > 1:
+        trainer.accelerator = _Procs(trainer.accelerator, procs)
+    trainer.model.train()
+    batches = [make_batch(trainer, seed=i) for i in range(4)]
+    initial = _controller(trainer)
+    results = {}
+    for name, fn in [("ours", ours(trainer)), ("stock", stock_exact(trainer))]:
+        trainer.entropy_coef, trainer._last_world_entropy, trainer._entropy_window_stats = initial
+        trace = []
+        for i, inputs in enumerate(batches):
+            trainer.accelerator.sync_gradients = i % 2 == 1
+            loss, g, metrics = run(trainer, inputs, fn)
+            trace.append((loss, g, metrics, _controller(trainer)))
+        trainer.accelerator.sync_gradients = True
+        results[name] = trace
+    applied = False
+    for (loss, g, metrics, state), (e_loss, e_g, e_metrics, e_state) in zip(results["ours"], results["stock"]):
+        assert rel(loss, e_loss) <= 1e-10, (loss.item(), e_loss.item())
+        assert_grads_close(g, e_g, 1e-10)
+        assert_metrics_close(metrics, e_metrics, 1e-10)
+        assert state[0] == e_state[0]
+        assert state[1] == e_state[1] or abs(state[1] - e_state[1]) <= 1e-12 * abs(e_state[1])
+        assert (state[2] is None) == (e_state[2] is None)
+        if state[2] is not None:
+            torch.testing.assert_close(state[2], e_state[2], rtol=1e-12, atol=0)
+        applied = applied or state[1] <= target
+    final = results["ours"][-1][3][0]
+    assert final == (min(0.02 + 0.02, 1.0) if target > 1 else 0.0)
+    assert applied == (target > 1)
+
+
+# ------------------------------------------------------------------ the MoE router auxiliary loss
+
+
+@pytest.mark.parametrize("config, attrs", [
+    (dict(loss_type="grpo", gradient_accumulation_steps=2), {}),
+    (dict(loss_type="dapo", beta=0.05, entropy_coef=0.05), dict(ref=True)),
+    (dict(loss_type="vespo", gradient_accumulation_steps=2), dict(eval=True)),
+])
+def test_moe_aux_loss_equals_trl(moe_dir, tokenizer, dataset, tmp_path, config, attrs):
+    """router_aux_loss_coef * aux_loss / accumulation steps, the aux loss from the router logits of the
+    fused pass's backbone forward: float64 loss, gradients (router weights included) and metrics
+    (aux_loss) equal TRL's with the model's own aux_loss."""
+    attrs = dict(attrs)
+    trainer = make_trainer(moe_dir, tokenizer, dataset, tmp_path, **config)
+    assert trainer.aux_loss_enabled and trainer.router_aux_loss_coef == 0.02
+    trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
+    trainer.model.train(not attrs.pop("eval", False))
+    inputs = make_batch(trainer, **attrs)
+    loss, g, metrics = run(trainer, inputs, ours(trainer))
+    exp_loss, exp_g, exp_metrics = run(trainer, inputs, stock_exact(trainer))
+    assert "aux_loss" in metrics and metrics["aux_loss"][0] > 0
+    assert rel(loss, exp_loss) <= 1e-10, (loss.item(), exp_loss.item())
+    assert_grads_close(g, exp_g, 1e-10)
+    assert_metrics_close(metrics, exp_metrics, 1e-10)
+    router = [n for n in g if "gate" in n and g[n] is not None]
+    assert router and all(g[n].abs().sum() > 0 for n in router)
+
+
+def test_moe_generation_logps_and_aux_loss(moe_dir, tokenizer, dataset, tmp_path):
+    """_get_per_token_logps_and_entropies(compute_aux_loss=True): log-probs, entropies and the aux loss
+    (the mean over the micro-batches) from grpo_kernels and one backbone pass, equal to the model's own."""
+    trainer = make_trainer(moe_dir, tokenizer, dataset, tmp_path)
+    inputs = make_batch(trainer, old=False)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    lp, ent, aux = trainer._get_per_token_logps_and_entropies(trainer.model, ids, am, K, batch_size=3,
+                                                              compute_entropy=True, compute_aux_loss=True)
+    parts = [exact_logps(trainer, trainer.model, ids[i:i + 3], am[i:i + 3], K, compute_entropy=True,
+                         compute_aux_loss=True) for i in (0, 3)]
+    torch.testing.assert_close(lp, torch.cat([p[0] for p in parts]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ent, torch.cat([p[1] for p in parts]), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(aux, torch.stack([p[2] for p in parts]).mean(), rtol=1e-12, atol=0)
+    assert aux.requires_grad
+
+
 # ------------------------------------------------------------------ unsupported features
 
 
-def test_unsupported_config_raises(model_dir, tokenizer, dataset, tmp_path):
-    with pytest.raises(NotImplementedError, match="vespo"):
-        make_trainer(model_dir, tokenizer, dataset, tmp_path, loss_type="vespo")
-    with pytest.raises(NotImplementedError, match="entropy bonus"):
-        make_trainer(model_dir, tokenizer, dataset, tmp_path, entropy_coef=0.01)
+def test_every_config_option_is_fused(model_dir, tokenizer, dataset, tmp_path):
+    for config in (dict(loss_type="vespo"), dict(entropy_coef=0.01), dict(use_adaptive_entropy=True),
+                   dict(off_policy_mask_threshold=0.1)):
+        trainer = make_trainer(model_dir, tokenizer, dataset, tmp_path, **config)
+        assert gk_trl.config_unsupported_features(trainer) == []
     with pytest.raises(ValueError, match="fused_unsupported"):
         make_trainer(model_dir, tokenizer, dataset, tmp_path, trainer_kwargs=dict(fused_unsupported="ignore"))
 
 
-def test_unsupported_moe_aux_loss_raises(tokenizer, dataset, tmp_path):
-    cfg = transformers.MixtralConfig(
-        vocab_size=len(CHARS) + 3, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, pad_token_id=0, eos_token_id=1,
-        bos_token_id=None, router_aux_loss_coef=0.01,
-    )
-    model = transformers.MixtralForCausalLM(cfg)
-    args = trl.GRPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=DEVICE.type == "cpu", bf16=False,
-                          max_completion_length=K, num_generations=2, per_device_train_batch_size=B)
+@pytest.fixture
+def foreign_aux_loss(monkeypatch):
+    """The Mixtral module's load_balancing_loss_func replaced by one of another signature (as Doge's):
+    FusedGRPOTrainer can no longer reproduce the model's aux loss; the model still computes it."""
+    import transformers.models.mixtral.modeling_mixtral as mm
+
+    real = mm.load_balancing_loss_func
+
+    def load_balancing_loss_func(gate_logits, num_experts=None, top_k=2, attention_mask=None, extra=None):
+        return real(gate_logits, num_experts, top_k, attention_mask)
+
+    monkeypatch.setattr(mm, "load_balancing_loss_func", load_balancing_loss_func)
+
+
+def test_unsupported_moe_aux_loss_raises(moe_dir, tokenizer, dataset, tmp_path, foreign_aux_loss):
     with pytest.raises(NotImplementedError, match="auxiliary loss"):
-        FusedGRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=dataset,
-                         processing_class=tokenizer)
+        make_trainer(moe_dir, tokenizer, dataset, tmp_path, dtype=torch.float32)
 
 
 def test_multimodal_batch_raises(model_dir, tokenizer, dataset, tmp_path):
@@ -378,22 +538,19 @@ def test_multimodal_batch_raises(model_dir, tokenizer, dataset, tmp_path):
         trainer._compute_loss(trainer.model, inputs)
 
 
-@pytest.mark.parametrize("config, key", [
-    (dict(loss_type="vespo"), "vespo/phi_seq_mean"),
-    (dict(loss_type="grpo", entropy_coef=0.05, gradient_accumulation_steps=2), "entropy_coef"),
-])
-def test_fallback_uses_the_stock_loss(model_dir, tokenizer, dataset, tmp_path, config, key):
-    """fused_unsupported="fallback": TRL's loss code, its log-probs (and entropies, with their gradient)
-    still from grpo_kernels' token_logprobs; equal to the shipped trainer."""
+def test_fallback_uses_the_stock_loss(moe_dir, tokenizer, dataset, tmp_path, foreign_aux_loss):
+    """fused_unsupported="fallback" (here: an aux loss FusedGRPOTrainer cannot reproduce): TRL's loss code,
+    equal to the shipped trainer."""
     with pytest.warns(UserWarning, match="falling back"):
-        trainer = make_trainer(model_dir, tokenizer, dataset, tmp_path, dtype=torch.float32,
-                               trainer_kwargs=dict(fused_unsupported="fallback"), **config)
+        trainer = make_trainer(moe_dir, tokenizer, dataset, tmp_path, dtype=torch.float32,
+                               trainer_kwargs=dict(fused_unsupported="fallback"), loss_type="grpo",
+                               entropy_coef=0.05, gradient_accumulation_steps=2)
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     trainer.model.train()
     inputs = make_batch(trainer)
     loss, g, metrics = run(trainer, inputs, ours(trainer))
     exp_loss, exp_g, exp_metrics = run(trainer, inputs, stock_true(trainer))
-    assert key in metrics
+    assert "aux_loss" in metrics and "entropy_coef" in metrics
     assert rel(loss, exp_loss) <= 1e-5
     assert_grads_close(g, exp_g, 1e-4, atol=1e-7)
     assert_metrics_close(metrics, exp_metrics, 1e-4)
@@ -414,7 +571,11 @@ def _train(cls, model_dir, tokenizer, dataset, tmp_path, **config):
     dict(loss_type="dapo", beta=0.04, gradient_accumulation_steps=2, num_iterations=2, max_steps=3),
     dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=2, max_steps=2,
          gradient_checkpointing=True),
-])
+    dict(loss_type="vespo", beta=0.04, num_iterations=2, max_steps=3),
+    dict(loss_type="bnpo", entropy_coef=0.01, gradient_accumulation_steps=2, max_steps=2),
+    dict(loss_type="dapo", use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.02,
+         entropy_target=10.0, gradient_accumulation_steps=2, max_steps=3),
+], ids=["dapo", "grpo_sequence", "vespo", "entropy_coef", "adaptive_entropy"])
 def test_train_end_to_end_matches_stock_trainer(model_dir, tokenizer, dataset, tmp_path, monkeypatch, config):
     """A few real steps (generation, rewards, old/ref log-probs, optimizer): same logs and weights as
     trl.GRPOTrainer, and TRL's fused head never runs in our trainer."""
@@ -442,9 +603,30 @@ def test_train_end_to_end_matches_stock_trainer(model_dir, tokenizer, dataset, t
     assert len(lf) == len(ls) == config["max_steps"]
     for a, b in zip(lf, ls):
         assert set(a) == set(b)
-        for key in ("loss", "entropy", "clip_ratio/region_mean", "reward", "kl", "grad_norm"):
+        for key in ("loss", "entropy", "clip_ratio/region_mean", "reward", "kl", "grad_norm", "policy_loss",
+                    "entropy_coef", "vespo/phi_seq_mean", "aux_loss"):
             if key in b:
                 assert abs(a[key] - b[key]) <= 1e-4 * max(abs(b[key]), 1.0), (key, a[key], b[key])
+    for (n, p), (_, q) in zip(fused.model.named_parameters(), stock.model.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+    if config.get("use_adaptive_entropy"):  # the controller moved, identically
+        assert fused.entropy_coef == stock.entropy_coef > config["entropy_coef"]
+        assert abs(fused._last_world_entropy - stock._last_world_entropy) <= 1e-5 * stock._last_world_entropy
+
+
+def test_train_moe_end_to_end_matches_stock_trainer(moe_dir, tokenizer, dataset, tmp_path):
+    """A tiny Mixtral with its router aux loss (and the entropy bonus): same logs, aux_loss included,
+    and weights as trl.GRPOTrainer."""
+    config = dict(loss_type="dapo", entropy_coef=0.01, gradient_accumulation_steps=2, max_steps=2)
+    fused = _train(FusedGRPOTrainer, moe_dir, tokenizer, dataset, tmp_path / "a", **config)
+    stock = _train(trl.GRPOTrainer, moe_dir, tokenizer, dataset, tmp_path / "b", **config)
+    lf = [h for h in fused.state.log_history if "loss" in h]
+    ls = [h for h in stock.state.log_history if "loss" in h]
+    assert len(lf) == len(ls) == 2
+    for a, b in zip(lf, ls):
+        assert set(a) == set(b) and "aux_loss" in b
+        for key in ("loss", "entropy", "reward", "grad_norm", "policy_loss", "aux_loss"):
+            assert abs(a[key] - b[key]) <= 1e-4 * max(abs(b[key]), 1.0), (key, a[key], b[key])
     for (n, p), (_, q) in zip(fused.model.named_parameters(), stock.model.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
 
@@ -467,7 +649,8 @@ ds = datasets.Dataset.from_dict({"prompt": ["abc", "hello", "xyz q", "tiny", "rl
 reward = lambda completions, **kw: [float(len(c)) for c in completions]
 res = {}
 for config in [dict(loss_type="dapo", beta=0.04, top_entropy_quantile=0.5, gradient_accumulation_steps=2),
-               dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=2)]:
+               dict(loss_type="grpo", importance_sampling_level="sequence", steps_per_generation=2),
+               dict(loss_type="vespo", top_entropy_quantile=0.5, entropy_coef=0.02, gradient_accumulation_steps=2)]:
     for name, cls in [("fused", FusedGRPOTrainer), ("stock", trl.GRPOTrainer)]:
         model = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         args = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True, bf16=False,
@@ -493,8 +676,9 @@ if torch.distributed.is_initialized():
 
 def test_train_two_processes_ddp_matches_stock(model_dir, tmp_path):
     """Two CPU processes (torchrun, gloo, DDP): the loss runs inside DDP's forward; the dapo count is
-    divided by num_processes, the top_entropy_quantile threshold is taken over both processes, the
-    metrics are reduced across them; logs and weights equal trl.GRPOTrainer's."""
+    divided by num_processes, the top_entropy_quantile threshold is taken over both processes (with
+    vespo and the entropy bonus over that mask too), the metrics are reduced across them; logs and
+    weights equal trl.GRPOTrainer's."""
     import json
     import os
     import shutil
@@ -519,7 +703,8 @@ def test_train_two_processes_ddp_matches_stock(model_dir, tmp_path):
         assert len(fused["logs"]) == len(stock["logs"]) == 2
         for a, b in zip(fused["logs"], stock["logs"]):
             assert set(a) == set(b)
-            for key in ("loss", "entropy", "kl", "grad_norm", "clip_ratio/region_mean", "reward"):
+            for key in ("loss", "entropy", "kl", "grad_norm", "clip_ratio/region_mean", "reward", "policy_loss",
+                        "vespo/phi_seq_mean"):
                 if key in b:
                     assert abs(a[key] - b[key]) <= 1e-4 * max(abs(b[key]), 1.0), (loss_type, key, a[key], b[key])
         for p, q in zip(fused["params"], stock["params"]):

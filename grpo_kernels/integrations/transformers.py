@@ -48,6 +48,8 @@ __all__ = [
     "is_fused_forward_enabled",
     "run_in_forward",
     "check_lm_head",
+    "router_aux_loss",
+    "router_aux_loss_unsupported",
 ]
 
 FORWARD_KEYWORD = "grpo_kernels_fn"
@@ -163,7 +165,7 @@ def _check_keep(logits_to_keep, length: int) -> int:
 
 
 def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_to_keep: Optional[int] = None,
-                             **model_kwargs) -> torch.Tensor:
+                             *, return_backbone_output: bool = False, **model_kwargs):
     """Final-normed last hidden states that predict the last ``logits_to_keep`` tokens, [B, K, H].
 
     ``input_ids`` / ``attention_mask`` [B, L] are the whole sequences (prompt then completion);
@@ -172,7 +174,8 @@ def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_
     (K = L - 1). Extra keyword arguments go to the base model (``position_ids``,
     ``inputs_embeds``, ...); head-only ones (``labels``, ``logits_to_keep``, ...) and None
     values are dropped, and ``use_cache`` is False unless given. The model's logits are
-    never computed.
+    never computed. ``return_backbone_output=True`` returns ``(hidden, output)`` with the base
+    model's whole output (e.g. its ``router_logits`` under ``output_router_logits=True``).
     """
     lm = unwrap_causal_lm(model)
     backbone = lm.base_model
@@ -188,7 +191,69 @@ def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     length = hidden.shape[1]
     keep = length - 1 if logits_to_keep is None else _check_keep(logits_to_keep, length)
-    return hidden[:, length - keep - 1 : length - 1]
+    hidden = hidden[:, length - keep - 1 : length - 1]
+    return (hidden, out) if return_backbone_output else hidden
+
+
+# ------------------------------------------------------------------ MoE router auxiliary loss
+
+# the call the causal LMs of transformers' MoE families make in their forward (whitespace removed)
+_AUX_CALL = "load_balancing_loss_func(outputs.router_logits,self.num_experts,self.num_experts_per_tok,attention_mask"
+_AUX_PARAMS = ("gate_logits", "num_experts", "top_k", "attention_mask")
+
+
+_AUX_FORMS = {}  # (class, its module's load_balancing_loss_func) -> None or why not
+
+
+def _aux_loss_function(lm):
+    """(the family's ``load_balancing_loss_func``, None) or (None, why not)."""
+    import inspect
+    import re
+    import sys
+
+    cls = type(lm)
+    module = sys.modules.get(cls.__module__)
+    fn = getattr(module, "load_balancing_loss_func", None)
+    if fn is None:
+        return None, f"{cls.__module__} defines no load_balancing_loss_func"
+    key = (cls, fn)
+    if key not in _AUX_FORMS:
+        try:
+            params = tuple(inspect.signature(fn).parameters)
+            source = re.sub(r"\s", "", inspect.getsource(cls.forward))
+        except (TypeError, ValueError, OSError) as exc:
+            _AUX_FORMS[key] = f"cannot inspect {cls.__name__}.forward ({exc})"
+        else:
+            standard = params == _AUX_PARAMS and source.count(_AUX_CALL) == 1
+            _AUX_FORMS[key] = None if standard else (
+                f"{cls.__name__}.forward computes its aux loss differently from "
+                "load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, attention_mask)")
+    if _AUX_FORMS[key] is not None:
+        return None, _AUX_FORMS[key]
+    if not all(isinstance(getattr(lm, name, None), int) for name in ("num_experts", "num_experts_per_tok")):
+        return None, f"{type(lm).__name__} has no int num_experts / num_experts_per_tok"
+    return fn, None
+
+
+def router_aux_loss_unsupported(model) -> Optional[str]:
+    """Why ``router_aux_loss`` cannot reproduce ``model``'s own ``aux_loss``, or None when it can.
+
+    Supported: the causal LMs whose forward computes ``load_balancing_loss_func(outputs.router_logits,
+    self.num_experts, self.num_experts_per_tok, attention_mask)`` with their module's Switch-Transformer
+    ``load_balancing_loss_func`` (Mixtral, Qwen2/3-MoE, OLMoE, DBRX, GPT-OSS, Granite-MoE, ... in transformers 5).
+    """
+    return _aux_loss_function(unwrap_causal_lm(model))[1]
+
+
+def router_aux_loss(model, router_logits, attention_mask: Optional[torch.Tensor]):
+    """The MoE load-balancing loss ``model(..., output_router_logits=True).aux_loss`` from the base
+    model's ``router_logits`` (``completion_hidden_states(..., output_router_logits=True,
+    return_backbone_output=True)``), without the head: the same function on the same arguments."""
+    lm = unwrap_causal_lm(model)
+    fn, why = _aux_loss_function(lm)
+    if fn is None:
+        raise NotImplementedError(why)
+    return fn(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
 
 # ------------------------------------------------------------------ head operands
