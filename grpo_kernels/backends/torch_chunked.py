@@ -29,8 +29,11 @@ def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class TorchRowBackend(RowBackend):
     name = "torch"
-    # u (fp32) and p (fp32) live at once next to the chunk
-    temp_bytes_per_elem = 8
+    # row_stats' peak: the shifted logits (fp32), p (fp32) and a bool mask next to the chunk.
+    # Measured (VmHWM, N=4096, H=1024, V=32768 fp32): 25 bytes per element beyond the chunk's
+    # own 4 before 2026-12-01, when p > 0, p * us, zeros_like(us) and the where() were all
+    # alive at once; 9 since (bench/RESULTS.md, "Chunk sizing from measurement")
+    temp_bytes_per_elem = 9
 
     def supports(self, device, dtype):
         if not torch.empty((), dtype=dtype).is_floating_point():
@@ -50,16 +53,19 @@ class TorchRowBackend(RowBackend):
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row of only -inf stays -inf
         us = u.sub_(m) if u.data_ptr() != logits.data_ptr() else u - m
         lse_s = torch.logsumexp(us, dim=-1)
-        p = torch.exp(us - lse_s.unsqueeze(1))
-        # sum(p * u) with -inf logits masked out of the product (p = 0 there)
-        pu = torch.where(p > 0, p * us, torch.zeros_like(us)).sum(-1)
+        p = torch.sub(us, lse_s.unsqueeze(1)).exp_()
+        # sum(p * u) with -inf logits masked out of the product (p = 0 there), in place: p, us and
+        # one bool mask are the only [rows, V] temporaries
+        off = (p > 0).logical_not_()
+        pu = p.mul_(us).masked_fill_(off, 0.0).sum(-1)
+        del off, p
         return RowStats(lse=lse_s + m.squeeze(1), entropy=lse_s - pu, target_logit=target_logit)
 
     def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
         temperature, softcap = options.temperature, options.logit_softcap
         lse, entropy = stats.lse, stats.entropy
         u = scaled_logits(logits, temperature, softcap)
-        g = torch.exp(u - lse.unsqueeze(1))  # p
+        g = torch.sub(u, lse.unsqueeze(1)).exp_()  # p
         if dentropy is not None:
             # dH/du = -p (u - lse + H); computed before p is turned into the logp part
             ent_term = g * (u - lse.unsqueeze(1) + entropy.unsqueeze(1))
