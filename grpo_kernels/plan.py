@@ -35,8 +35,38 @@ from grpo_kernels.backends.base import RowBackend, accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 _MiB = 2**20
-#: byte budget of one chunk (logits buffer plus the backend's temporaries), unless
-#: GRPO_KERNELS_CHUNK_BYTES sets one for every device
+
+
+@dataclass(frozen=True)
+class ChunkRule:
+    """How many rows of hidden one chunk takes, for one device type (and dtype).
+
+    A chunk's bytes are ``rows * V * (element size + the backend's temporaries per element)``.
+    ``target_bytes`` buys the rows a chunk aims at; a chunk has at least ``min_rows`` rows even
+    when that budget buys fewer (below that the GEMMs lose efficiency: each chunk's grad_weight
+    term is a rank-``rows`` update that reads and writes all of [V, H], so a thin chunk is
+    memory-bound), and never more than ``max_bytes``, ``min_rows`` included. ``balance``: the
+    rows are spread evenly over the chunks that count needs (3280 rows at most 1024 a chunk:
+    4 x 820, not 3 x 1024 + 208), which lowers the peak and keeps the last GEMM as wide as the
+    others.
+    """
+
+    target_bytes: int
+    min_rows: int = 1
+    max_bytes: Optional[int] = None  # None: target_bytes
+    balance: bool = False
+
+    def rows(self, n: int, per_row: int) -> int:
+        cap = max(1, (self.max_bytes or self.target_bytes) // per_row)
+        rows = min(cap, max(self.min_rows, self.target_bytes // per_row), n)
+        if self.balance and rows < n:
+            chunks = -(-n // rows)
+            rows = -(-n // chunks)
+        return max(1, rows)
+
+
+#: byte cap of one chunk on the CPU (and any device without a rule), and what the chunks of
+#: GRPO_KERNELS_CHUNK_BYTES-less CPU calls were sized by until 2026-12-01
 DEFAULT_CHUNK_BYTES = 256 * _MiB
 #: on CUDA every extra chunk costs one more read-modify-write of grad_weight (1.2 GB at
 #: V=151936, H=4096 bf16, ~0.75 ms on an H100), so chunks are larger there. Measured on an
@@ -44,24 +74,57 @@ DEFAULT_CHUNK_BYTES = 256 * _MiB
 #: inputs+grads, 384 MiB 39.4 ms / 809 MiB, 512 MiB 39.5 ms / 1064 MiB.
 CUDA_CHUNK_BYTES = 384 * _MiB
 
+#: The rule per device type, ``(type, dtype)`` before ``(type, None)``; any other device takes
+#: the CPU's. CUDA: the byte budget alone, as measured above (no GPU data for another rule yet).
+#: CPU: aim at 128 MiB of chunk, at least 256 rows, never over 256 MiB, rows balanced over the
+#: chunks. Measured 2026-12-01 on the 2-core CPU (bench/RESULTS.md, "Chunk sizing from
+#: measurement"; `python bench/report.py --sweep-chunks`), loss forward + backward, peak RSS
+#: beyond the inputs (grads included) in a fresh process per case, fp32:
+#:   N=4096 (3280 real), H=1024, V=32768, cpp: 2048 rows (the old 256 MiB budget) 405 MiB,
+#:     1024 rows 281, 512 rows 217, 256 rows 185; Liger eager 325 MiB. 820 rows (the rule) ~250.
+#:   N=1024 (820 real), H=1024, V=32768: one chunk of 820 rows (102 MiB) 237 MiB; Liger 334.
+#:   N=1024, H=256, V=151936: 441 rows (256 MiB) ~405 MiB, 256 rows 298, 128 rows 224; Liger
+#:     349. The rule: 4 x 205 rows.
+#: Below ~256 rows a chunk's grad_weight update (rank-rows, reading and writing all of [V, H])
+#: turns memory-bound: 55 rows (32 MiB at V=151936) took 3.89 s against 3.02 s for 441 rows.
+#: The time of the rule against the old budget, paired: bench/RESULTS.md.
+CHUNK_RULES = {
+    ("cuda", None): ChunkRule(target_bytes=CUDA_CHUNK_BYTES),
+    ("cpu", None): ChunkRule(target_bytes=128 * _MiB, min_rows=256, max_bytes=DEFAULT_CHUNK_BYTES, balance=True),
+}
+
 PATHS = ("forward", "one_sweep", "sequence_sweep", "two_sweeps")
 
 
-def chunk_budget(device=None) -> int:
-    """Bytes one chunk may use on ``device``."""
+def chunk_rule(device=None, dtype: Optional[torch.dtype] = None) -> ChunkRule:
+    """The chunk rule of ``device`` (default the CPU) for ``dtype``."""
+    kind = torch.device(device).type if device is not None else "cpu"
+    for key in ((kind, dtype), (kind, None), ("cpu", dtype), ("cpu", None)):
+        if key in CHUNK_RULES:
+            return CHUNK_RULES[key]
+    raise KeyError(kind)  # unreachable while CHUNK_RULES has ("cpu", None)
+
+
+def chunk_budget(device=None, dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes one chunk may use on ``device``: GRPO_KERNELS_CHUNK_BYTES, else the rule's cap."""
     override = env.chunk_bytes()
     if override is not None:
         return override
-    return CUDA_CHUNK_BYTES if (device is not None and torch.device(device).type == "cuda") else DEFAULT_CHUNK_BYTES
+    rule = chunk_rule(device, dtype)
+    return rule.max_bytes or rule.target_bytes
 
 
 def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: RowBackend, chunk_size: Optional[int],
                device=None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else as many as fit the byte budget."""
+    """Rows per chunk: ``chunk_size`` if given; else, under GRPO_KERNELS_CHUNK_BYTES, as many as
+    fit that many bytes; else the device's ``ChunkRule``."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
-    per_row = vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes_per_elem)
-    return max(1, min(max(n, 1), chunk_budget(device) // max(per_row, 1)))
+    per_row = max(1, vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes_per_elem))
+    override = env.chunk_bytes()
+    if override is not None:
+        return max(1, min(max(n, 1), override // per_row))
+    return chunk_rule(device, dtype).rows(max(n, 1), per_row)
 
 
 def grad_weight_dtype(weight: torch.Tensor, n_chunks: int) -> torch.dtype:
