@@ -58,8 +58,8 @@ LOSS_CASES = {
     "rollout_is_threshold": (3.0, {"policy_loss": "bypass_mode", "rollout_is": "token"}),
     "rollout_is_threshold_lower": (0.5, {"policy_loss": "bypass_mode", "rollout_is": "token"}),
     "rollout_is_batch_normalize": (True, {"policy_loss": "bypass_mode", "rollout_is": "token"}),
-    "rollout_rs": ("token_k1", {"policy_loss": "bypass_mode"}),
-    "rollout_rs_threshold": ("0.5", {"policy_loss": "bypass_mode", "rollout_rs": "token_k1"}),
+    "rollout_rs": ("token_k1", {"policy_loss": "bypass_mode", "rollout_rs_threshold": "1.5"}),
+    "rollout_rs_threshold": ("0.5_1.5", {"policy_loss": "bypass_mode", "rollout_rs": "token_k1"}),
     "bypass_loss_type": ("reinforce", {"policy_loss": "bypass_mode"}),
     # the rewards path (grpo_loss(rewards=...)): these run with rewards instead of advantages
     "num_generations": (2, {}),
