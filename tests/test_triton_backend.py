@@ -283,11 +283,19 @@ for zt, a, acc in (("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):
     build(rk.row_grad_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, dlogp_ptr="*" + a,
                                    dent_ptr="*" + a), dict(HAS_SOFTCAP=True, HAS_TEMP=True, HAS_DENT=True, ACC=acc,
                                                            BLOCK_V=2048), 8)
-    vecs = {k + "_ptr": "*" + a for k in ("old", "adv", "weight", "ref", "scale", "lse", "ent", "tgl", "loss", "dlogp")}
+    vecs = {k + "_ptr": "*" + a for k in ("old", "adv", "weight", "ref", "scale", "lse", "ent", "tgl", "loss", "dlogp",
+                                          "rew", "rw", "adv_out")}
+    rew = dict(seq_ptr="*i64", K="i32", B="i32", G="i32", reward_eps="fp64")
     for loss in (0, 1, 2):
-        build(rk.row_fused_kernel, dict(row, **scal, **vecs, z_ptr="*" + zt),
-              dict(CAP=88.722, HAS_SOFTCAP=loss == 0, HAS_TEMP=True, ACC=acc, LOSS=loss, HAS_OLD=loss != 2,
-                   HAS_DELTA=loss == 0, HAS_SCALE=True, HAS_KL=True, BIAS_KL=loss == 1, BLOCK_V=4096), 16)
+        build(rk.row_fused_kernel, dict(row, **scal, **vecs, **rew, z_ptr="*" + zt),
+              dict(CAP=88.722, MAXF=3.0e38, HAS_SOFTCAP=loss == 0, HAS_TEMP=True, ACC=acc, LOSS=loss,
+                   HAS_OLD=loss != 2, HAS_DELTA=loss == 0, HAS_SCALE=True, HAS_KL=True, BIAS_KL=loss == 1,
+                   HAS_REWARDS=False, SCALE=0, RBLOCK=16, BLOCK_V=4096), 16)
+    for scale in (0, 1, 2):  # the epilogue's rewards -> advantages, each scale mode
+        build(rk.row_fused_kernel, dict(row, **scal, **vecs, **rew, z_ptr="*" + zt),
+              dict(CAP=88.722, MAXF=3.0e38, HAS_SOFTCAP=False, HAS_TEMP=False, ACC=acc, LOSS=0, HAS_OLD=True,
+                   HAS_DELTA=False, HAS_SCALE=False, HAS_KL=True, BIAS_KL=False, HAS_REWARDS=True, SCALE=scale,
+                   RBLOCK=256, BLOCK_V=4096), 16)
     build(ak.batch_std_kernel, dict(r_ptr="*" + a, std_ptr="*" + a, B="i32"), dict(ACC=acc, BLOCK=1024), 4)
     for mode in (0, 1, 3):
         build(ak.group_normalize_kernel, dict(r_ptr="*" + a, out_ptr="*" + a, std_ptr="*" + a, G="i32", eps="fp64"),
