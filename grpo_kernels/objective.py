@@ -312,7 +312,7 @@ def aggregation_weights(mask: torch.Tensor, mode: str, options: GRPOOptions, dty
     seq_mask = (lengths > 0).to(dtype)
     gbs = _count(num_sequences, seq_mask.sum(), dtype).clamp(min=1e-30 if num_sequences is not None else 1.0)
     if mode == "seq-mean-token-mean":
-        return m / (lengths + 1e-8) * seq_mask / gbs * dp
+        return m / _verl_count(mask, -1, keepdim=True).to(dtype) * seq_mask / gbs * dp
     w = m * seq_mask / gbs * dp
     if mode == "seq-mean-token-sum-norm":
         w = w / (options.loss_scale_factor if options.loss_scale_factor is not None else mask.shape[-1])
@@ -384,12 +384,21 @@ def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.
 # ---------------------------------------------------------------- policy terms
 
 
+def _verl_count(mask: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """verl's ``mask.sum(dim) + 1e-8`` for its bool masks: an integer count plus a Python float is
+    float32 there, so the 1e-8 vanishes for any count >= 1 (exactly the count, below 2**24 tokens)
+    and stays only for an empty row. Hence the count clamped at 1e-8, in the mask's float dtype:
+    the same for a bool and a 0/1 float mask."""
+    m = mask if mask.is_floating_point() else mask.to(torch.float64)
+    count = m.sum() if dim is None else m.sum(dim, keepdim=keepdim)
+    return count.clamp(min=1e-8)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """verl's ``masked_mean``: sum(x * mask) / (sum(mask) + 1e-8)."""
     m = mask.to(x.dtype)
-    if dim is None:
-        return (x * m).sum() / (m.sum() + 1e-8)
-    return (x * m).sum(dim) / (m.sum(dim) + 1e-8)
+    return (x * m).sum() / _verl_count(mask).to(x.dtype) if dim is None else \
+        (x * m).sum(dim) / _verl_count(mask, dim).to(x.dtype)
 
 
 def vespo_gamma_weights(adv, log_ratio, mask, is_ratio, options: GRPOOptions) -> torch.Tensor:
@@ -549,12 +558,12 @@ def _geo_mean(logp, old, A, mask, is_ratio, lo, hi):
     nk = logp - old
     sgn = torch.sign(A)
     nk_min = sgn * torch.min(sgn * nk, sgn * torch.clamp(nk, -lo, hi))
-    length = m.sum(-1)
-    ratio = torch.exp((nk_min * m).sum(-1) / (length + 1e-8))
-    adv = (A.expand_as(logp) * m).sum(-1) / (length + 1e-8)
+    length = _verl_count(mask, -1).to(logp.dtype)
+    ratio = torch.exp((nk_min * m).sum(-1) / length)
+    adv = (A.expand_as(logp) * m).sum(-1) / length
     pg = -adv * ratio
     if is_ratio is not None:
-        pg = pg * torch.exp((torch.log(is_ratio.expand_as(logp) + 1e-10) * m).sum(-1) / (length + 1e-8))
+        pg = pg * torch.exp((torch.log(is_ratio.expand_as(logp) + 1e-10) * m).sum(-1) / length)
     return torch.mean(pg)
 
 

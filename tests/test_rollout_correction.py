@@ -272,13 +272,6 @@ def test_bypass_mode_matches_oracle(backend, case):
 
 #: float64 agreement with verl: |ours - verl| <= TOL * max(1, |verl|) (gradients: the largest entry)
 TOL = 1e-12
-#: objective.aggregation_weights divides seq-mean-token-mean's token sums by (length + 1e-8) in the
-#: float dtype; verl's agg_loss adds the 1e-8 to an integer count (its bool response mask's sum),
-#: which promotes to float32 and loses it: a relative 1e-8 / length per row (measured: 2e-8 on this
-#: grid; 6e-16 with the lengths divided exactly). Not rollout_correction's arithmetic.
-TOL_SEQ_MEAN_TOKEN_MEAN = 1e-7
-
-
 def _verl_python():
     path = os.environ.get(VERL_PYTHON_ENV)
     if not path:
@@ -326,7 +319,7 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor, tol: float) -> bool:
 
 
 def _tol(case: dict) -> float:
-    return TOL_SEQ_MEAN_TOKEN_MEAN if case["loss_agg_mode"] == "seq-mean-token-mean" else TOL
+    return TOL
 
 
 def test_verl_grid_covers_what_it_claims(verl_results):
