@@ -205,8 +205,11 @@ class GRPOOptions(_Options):
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
         if self.loss_scale_factor is not None and self.loss_scale_factor <= 0:
             raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
-        if self.policy_loss == "vanilla" and self.clip_ratio_c <= 1.0:
-            raise ValueError(f"clip_ratio_c must be > 1 for dual-clip PPO (policy_loss='vanilla'), got {self.clip_ratio_c}")
+        dual_clip = self.policy_loss == "vanilla" or (self.policy_loss == "bypass_mode"
+                                                       and self.bypass_loss_type == "ppo_clip")
+        if dual_clip and self.clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c must be > 1 for dual-clip PPO (policy_loss={self.policy_loss!r}), "
+                             f"got {self.clip_ratio_c}")
         if self.policy_loss == "clip_cov" and self.clip_cov_ratio <= 0:
             raise ValueError(f"clip_cov_ratio must be > 0, got {self.clip_cov_ratio}")
         if self.policy_loss == "kl_cov" and self.kl_cov_ratio <= 0:

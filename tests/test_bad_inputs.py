@@ -275,6 +275,8 @@ BAD = [
     ("clip_ratio_c_le_1", lambda b: dict(policy_loss="vanilla", clip_ratio_c=1.0), ValueError,
      r"clip_ratio_c must be > 1 for dual-clip PPO"),
     ("dro_without_beta", lambda b: dict(policy_loss="dro"), ValueError, r"dro_beta must be a positive number"),
+    ("bypass_clip_ratio_c_le_1", lambda b: dict(policy_loss="bypass_mode", clip_ratio_c=0.5), ValueError,
+     r"clip_ratio_c must be > 1 for dual-clip PPO \(policy_loss='bypass_mode'\)"),
     ("clip_cov_ratio_zero", lambda b: dict(policy_loss="clip_cov", clip_cov_ratio=0.0), ValueError,
      r"clip_cov_ratio must be > 0"),
     ("kl_cov_ratio_zero", lambda b: dict(policy_loss="kl_cov", kl_cov_ratio=0.0), ValueError,
