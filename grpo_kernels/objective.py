@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -73,11 +73,16 @@ class TokenInputs:
     reward_weights: Optional[torch.Tensor] = None
     seq: Optional[torch.Tensor] = None
 
+    #: the fields that hold the whole batch's values, not one per token
+    WHOLE_BATCH = ("rewards", "reward_weights")
+
     def select(self, rows) -> "TokenInputs":
-        pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TokenInputs(pick(self.old), pick(self.adv), self.weight[rows], pick(self.ref), pick(self.policy_scale),
-                           pick(self.kl_weight), pick(self.entropy_weight), self.rewards, self.reward_weights,
-                           pick(self.seq))
+        """The tokens ``rows`` of the selection (batch-level fields are shared)."""
+        def pick(name):
+            t = getattr(self, name)
+            return t if (t is None or name in self.WHOLE_BATCH) else t[rows]
+
+        return TokenInputs(**{f.name: pick(f.name) for f in fields(self)})
 
     def advantages(self, options: GRPOOptions, dtype: torch.dtype) -> torch.Tensor:
         """Each token's advantage [n]: ``adv``, or its sequence's ``reward_advantages``."""
@@ -476,7 +481,10 @@ def verl_policy(logp, old, adv, mask, is_ratio, options: GRPOOptions):
         return scaled(pg), False, mask
     if pl == "sapo":
         ratio = _ratio20(logp, old)
-        tau = torch.where(A > 0, options.sapo_temperature_pos, options.sapo_temperature_neg).to(logp.dtype)
+        # verl makes its taus tensors of the advantages' dtype (TRL leaves Python floats to torch.where,
+        # i.e. float32): 1.05 differs by 4e-8 between the two
+        tau = torch.where(A > 0, torch.as_tensor(options.sapo_temperature_pos, dtype=A.dtype, device=A.device),
+                          torch.as_tensor(options.sapo_temperature_neg, dtype=A.dtype, device=A.device))
         return scaled(-(torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)) * A), False, mask
     if pl == "gpg":
         return scaled(-logp * A), False, mask

@@ -159,7 +159,7 @@ class GRPOOptions(_Options):
         _finite_number("top_entropy_quantile", self.top_entropy_quantile)
         if self.epsilon_low < 0 or self.eps_high < 0:
             raise ValueError("epsilon_low and epsilon_high must be >= 0")
-        if self.loss_type in CLIPPED_LOSS_TYPES and self.epsilon_low >= 1:
+        if self.loss_type in CLIPPED_LOSS_TYPES and self.epsilon_low >= 1 and not self.verl_style:
             raise ValueError(f"epsilon_low must be < 1 for loss_type={self.loss_type!r}, got {self.epsilon_low}")
         if self.loss_type == "cispo" and self.eps_high <= 0:
             raise ValueError("epsilon_high must be > 0 for loss_type='cispo' (it is the ratio's upper clamp)")

@@ -24,7 +24,7 @@ from support import backend_params, require
 from grpo_kernels import grpo_loss, plan, sweep, token_logprobs
 from grpo_kernels.backends.torch_chunked import BACKEND as TORCH
 from grpo_kernels.loss import grpo_loss_forward
-from grpo_kernels.objective import TokenInputs
+from grpo_kernels.objective import LossInputs, TokenInputs
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 N, V, H = 16384, 151936, 64
@@ -113,10 +113,11 @@ def test_fused_loss_on_meta_past_2_31(level, recorded_chunks, meta_nonzero):
     f32 = lambda *s: _meta(*s, dtype=torch.float32)  # noqa: E731
     opts = GRPOOptions(importance_sampling_level=level, beta=0.04, top_entropy_quantile=0.5,
                        loss_type="grpo").validate()
+    inputs = LossInputs(mask=_meta(B, T, dtype=torch.bool), adv=f32(B, T), old=f32(B, T), ref=f32(B, T),
+                        is_ratio=f32(B, T))
     loss, logp, ent, gh, gw, gb, _ = grpo_loss_forward(
-        _meta(N, H), _meta(V, H), _meta(V), _meta(N, dtype=torch.int64), _meta(B, T, dtype=torch.bool),
-        f32(B, T), f32(B, T), f32(B, T), f32(B, T), None, opts, ExecutionOptions(backend="torch", chunk_size=N),
-        VocabParallel(), (True, True, True))
+        _meta(N, H), _meta(V, H), _meta(V), _meta(N, dtype=torch.int64), inputs, opts,
+        ExecutionOptions(backend="torch", chunk_size=N), VocabParallel(), (True, True, True))
     assert loss.shape == () and logp.shape == ent.shape == (N,)
     assert gh.shape == (N, H) and gw.shape == (V, H) and gb.shape == (V,)
     _assert_python_ints(recorded_chunks, N)
