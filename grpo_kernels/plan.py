@@ -46,8 +46,8 @@ class ChunkRule:
     when that budget buys fewer (below that the GEMMs lose efficiency: each chunk's grad_weight
     term is a rank-``rows`` update that reads and writes all of [V, H], so a thin chunk is
     memory-bound), and never more than ``max_bytes``, ``min_rows`` included. ``balance``: the
-    rows are spread evenly over the chunks that count needs (3280 rows at most 1024 a chunk:
-    4 x 820, not 3 x 1024 + 208), which lowers the peak and keeps the last GEMM as wide as the
+    rows are spread evenly over the chunks that count needs (3280 rows at most 1280 a chunk:
+    3 x 1094, not 2 x 1280 + 720), which lowers the peak and keeps the last GEMM as wide as the
     others.
     """
 
@@ -76,21 +76,22 @@ CUDA_CHUNK_BYTES = 384 * _MiB
 
 #: The rule per device type, ``(type, dtype)`` before ``(type, None)``; any other device takes
 #: the CPU's. CUDA: the byte budget alone, as measured above (no GPU data for another rule yet).
-#: CPU: aim at 128 MiB of chunk, at least 256 rows, never over 256 MiB, rows balanced over the
+#: CPU: aim at 160 MiB of chunk, at least 256 rows, never over 256 MiB, rows balanced over the
 #: chunks. Measured 2026-12-01 on the 2-core CPU (bench/RESULTS.md, "Chunk sizing from
 #: measurement"; `python bench/report.py --sweep-chunks`), loss forward + backward, peak RSS
-#: beyond the inputs (grads included) in a fresh process per case, fp32:
-#:   N=4096 (3280 real), H=1024, V=32768, cpp: 2048 rows (the old 256 MiB budget) 405 MiB,
-#:     1024 rows 281, 512 rows 217, 256 rows 185; Liger eager 325 MiB. 820 rows (the rule) ~250.
-#:   N=1024 (820 real), H=1024, V=32768: one chunk of 820 rows (102 MiB) 237 MiB; Liger 334.
-#:   N=1024, H=256, V=151936: 441 rows (256 MiB) ~405 MiB, 256 rows 298, 128 rows 224; Liger
-#:     349. The rule: 4 x 205 rows.
+#: beyond the inputs (grads included) in a fresh process per case, fp32, cpp:
+#:   N=4096 (3280 real), H=1024, V=32768: 2048 rows (the old 256 MiB budget) 405 MiB, 1024 rows
+#:     281, 820 rows 256, 512 rows 217; Liger eager 325 MiB. The rule: 3 x 1094 rows; paired
+#:     whole-process runs against the old budget: CPU time 1.00x (0.996-1.012), peak -115 MiB;
+#:     4 x 820 rows (a 128 MiB target) cost 1.02x CPU time, the torch backend's 11 chunks 1.08x.
+#:   N=1024 (820 real), H=1024, V=32768: one chunk either way, 237 MiB; Liger eager 334.
+#:   N=1024, H=256, V=151936: 441 rows 405 MiB, 256 rows 298, 205 rows 269, 128 rows 224;
+#:     Liger eager 349. The rule: 3 x 274 rows.
 #: Below ~256 rows a chunk's grad_weight update (rank-rows, reading and writing all of [V, H])
 #: turns memory-bound: 55 rows (32 MiB at V=151936) took 3.89 s against 3.02 s for 441 rows.
-#: The time of the rule against the old budget, paired: bench/RESULTS.md.
 CHUNK_RULES = {
     ("cuda", None): ChunkRule(target_bytes=CUDA_CHUNK_BYTES),
-    ("cpu", None): ChunkRule(target_bytes=128 * _MiB, min_rows=256, max_bytes=DEFAULT_CHUNK_BYTES, balance=True),
+    ("cpu", None): ChunkRule(target_bytes=160 * _MiB, min_rows=256, max_bytes=DEFAULT_CHUNK_BYTES, balance=True),
 }
 
 PATHS = ("forward", "one_sweep", "sequence_sweep", "two_sweeps")

@@ -31,9 +31,9 @@ def _bytes(rows, vocab, dtype, backend):
 
 @pytest.mark.parametrize("n, vocab, backend, expected", [
     (820, 32768, CPP, 820),      # N=1024 bench shape: one chunk (102 MiB)
-    (3280, 32768, CPP, 820),     # N=4096: 4 chunks of 820 rows (at most 1024 = 128 MiB), not 1024 x 3 + 208
-    (3280, 32768, TORCH, 299),   # 13 bytes/elem: 315 rows buy 128 MiB -> 11 chunks of 299
-    (820, 151936, CPP, 205),     # V=151936: 220 rows buy 128 MiB, at least 256 -> 4 chunks of 205
+    (3280, 32768, CPP, 1094),    # N=4096: 3 chunks of 1094 rows (1280 buy 160 MiB), not 1280 x 2 + 720
+    (3280, 32768, TORCH, 365),   # 13 bytes/elem: 393 rows buy 160 MiB -> 9 chunks of 365
+    (820, 151936, CPP, 274),     # V=151936: 276 rows buy 160 MiB (at least 256) -> 3 chunks of 274
     (820, 151936, TORCH, 118),   # 13 bytes/elem: the 256 MiB cap (135 rows) wins over the minimum
     (1, 32768, CPP, 1),
     (0, 32768, CPP, 1),
