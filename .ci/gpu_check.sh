@@ -25,7 +25,8 @@ if [[ "$mode" == "all" || "$mode" == "tests" ]]; then
     tests/test_parity.py tests/test_token_logprobs.py tests/test_triton_backend.py tests/test_cuda_gpu.py \
     tests/test_large_index.py tests/test_determinism.py tests/test_sequence_chunks.py \
     tests/test_options_reach_kernels.py tests/test_row_pass_contract.py tests/test_reliability.py \
-    tests/test_batch_invariance.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
+    tests/test_batch_invariance.py tests/test_rewards_path.py tests/test_rollout_correction.py \
+    tests/test_chunk_rule.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 60
   status=${PIPESTATUS[0]}
 fi
 if [[ "$mode" != "tests" ]] && ! python3 -c "import pytest_benchmark" 2>/dev/null; then
