@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from grpo_kernels.backends.base import TokenEpilogue
 from grpo_kernels.options import CLIPPED_LOSS_TYPES, GRPOOptions
 
 
@@ -107,16 +108,6 @@ def reward_advantages(rewards: torch.Tensor, reward_weights: Optional[torch.Tens
         raise ValueError("num_generations is required with rewards (rows come in groups of num_generations)")
     return advantages.group_advantages(rewards, num_generations, scale_rewards=scale_rewards,
                                        weights=reward_weights, eps=eps, backend="torch")
-
-
-@dataclass
-class TokenEpilogue:
-    """Per-token weighted loss ``weight * loss_t`` and its derivative ``dL/dlogp``, [n]; ``adv``: the
-    tokens' advantages [n] when the epilogue computed them from rewards (else None)."""
-
-    loss: torch.Tensor
-    dlogp: torch.Tensor
-    adv: Optional[torch.Tensor] = None
 
 
 def _exp_sat(x: torch.Tensor) -> torch.Tensor:
@@ -501,10 +492,33 @@ def verl_policy(logp, old, adv, mask, is_ratio, options: GRPOOptions):
     if pl == "geo_mean":
         return _geo_mean(logp, old, A, mask, is_ratio, lo, hi), True, mask
     if pl == "bypass_mode":
-        from grpo_kernels import rollout_correction
-
-        return rollout_correction.bypass_policy(logp, old, A, mask, options)
+        return _bypass(logp, old, A, mask, options)
     raise ValueError(f"unknown policy_loss {pl!r}")
+
+
+def _bypass(logp, old, A, mask, options):
+    """verl's ``compute_policy_loss_bypass_mode``: (per-token loss [B, T], False, effective mask).
+
+    ``old`` holds the rollout's log-probs; the IS weights and the rejection mask come from
+    ``rollout_correction.correction`` on the detached log ratio. The loss is 0 at rejected tokens
+    already (so a token-scope evaluation, aggregated with the original mask's weights, gets the same
+    sum); on flat [n] inputs (a token-scope selection) only token-local work is done.
+    """
+    from grpo_kernels import rollout_correction
+
+    if logp.dim() == 1 and rollout_correction.scope(options) != "token":
+        raise RuntimeError(f"bypass_mode on a flat token selection needs a token-scope objective, "
+                           f"got scope {rollout_correction.scope(options)!r}")
+    reinforce_weights = options.bypass_loss_type == "reinforce" and options.rollout_is is not None
+    w, rs_keep, effective = rollout_correction.correction(logp.detach() - old, mask, options,
+                                                          with_weights=reinforce_weights)
+    if options.bypass_loss_type == "ppo_clip":  # the ratio to the rollout policy is its own IS correction
+        per_token = _dual_clip(logp, old, A, options.epsilon_low, options.eps_high, options.clip_ratio_c)
+    else:  # reinforce
+        per_token = -A * logp if w is None else -A * logp * w
+    if rs_keep is not None:
+        per_token = torch.where(rs_keep, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+    return per_token, False, effective
 
 
 def _dual_clip(logp, old, A, lo, hi, c):

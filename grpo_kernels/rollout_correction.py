@@ -241,7 +241,10 @@ def _rejection_keep(lr: torch.Tensor, keep: torch.Tensor, rejections) -> Optiona
     return out
 
 
-def _correction(lr, mask, options, with_weights: bool):
+def correction(lr, mask, options, with_weights: bool):
+    """(IS weights [B, T] or None, the rejection's keep mask or None, the effective mask) for the
+    detached log ratio ``lr`` = logp - rollout_logp [B, T] over ``mask``; the weights only with
+    ``with_weights`` and ``rollout_is`` set."""
     keep = mask != 0
     w = _is_weights(lr, keep, options) if (with_weights and options.rollout_is is not None) else None
     rs_keep = _rejection_keep(lr, keep, parse_rejection(options.rollout_rs, options.rollout_rs_threshold))
@@ -260,7 +263,7 @@ def rollout_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.
     (the same object) without ``rollout_rs``, else ``mask`` zeroed where rejected (its dtype)."""
     with torch.no_grad():
         lr = logp.detach().to(torch.promote_types(logp.dtype, rollout_logp.dtype)) - rollout_logp
-        w, _, effective = _correction(lr, mask, options, with_weights=True)
+        w, _, effective = correction(lr, mask, options, with_weights=True)
     return w, effective
 
 
@@ -289,26 +292,3 @@ def scope(options) -> str:
     return widest
 
 
-def bypass_policy(logp: torch.Tensor, old: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, options):
-    """verl's ``compute_policy_loss_bypass_mode`` per-token loss: (loss [B, T], False, effective mask).
-
-    ``old``: the rollout's log-probs. The loss is 0 at rejected tokens already (so a token-scope
-    evaluation, which aggregates with the original mask's weights, gets the same sum). On flat
-    [n] inputs (a token-scope selection) only token-local work is done.
-    """
-    from grpo_kernels import objective
-
-    if logp.dim() == 1 and scope(options) != "token":
-        raise RuntimeError(f"bypass_policy on a flat token selection needs a token-scope objective, "
-                           f"got scope {scope(options)!r}")
-    lr = logp.detach() - old
-    w, rs_keep, effective = _correction(lr, mask, options, with_weights=_uses_weights(options))
-    if options.bypass_loss_type == "ppo_clip":
-        per_token = objective._dual_clip(logp, old, A, options.epsilon_low, options.eps_high, options.clip_ratio_c)
-    elif options.bypass_loss_type == "reinforce":
-        per_token = -A * logp if w is None else -A * logp * w
-    else:
-        raise ValueError(f"unknown bypass_loss_type {options.bypass_loss_type!r}")
-    if rs_keep is not None:
-        per_token = torch.where(rs_keep, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device))
-    return per_token, False, effective

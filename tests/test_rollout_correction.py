@@ -203,7 +203,7 @@ def test_bypass_on_a_flat_selection_needs_token_scope():
     o = opts(bypass_loss_type="reinforce", rollout_is="sequence")
     x = torch.zeros(4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="token-scope"):
-        rollout_correction.bypass_policy(x, x, x, x != 0, o)
+        objective._bypass(x, x, x, x != 0, o)
 
 
 # ---------------------------------------------------------------- rollout_weights
@@ -236,7 +236,7 @@ def test_bypass_reinforce_is_minus_advantage_logp_weight():
     o = opts(bypass_loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.2,
              rollout_is_threshold_lower=0.9, rollout_rs="seq_mean_k1", rollout_rs_threshold="0.9_1.1")
     w, eff = rollout_weights(logp, old, mask, o)
-    per_token, aggregated, policy_mask = rollout_correction.bypass_policy(logp, old, adv, mask, o)
+    per_token, aggregated, policy_mask = objective._bypass(logp, old, adv, mask, o)
     assert not aggregated and torch.equal(policy_mask, eff)
     assert torch.equal(per_token, torch.where(eff, -adv * logp * w, 0.0))
 

@@ -56,6 +56,17 @@ class RowStats:
         self.target_logit[start:end] = chunk.target_logit
 
 
+@dataclass
+class TokenEpilogue:
+    """Per-token weighted loss ``weight * loss_t`` and its derivative ``dL/dlogp``, [n]: what a
+    fused row pass's epilogue returns (``objective.token_epilogue`` is its torch form); ``adv``: the
+    tokens' advantages [n] when the epilogue computed them from rewards (else None)."""
+
+    loss: torch.Tensor
+    dlogp: torch.Tensor
+    adv: Optional[torch.Tensor] = None
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; every lower precision accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -374,7 +374,7 @@ class CppRowBackend(RowBackend):
         )
 
     def row_fused_(self, logits, targets, token_inputs, options, execution):
-        from grpo_kernels.objective import TokenEpilogue
+        from grpo_kernels.backends.base import TokenEpilogue
 
         if options.importance_sampling_level != "token":
             raise ValueError("row_fused_ needs importance_sampling_level='token'")

@@ -362,7 +362,7 @@ def row_grad_(logits, targets, stats, dlogp, dentropy, options, execution) -> No
 
 def row_fused_(logits, targets, token_inputs, options, execution):
     """Statistics, the per-token GRPO epilogue and the in-place gradient: one launch."""
-    from grpo_kernels.objective import TokenEpilogue
+    from grpo_kernels.backends.base import TokenEpilogue
 
     if options.importance_sampling_level != "token":
         raise ValueError("row_fused_ needs importance_sampling_level='token'")
