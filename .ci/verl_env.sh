@@ -30,7 +30,8 @@ LIGHT_REQS=(
     "tensordict==0.10.0" "ray==2.60.0" "omegaconf==2.3.1" "transformers==5.10.4"
     "codetiming==1.4.0" "datasets==5.2.0" "pillow==13.0.0" "peft==0.21.2"
 )
-DEV_REQS=("ninja" "pytest>=7")
+# triton: the verl tests run the Triton backend too (interpreted, tiny shapes)
+DEV_REQS=("ninja" "pytest>=7" "triton==3.9.0")
 stamp_text="$TORCH_REQ $VERL_REQ ${LIGHT_REQS[*]} ${DEV_REQS[*]}"
 stamp="$venv/.grpo_verl_env_stamp"
 py="$venv/bin/python"

@@ -41,14 +41,6 @@ from grpo_kernels.integrations import verl as gkv  # noqa: E402
 V, H = 37, 16
 
 
-def _has_rollout_correction() -> bool:
-    try:
-        import grpo_kernels.rollout_correction  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # ------------------------------------------------------------------ 1. the forward backend
 
 
@@ -254,14 +246,8 @@ def _case_id(case):
     return case["name"].replace(" ", "")
 
 
-def _skip_unsupported(case):
-    if case["policy_loss"].get("loss_mode") == "bypass_mode" and not _has_rollout_correction():
-        pytest.skip("bypass_mode needs grpo_kernels.rollout_correction (not in this checkout yet)")
-
-
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_fused_ppo_loss_matches_verl_fp64(case):
-    _skip_unsupported(case)
     hidden, weight, labels, data, offsets = _case_inputs(case, torch.float64, seed=hash(case["name"]) % 10_000)
     try:
         loss_ref, grads_ref, metrics_ref = _stock(case, hidden, weight, labels, data, offsets)
@@ -290,7 +276,6 @@ SAMPLE = [c for i, c in enumerate(CASES) if i % 29 == 0]
 @pytest.mark.parametrize("case", SAMPLE, ids=_case_id)
 def test_fused_ppo_loss_every_backend_fp32(case, backend):
     require(backend)
-    _skip_unsupported(case)
     hidden, weight, labels, data, offsets = _case_inputs(case, torch.float32, seed=7)
     loss_ref, grads_ref, _ = _stock(case, hidden, weight, labels, data, offsets)
     loss, grads, _, _ = _fused(case, hidden, weight, labels, data, backend=backend)
