@@ -426,14 +426,21 @@ def loss_tolerance(case, t, opts, ent, delta):
     return L0, float(tol), overflow_prone
 
 
-def grad_tolerances(case, t, opts, ent, delta):
+def grad_tolerances(case, t, opts, ent, delta, kernel_logp=None):
     """Tolerances (Frobenius norm) for grad_hidden, grad_weight, grad_bias, and whether
-    they may overflow their dtype."""
+    they may overflow their dtype. ``kernel_logp``: the kernel's own log-probs (within ``delta``
+    of the oracle's, checked elsewhere): the coefficient there counts too, since a log-prob that
+    rounds exactly onto a tie (e.g. logp == old_logps with epsilon_low = 0 and delta = 1: the
+    ratio on both clamps' inclusive bounds) has a gradient that no point at +-delta has."""
     cur, m = t["cur"], t["mask"].double()
     _, dl0 = oracle_of_logps(cur, ent, t, opts, grad=True)
     ddl = torch.zeros_like(dl0)
-    for sgn in (1.0, -1.0):
-        _, dl = oracle_of_logps(cur + sgn * delta, ent, t, opts, grad=True)
+    shifted = [cur + delta, cur - delta]
+    if kernel_logp is not None:
+        keep = m != 0
+        shifted.append(torch.where(keep, kernel_logp.double().cpu().clamp(cur - delta, cur + delta), cur))
+    for x in shifted:
+        _, dl = oracle_of_logps(x, ent, t, opts, grad=True)
         ddl = torch.maximum(ddl, _nan_to_inf((dl - dl0).abs()))
     dt, acc = case.dtype, acc_dtype(case.dtype)
     u_in, u_acc = UNIT[dt], UNIT[acc]
@@ -538,7 +545,8 @@ def check_case(backend: str, case: Case):
         assert err <= tol, f"loss {loss.item()!r} vs oracle {L0.item()!r}: error {err:.3e} > tolerance {tol:.3e}"
 
     # 3. gradients
-    (tol_h, tol_w, tol_b, u_out), grad_overflow = grad_tolerances(case, t, opts, ent, delta)
+    (tol_h, tol_w, tol_b, u_out), grad_overflow = grad_tolerances(case, t, opts, ent, delta,
+                                                                   metrics.logps.view(case.B, case.T))
     if overflow_prone or grad_overflow:
         note("gradients may overflow their dtype: not compared")
         return
