@@ -1,17 +1,20 @@
 """The GRPO objective on per-token log-probs: O(B*T) work shared by every fast backend.
 
-Two forms of the same math (TRL 1.16's ``GRPOTrainer._compute_loss``; docs/design.md), which
-check each other in the tests:
+Every objective of TRL 1.16 (``GRPOTrainer._compute_loss``) and verl 0.9.1 (``ppo_loss``), composed
+of a policy term, an aggregation, a KL estimator and the entropy bonus (the section "the composable
+objective" below; docs/design.md, "Every objective"). Three forms of the same math, which check
+each other in the tests:
 
-- ``token_epilogue``: the analytic per-token loss and gradient coefficient
-  ``dL/dlogp`` for token-level importance sampling. It is what a fused row pass
-  evaluates between its statistics sweep and its gradient sweep ("the epilogue").
-- ``objective_loss``: the differentiable loss of [B, T] log-probs in torch ops, for
-  the cases whose coefficient needs more than the token itself (sequence-level
-  importance sampling) and for the gradient of ``token_logprobs`` users.
+- ``objective_loss``: the differentiable loss of [B, T] log-probs (and entropies), for every
+  objective; the sequence- and batch-scope paths differentiate it with ``torch.func``.
+- ``token_objective``: the per-token losses of a flat selection of tokens for a token-scope
+  objective, the aggregation given as per-token weights; its sum over all tokens is
+  ``objective_loss``. The one-sweep path differentiates it chunk by chunk.
+- ``token_epilogue``: the analytic per-token loss and coefficient ``dL/dlogp`` of TRL's token-level
+  loss types: what the fused row kernels evaluate between statistics and gradient ("the epilogue").
 
-The normalization of every loss type is folded into one per-token weight
-(``token_weights``), so that ``loss = sum_t weight_t * loss_t``.
+The normalization of every loss type is folded into per-token weights (``token_weights``,
+``aggregation_weights``), so that ``loss = sum_t weight_t * loss_t``.
 """
 from __future__ import annotations
 
@@ -697,11 +700,12 @@ def functorch_keys_enabled():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded)
 
 
-def gradients(fn, logp: torch.Tensor, entropy: torch.Tensor):
+def gradients(fn, logp: torch.Tensor, entropy: torch.Tensor, has_aux: bool = False):
     """(dL/dlogp, dL/dentropy, L) of a scalar ``fn(logp, entropy)``, with ``torch.func`` (this runs
-    inside a custom op, below the autograd dispatch key, where only functorch still differentiates)."""
+    inside a custom op, below the autograd dispatch key, where only functorch still differentiates).
+    ``has_aux``: ``fn`` returns ``(L, aux)`` and the third result is ``(L, aux)``, aux detached."""
     with functorch_keys_enabled():
-        (dlogp, dent), value = torch.func.grad_and_value(fn, argnums=(0, 1))(logp, entropy)
+        (dlogp, dent), value = torch.func.grad_and_value(fn, argnums=(0, 1), has_aux=has_aux)(logp, entropy)
     return dlogp, dent, value
 
 
@@ -712,10 +716,11 @@ def token_epilogue_any(logp: torch.Tensor, entropy: torch.Tensor, inputs: "Token
     ``token_objective``."""
     if kernel_epilogue(options):
         return token_epilogue(logp, inputs, options), None
-    dlogp, dent, _ = gradients(lambda lp, ent: token_objective(lp, ent, inputs, options).sum(),
-                               logp.detach(), entropy.detach())
-    # the per-token values once more, outside the transform (O(n), no vocabulary work)
-    loss = token_objective(logp.detach(), entropy.detach(), inputs, options)
+    def total(lp, ent):
+        per_token = token_objective(lp, ent, inputs, options)
+        return per_token.sum(), per_token
+
+    dlogp, dent, (_, loss) = gradients(total, logp.detach(), entropy.detach(), has_aux=True)
     return TokenEpilogue(loss, dlogp), (dent if options.entropy_coef != 0.0 else None)
 
 
