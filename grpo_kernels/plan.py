@@ -83,7 +83,8 @@ CUDA_CHUNK_BYTES = 384 * _MiB
 #:   N=4096 (3280 real), H=1024, V=32768: 2048 rows (the old 256 MiB budget) 405 MiB, 1024 rows
 #:     281, 820 rows 256, 512 rows 217; Liger eager 325 MiB. The rule: 3 x 1094 rows; paired
 #:     whole-process runs against the old budget: CPU time 1.00x (0.996-1.012), peak -115 MiB;
-#:     4 x 820 rows (a 128 MiB target) cost 1.02x CPU time, the torch backend's 11 chunks 1.08x.
+#:     4 x 820 rows (a 128 MiB target) cost 1.02x CPU time. The torch backend works in slabs of
+#:     rows on the CPU (no per-logit temporaries for the rule), so it makes cpp's plan.
 #:   N=1024 (820 real), H=1024, V=32768: one chunk either way, 237 MiB; Liger eager 334.
 #:   N=1024, H=256, V=151936: 441 rows 405 MiB, 256 rows 298, 205 rows 269, 128 rows 224;
 #:     Liger eager 349. The rule: 3 x 274 rows.
@@ -121,7 +122,8 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: RowBackend, chun
     fit that many bytes; else the device's ``ChunkRule``."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
-    per_row = max(1, vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes_per_elem))
+    temps = backend.temp_bytes(device if device is not None else "cpu")
+    per_row = max(1, vocab * (torch.empty((), dtype=dtype).element_size() + temps))
     override = env.chunk_bytes()
     if override is not None:
         return max(1, min(max(n, 1), override // per_row))

@@ -16,6 +16,9 @@ MiB = 2**20
 class _NoTemps:  # a backend with no temporaries per element (cpp, triton)
     temp_bytes_per_elem = 0
 
+    def temp_bytes(self, device):
+        return 0
+
 
 CPP = _NoTemps()
 
@@ -25,16 +28,16 @@ def _no_override(monkeypatch):
     monkeypatch.delenv("GRPO_KERNELS_CHUNK_BYTES", raising=False)
 
 
-def _bytes(rows, vocab, dtype, backend):
-    return rows * vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes_per_elem)
+def _bytes(rows, vocab, dtype, backend, device="cpu"):
+    return rows * vocab * (torch.empty((), dtype=dtype).element_size() + backend.temp_bytes(device))
 
 
 @pytest.mark.parametrize("n, vocab, backend, expected", [
     (820, 32768, CPP, 820),      # N=1024 bench shape: one chunk (102 MiB)
     (3280, 32768, CPP, 1094),    # N=4096: 3 chunks of 1094 rows (1280 buy 160 MiB), not 1280 x 2 + 720
-    (3280, 32768, TORCH, 365),   # 13 bytes/elem: 393 rows buy 160 MiB -> 9 chunks of 365
+    (3280, 32768, TORCH, 1094),  # slabs: no per-logit temporaries on the CPU, the plan of cpp
     (820, 151936, CPP, 274),     # V=151936: 276 rows buy 160 MiB (at least 256) -> 3 chunks of 274
-    (820, 151936, TORCH, 118),   # 13 bytes/elem: the 256 MiB cap (135 rows) wins over the minimum
+    (820, 151936, TORCH, 274),
     (1, 32768, CPP, 1),
     (0, 32768, CPP, 1),
 ])

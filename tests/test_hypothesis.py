@@ -38,7 +38,9 @@ What is required:
 Profiles: the default runs ``GRPO_HYPOTHESIS_EXAMPLES`` (50) examples per test (torch and
 cpp backends; a third of that on the triton interpreter, small shapes); the ``*_slow`` tests, marked
 ``slow`` and skipped unless selected with ``-m slow``, run ``GRPO_HYPOTHESIS_SLOW_EXAMPLES``
-(400). The number of cases run is written at the end of the module's run.
+(400). The default profile draws the same cases on every run (``derandomize``; set
+GRPO_HYPOTHESIS_RANDOM=1 for new ones); the slow profile draws new ones each time. The number
+of cases run is written at the end of the module's run.
 """
 from __future__ import annotations
 
@@ -612,19 +614,26 @@ def check_zero_advantages(backend: str, case: Case, log_ratio_scale: float):
 _BACKENDS = backend_params()
 
 
-def _settings(backend, examples):
+#: the default-profile tests draw the same cases on every run (CI's result must not depend on
+#: the draw: a red run refuses a submission); GRPO_HYPOTHESIS_RANDOM=1, and the ``slow``
+#: profile always, draw new ones. CI's random draw found the oracle's summation error
+#: (test_token_logprobs_of_the_ci_cases): explore with the slow profile after changing a bound.
+RANDOM_DRAW = bool(os.environ.get("GRPO_HYPOTHESIS_RANDOM"))
+
+
+def _settings(backend, examples, explore):
     n = examples if backend != "triton" else max(4, examples // 3)
-    return settings(max_examples=n, **_COMMON)
+    return settings(max_examples=n, derandomize=not (explore or RANDOM_DRAW), **_COMMON)
 
 
-def _run(backend, examples, check, small=False, extra=None):
+def _run(backend, examples, check, small=False, extra=None, explore=False):
     dtypes = _dtypes_for(backend)
     if not dtypes:
         pytest.skip(unavailable_reason(backend, DEVICE, torch.float32) or f"{backend}: no dtype runs here")
     small = small or backend == "triton"
     strategies = [cases(dtypes, small=small)] + ([] if extra is None else [extra])
 
-    @_settings(backend, examples)
+    @_settings(backend, examples, explore)
     @given(st.tuples(*strategies))
     def prop(args):
         check(backend, *args)
@@ -652,21 +661,22 @@ def test_zero_advantages_never_nan(backend):
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_loss_and_grads_vs_oracle_slow(backend, request):
     _require_slow(request)
-    _run(backend, SLOW_EXAMPLES, check_case)
+    _run(backend, SLOW_EXAMPLES, check_case, explore=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_token_logprobs_vs_oracle_slow(backend, request):
     _require_slow(request)
-    _run(backend, SLOW_EXAMPLES // 2, check_logprobs)
+    _run(backend, SLOW_EXAMPLES // 2, check_logprobs, explore=True)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", _BACKENDS)
 def test_zero_advantages_never_nan_slow(backend, request):
     _require_slow(request)
-    _run(backend, SLOW_EXAMPLES // 2, check_zero_advantages, extra=st.sampled_from([1.0, LOG_1E30, 100.0, 1000.0]))
+    _run(backend, SLOW_EXAMPLES // 2, check_zero_advantages, extra=st.sampled_from([1.0, LOG_1E30, 100.0, 1000.0]),
+         explore=True)
 
 
 @pytest.mark.parametrize("backend", _BACKENDS)

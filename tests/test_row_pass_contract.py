@@ -574,6 +574,7 @@ def test_backend_declares_the_contract(backend):
     assert impl.supports(dev, torch.float32) is None
     assert isinstance(impl.supports(dev, torch.int64), str), "an integer chunk has no softmax: a reason"
     assert isinstance(impl.temp_bytes_per_elem, int) and impl.temp_bytes_per_elem >= 0
+    assert isinstance(impl.temp_bytes(dev), int) and impl.temp_bytes(dev) >= 0
     assert isinstance(impl.deterministic, bool)
     params = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
     assert params(impl.row_stats) == ["logits", "targets", "options", "execution", "need_entropy"]
@@ -705,6 +706,55 @@ def test_empty_chunk(backend):
     if impl.row_fused_ is not None:
         st, epi = impl.row_fused_(z, t, TokenInputs(e, e, e, e, e), options, execution)
         assert st.lse.shape == (0,) and epi.loss.shape == (0,) and epi.dlogp.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+@pytest.mark.parametrize("xform", [(1.0, None), (1.3, 5.0)], ids=["plain", "temp_softcap"])
+def test_torch_slabs_are_the_whole_chunk_bitwise(dtype, xform, monkeypatch):
+    """The torch backend works through a CPU chunk in slabs of rows (``slab_elems``): statistics
+    (with and without the entropy) and gradients (with and without dentropy) are bitwise those
+    of the whole chunk at once, for slabs of 1 row, of 2 (a partial last one) and of 3, on a
+    row-strided chunk with -inf logits and a target < 0. The contract suite above checks the
+    whole chunk against float64; its chunks are smaller than one slab."""
+    impl = TorchRowBackend()
+    n, V = 7, 517
+    z, t = make_logits(n, V, dtype, "cpu", seed=stable_seed("slabs", dtype, xform), pad=3)
+    options, execution = row_options(xform), execution_for(impl)
+    g = gen(11)
+    dlogp = torch.randn(n, generator=g, dtype=torch.float64).to(accumulation_dtype(dtype))
+    dent = torch.randn(n, generator=g, dtype=torch.float64).to(accumulation_dtype(dtype))
+
+    def run(slab_elems):
+        monkeypatch.setattr(impl, "slab_elems", slab_elems)
+        outs = []
+        for need_entropy in (True, False):
+            st = impl.row_stats(z, t, options, execution, need_entropy=need_entropy)
+            outs += [st.lse, st.entropy, st.target_logit]
+        st = impl.row_stats(z, t, options, execution)
+        for d in (None, dent):
+            work = z.clone()
+            impl.row_grad_(work, t, st, dlogp, d, options, execution)
+            outs.append(work)
+        return outs
+
+    whole = run({})
+    assert impl._slabs(z) == [(0, n)]
+    for rows in (1, 2, 3):
+        monkeypatch.setattr(impl, "slab_elems", {"cpu": rows * V})
+        assert len(impl._slabs(z)) == -(-n // rows)
+        sliced = run({"cpu": rows * V})
+        for k, (a, b) in enumerate(zip(whole, sliced)):
+            assert torch.equal(a, b) or (torch.isnan(a) == torch.isnan(b)).all() and torch.equal(
+                a.nan_to_num(), b.nan_to_num()), f"output {k}, slabs of {rows} rows"
+
+
+def test_torch_temporaries_by_device():
+    """On the CPU the slabs bound the temporaries (the chunk rule sees none); on a device without a
+    slab size the whole chunk's (9 bytes a logit) count."""
+    impl = TorchRowBackend()
+    assert impl.temp_bytes("cpu") == 0
+    assert impl.temp_bytes("cuda") == impl.whole_chunk_temp_bytes == 9
+    assert 2**20 // 32768 == 32 and impl.slab_elems["cpu"] == 2**20
 
 
 def test_column_strided_chunk_is_right_or_refused(backend):

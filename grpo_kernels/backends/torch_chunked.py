@@ -1,7 +1,8 @@
 """Portable row pass in torch ops: any device, any float dtype.
 
-Works on one chunk of raw logits at a time; its temporaries are a few fp32 copies of
-the chunk, which ``temp_bytes_per_elem`` tells the chunk sizing about. No fused kernel:
+Works on one chunk of raw logits at a time, on the CPU in slabs of rows (``slab_elems``); its
+temporaries are a few fp32 copies of a slab (elsewhere of the chunk, which ``temp_bytes`` tells
+the chunk sizing about). No fused kernel:
 the sweep composes ``row_stats``, ``objective.token_epilogue`` and ``row_grad_``.
 """
 from __future__ import annotations
@@ -29,18 +30,50 @@ def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class TorchRowBackend(RowBackend):
     name = "torch"
-    # row_stats' peak: the shifted logits (fp32), p (fp32) and a bool mask next to the chunk.
-    # Measured (VmHWM, N=4096, H=1024, V=32768 fp32): 25 bytes per element beyond the chunk's
-    # own 4 before 2026-12-01, when p > 0, p * us, zeros_like(us) and the where() were all
-    # alive at once; 9 since (bench/RESULTS.md, "Chunk sizing from measurement")
-    temp_bytes_per_elem = 9
+    #: logits per slab: on the CPU, row_stats and row_grad_ work through a chunk in slabs of
+    #: about this many logits (32 rows at V=32768), so their fp32 temporaries (the shifted
+    #: logits, p, a bool mask, the entropy term: 9-13 bytes per logit) stay ~13 MiB whatever the
+    #: chunk and the chunk rule sizes a chunk by its logits alone, as for the fused backends.
+    #: Per-row results do not depend on the slab (each op is elementwise or a per-row
+    #: reduction; the batch-invariance tests check it bitwise). Measured at N=4096, H=1024,
+    #: V=32768 fp32 (bench/RESULTS.md, "The torch backend in slabs"). Other devices take the
+    #: whole chunk at once: a slab loop is a kernel launch per op per slab there.
+    slab_elems = {"cpu": 2**20}
+    #: bytes of temporaries per logit when the whole chunk is one slab: row_stats' peak (the
+    #: shifted logits, p and a bool mask next to the chunk), measured (VmHWM, N=4096, H=1024,
+    #: V=32768 fp32); 25 before 2026-12-01, when p > 0, p * us, zeros_like(us) and the where()
+    #: were all alive at once
+    whole_chunk_temp_bytes = 9
+    temp_bytes_per_elem = whole_chunk_temp_bytes  # devices without a slab size
+
+    def temp_bytes(self, device) -> int:
+        return 0 if torch.device(device).type in self.slab_elems else self.whole_chunk_temp_bytes
 
     def supports(self, device, dtype):
         if not torch.empty((), dtype=dtype).is_floating_point():
             return f"dtype {dtype} is not a floating dtype"
         return None
 
+    def _slabs(self, logits):
+        """[start, end) row ranges of the slabs of one chunk."""
+        n, vocab = logits.shape
+        per = self.slab_elems.get(logits.device.type)
+        rows = n if per is None else max(1, per // max(vocab, 1))
+        return [(s, min(n, s + rows)) for s in range(0, max(n, 1), max(rows, 1))] if n else []
+
     def row_stats(self, logits, targets, options, execution, need_entropy=True):
+        out = RowStats.empty(logits.shape[0], logits.dtype, logits.device)
+        for s, e in self._slabs(logits):
+            out.put_(s, e, self._slab_stats(logits[s:e], targets[s:e], options, need_entropy))
+        return out
+
+    def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
+        for s, e in self._slabs(logits):
+            self._slab_grad_(logits[s:e], targets[s:e], stats.lse[s:e], stats.entropy[s:e], dlogp[s:e],
+                             None if dentropy is None else dentropy[s:e], options)
+
+    @staticmethod
+    def _slab_stats(logits, targets, options, need_entropy):
         u = scaled_logits(logits, options.temperature, options.logit_softcap)
         target_logit = _gather_targets(u, targets)
         if not need_entropy:  # the log-prob-only pass: no softmax, no p * u
@@ -61,9 +94,9 @@ class TorchRowBackend(RowBackend):
         del off, p
         return RowStats(lse=lse_s + m.squeeze(1), entropy=lse_s - pu, target_logit=target_logit)
 
-    def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
+    @staticmethod
+    def _slab_grad_(logits, targets, lse, entropy, dlogp, dentropy, options):
         temperature, softcap = options.temperature, options.logit_softcap
-        lse, entropy = stats.lse, stats.entropy
         u = scaled_logits(logits, temperature, softcap)
         g = torch.sub(u, lse.unsqueeze(1)).exp_()  # p
         if dentropy is not None:
