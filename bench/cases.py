@@ -40,7 +40,7 @@ import importlib.util
 import os
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -169,6 +169,7 @@ class Case:
     tier: int = 0  # run order on the GPU: tier 0 first on every shape, then tier 1, then 2
     needs: str = ""  # a module that must be installed (checked before any process starts)
     backend: str = ""  # grpo_kernels' backend, for ours / before
+    devices: Tuple[str, ...] = ()  # the device types it runs on (empty: every one)
 
     @property
     def key(self) -> str:
@@ -543,6 +544,10 @@ CASES: List[Case] = [
          lambda i, d: build_reference_loss(i, d, compiled=True), tier=1),
     Case("liger", "loss", "peer", "Liger LigerFusedLinearGRPOLoss (compiled loss math)", build_liger_loss,
          needs="liger_kernel"),
+    # eager: Liger's leanest CPU configuration (issue 16's memory bar); on the GPU its per-row
+    # chunk loop is far too slow for the 8-minute budget
+    Case("liger:eager", "loss", "peer", "Liger LigerFusedLinearGRPOLoss, compiled=False",
+         lambda i, d: build_liger_loss(i, d, compiled=False), tier=1, needs="liger_kernel", devices=("cpu",)),
     *_ours("logprobs", ours_logprobs, "grpo_kernels token_logprobs", tier=1),
     Case("ref:eager", "logprobs", "peer", "reference (materialized; also computes entropy)",
          build_reference_logprobs, tier=1),
@@ -573,7 +578,9 @@ BEFORE: List[Case] = [Case("before:" + c.id[len("ours:"):], c.kind, "before", c.
                       for c in CASES if c.group == "ours" and not c.id.endswith(":invariant")]  # a new option
 BY_KEY: Dict[str, Case] = {c.key: c for c in CASES + BEFORE}
 # peers every time is compared to, in table-column order
-RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "trl:chunked", "trl:selective")
+RATIO_PEERS = ("ref:eager", "ref:compile", "liger", "liger:eager", "trl:chunked", "trl:selective")
+#: the cases the memory of every row is compared to, in table-column order
+MEMORY_PEERS = ("ref:eager", "liger", "liger:eager")
 REPORT_KINDS = ("loss", "logprobs", "floor")  # bench/report.py's default; "level" on request
 
 
@@ -642,12 +649,13 @@ def chunk_grid(backends=CHUNK_BACKENDS, rows=CHUNK_ROWS, budgets=CHUNK_BYTES) ->
     return [chunk_case(i) for i in ids + ["liger:eager"]] + [BY_KEY["floor/floor:real"]]
 
 
-def select(kinds=None, ids=None, before: bool = False) -> List[Case]:
-    """The cases of these kinds and ids (every one when None); ``before``: the before:* ones.
-    Kind ``chunk`` is the chunk sweep's: its ids are parsed (``chunk_case``), the default grid
-    without ids."""
+def select(kinds=None, ids=None, before: bool = False, device_type: Optional[str] = None) -> List[Case]:
+    """The cases of these kinds and ids (every one when None); ``before``: the before:* ones;
+    ``device_type``: only those that run there. Kind ``chunk`` is the chunk sweep's: its ids are
+    parsed (``chunk_case``), the default grid without ids."""
     pool = BEFORE if before else CASES
-    out = [c for c in pool if (not kinds or c.kind in kinds) and (not ids or c.id in ids)]
+    out = [c for c in pool if (not kinds or c.kind in kinds) and (not ids or c.id in ids)
+           and (device_type is None or not c.devices or device_type in c.devices)]
     if kinds and "chunk" in kinds and not before:
         out += [c for c in (chunk_case(i) for i in ids) if c is not None] if ids else chunk_grid()[:-1]
     return out

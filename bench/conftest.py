@@ -67,7 +67,8 @@ def pytest_generate_tests(metafunc):
     kind = metafunc.function.__name__[len("test_"):]
     chosen = config.getoption("--bench-case")
     ids = [k.split("/", 1)[1] for k in chosen or () if k.startswith(kind + "/")] or None
-    pool = cases.select([kind], ids if kind == "chunk" else None, before=bool(config.getoption("--bench-before")))
+    pool = cases.select([kind], ids if kind == "chunk" else None, before=bool(config.getoption("--bench-before")),
+                        device_type=_device(config).type)
     selected = [c for c in pool if not chosen or c.key in chosen]
     shapes = _shapes(config)
     metafunc.parametrize("case", selected, ids=[c.id for c in selected])

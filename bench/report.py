@@ -309,10 +309,10 @@ def shape_table(results: List[Dict], kind: str, shape: str) -> str:
     idx = _index(results)
     rows = [r for r in results if r["kind"] == kind and r["shape"] == shape]
     cols = _columns(results, kind, shape)
-    ref_mem = idx.get((kind, "ref:eager", shape))
-    mem_ratio = _peak(ref_mem) is not None
+    mem_peers = [r for p in case_defs.MEMORY_PEERS
+                 if (r := idx.get((kind, p, shape))) is not None and _ok(r) and _peak(r) is not None]
     head = ["case", "time ms"] + [t for t, _ in cols] + ["peak MiB", "peak−grads MiB"]
-    head += ["mem ÷ ref:eager"] * mem_ratio + ["Δcheck"]
+    head += [f"mem ÷ {r['case']}" for r in mem_peers] + ["Δcheck"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     floors = [idx[("floor", f, shape)] for f in ("floor:real", "floor") if kind == "loss" and ("floor", f, shape) in idx]
     for r in rows + floors:
@@ -320,7 +320,7 @@ def shape_table(results: List[Dict], kind: str, shape: str) -> str:
             continue
         t = r["time_s"]
         cells = [f"`{r['case']}`", _ms(t)] + [_x(t, _time(idx, *base(r["case"]), shape)) for _, base in cols]
-        cells += [_mib(_peak(r)), _mib(_peak(r, True))] + [_x(_peak(r), _peak(ref_mem))] * mem_ratio
+        cells += [_mib(_peak(r)), _mib(_peak(r, True))] + [_x(_peak(r), _peak(m)) for m in mem_peers]
         cells.append(_check_delta(idx, r))
         out.append("| " + " | ".join(cells) + " |")
     for r in rows:
@@ -362,6 +362,14 @@ def key_figures(results: List[Dict], gpu: bool) -> str:
                 f"- memory, {s}, `{c}` vs materialized reference: peak {_mib(_peak(r))} / {_mib(_peak(ref))} MiB"
                 f" = **{_x(_peak(r), _peak(ref))}**; beyond inputs and grads {_mib(_peak(r, True))} /"
                 f" {_mib(_peak(ref, True))} MiB = **{_x(_peak(r, True), _peak(ref, True))}**")
+    # memory against Liger on every shape (issue 16's bar on the CPU: at or below Liger eager's)
+    for c in ours:
+        for p in ("liger:eager", "liger"):
+            m = _ratios(idx, shapes, ("loss", c), ("loss", p), _peak)
+            if m:
+                at_or_below = sum(x <= 1.0 for x in m)
+                lines.append(f"- memory, loss, `{c}` ÷ `{p}` (peak beyond inputs): {_summary(m)}; "
+                             f"at or below on {at_or_below} of {len(m)} shapes")
     # speed: geometric mean over shapes of time(ours) / time(peer); floor ratios
     for kind in ("loss", "logprobs"):
         for c in sorted({r["case"] for r in results if r["group"] == "ours" and r["kind"] == kind and _ok(r)}):
@@ -703,7 +711,7 @@ def main(argv=None) -> int:
     set_name = args.set or case_defs.default_set(device, args.quick)
     shapes = [s for s in case_defs.SETS[set_name] if not args.n or s.N in args.n]
     kinds = args.kinds or case_defs.REPORT_KINDS
-    selected = case_defs.select(kinds, args.cases)
+    selected = case_defs.select(kinds, args.cases, device_type=device.type)
     before = os.path.abspath(args.compare_with) if args.compare_with else None
     if before:
         if not os.path.isfile(os.path.join(before, "grpo_kernels", "__init__.py")):
