@@ -58,8 +58,8 @@ class TorchRowBackend(RowBackend):
         """[start, end) row ranges of the slabs of one chunk."""
         n, vocab = logits.shape
         per = self.slab_elems.get(logits.device.type)
-        rows = n if per is None else max(1, per // max(vocab, 1))
-        return [(s, min(n, s + rows)) for s in range(0, max(n, 1), max(rows, 1))] if n else []
+        rows = max(1, n if per is None else per // max(vocab, 1))
+        return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
     def row_stats(self, logits, targets, options, execution, need_entropy=True):
         out = RowStats.empty(logits.shape[0], logits.dtype, logits.device)
