@@ -753,8 +753,8 @@ def test_torch_temporaries_by_device():
     slab size the whole chunk's (9 bytes a logit) count."""
     impl = TorchRowBackend()
     assert impl.temp_bytes("cpu") == 0
-    assert impl.temp_bytes("cuda") == impl.whole_chunk_temp_bytes == 9
-    assert 2**20 // 32768 == 32 and impl.slab_elems["cpu"] == 2**20
+    assert impl.temp_bytes("cuda") == impl.temp_bytes_per_elem == 9
+    assert impl._slabs(torch.empty(100, 32768))[:2] == [(0, 32), (32, 64)]  # 2^20 logits a slab
 
 
 def test_column_strided_chunk_is_right_or_refused(backend):

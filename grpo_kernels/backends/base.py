@@ -79,15 +79,15 @@ class RowBackend:
     #: bytes of temporaries per logit element of a chunk beyond the chunk itself (torch ops
     #: upcast to fp32 and keep a few [n, V] temporaries; a fused kernel needs none)
     temp_bytes_per_elem: int = 0
-
-    def temp_bytes(self, device) -> int:
-        """``temp_bytes_per_elem`` on ``device`` (a backend whose temporaries depend on it overrides this)."""
-        return self.temp_bytes_per_elem
     #: a fixed reduction order per row for a fixed chunking (required by ``deterministic``)
     deterministic: bool = True
     #: the optional primitives; None where a backend has no kernel for them
     row_fused_: Optional[Callable] = None
     group_normalize: Optional[Callable] = None
+
+    def temp_bytes(self, device) -> int:
+        """``temp_bytes_per_elem`` on ``device`` (a backend whose temporaries depend on it overrides this)."""
+        return self.temp_bytes_per_elem
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None if this backend can run on (device, dtype), else the reason it cannot."""

@@ -39,15 +39,14 @@ class TorchRowBackend(RowBackend):
     #: V=32768 fp32 (bench/RESULTS.md, "The torch backend in slabs"). Other devices take the
     #: whole chunk at once: a slab loop is a kernel launch per op per slab there.
     slab_elems = {"cpu": 2**20}
-    #: bytes of temporaries per logit when the whole chunk is one slab: row_stats' peak (the
-    #: shifted logits, p and a bool mask next to the chunk), measured (VmHWM, N=4096, H=1024,
-    #: V=32768 fp32); 25 before 2026-12-01, when p > 0, p * us, zeros_like(us) and the where()
-    #: were all alive at once
-    whole_chunk_temp_bytes = 9
-    temp_bytes_per_elem = whole_chunk_temp_bytes  # devices without a slab size
+    #: bytes of temporaries per logit on a device without a slab size (the whole chunk is one
+    #: slab): row_stats' peak (the shifted logits, p and a bool mask next to the chunk), measured
+    #: (VmHWM, N=4096, H=1024, V=32768 fp32); 25 before 2026-12-01, when p > 0, p * us,
+    #: zeros_like(us) and the where() were all alive at once
+    temp_bytes_per_elem = 9
 
     def temp_bytes(self, device) -> int:
-        return 0 if torch.device(device).type in self.slab_elems else self.whole_chunk_temp_bytes
+        return 0 if torch.device(device).type in self.slab_elems else self.temp_bytes_per_elem
 
     def supports(self, device, dtype):
         if not torch.empty((), dtype=dtype).is_floating_point():
