@@ -512,9 +512,8 @@ def _bypass(logp, old, A, mask, options):
     if logp.dim() == 1 and rollout_correction.scope(options) != "token":
         raise RuntimeError(f"bypass_mode on a flat token selection needs a token-scope objective, "
                            f"got scope {rollout_correction.scope(options)!r}")
-    reinforce_weights = options.bypass_loss_type == "reinforce" and options.rollout_is is not None
     w, rs_keep, effective = rollout_correction.correction(logp.detach() - old, mask, options,
-                                                          with_weights=reinforce_weights)
+                                                          with_weights=rollout_correction.uses_weights(options))
     if options.bypass_loss_type == "ppo_clip":  # the ratio to the rollout policy is its own IS correction
         per_token = _dual_clip(logp, old, A, options.epsilon_low, options.eps_high, options.clip_ratio_c)
     else:  # reinforce

@@ -267,7 +267,8 @@ def rollout_weights(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.
     return w, effective
 
 
-def _uses_weights(options) -> bool:
+def uses_weights(options) -> bool:
+    """Whether bypass_mode's loss is weighted by IS weights (the reinforce loss with ``rollout_is``)."""
     return options.bypass_loss_type == "reinforce" and options.rollout_is is not None
 
 
@@ -278,7 +279,7 @@ def scope(options) -> str:
     "sequence" for sequence-level IS weights or rejection; else "token". ppo_clip applies no IS
     weights, so ``rollout_is`` does not widen it."""
     widest = "token"
-    if _uses_weights(options):
+    if uses_weights(options):
         if options.rollout_is_batch_normalize:
             return "batch"
         if options.rollout_is == "sequence":

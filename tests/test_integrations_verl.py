@@ -429,7 +429,6 @@ def test_fsdp_engine_step_switched_equals_stock(gloo_group, monkeypatch, dtype, 
         stock = eng.forward_backward_batch(data.clone(), loss_fn, forward_only=False)
     stock_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(gkv._STATE, "saved", {})
     try:
         gkv.enable(forward=False, backend="torch", chunk_size=16)
         with _MaxNumel() as fused_mode:

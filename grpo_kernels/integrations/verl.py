@@ -45,6 +45,7 @@ import torch
 
 from grpo_kernels.api import grpo_loss, token_logprobs
 from grpo_kernels.options import LOSS_AGG_MODES, POLICY_LOSSES
+from grpo_kernels.rollout_correction import is_threshold_options
 
 __all__ = [
     "VERL_VERSION",
@@ -75,7 +76,6 @@ class _State:
     chunk_size: Optional[int] = None
     forward: bool = False
     loss: bool = False
-    saved: dict = {}
 
 
 _STATE = _State()
@@ -250,17 +250,12 @@ def _default(value, default):
 def _rollout_correction_options(rc) -> dict:
     if rc is None:
         raise NotImplementedError("policy_loss.loss_mode='bypass_mode' needs policy_loss.rollout_correction")
-    from verl.trainer.ppo.rollout_corr_helper import _parse_rollout_is_threshold
-
-    upper, lower = _parse_rollout_is_threshold(_get(rc, "rollout_is_threshold", 2.0))
     out = dict(
         bypass_loss_type=_get(rc, "loss_type", "ppo_clip"),
         rollout_is=_get(rc, "rollout_is", None),
-        rollout_is_threshold=float(upper),
+        **is_threshold_options(_get(rc, "rollout_is_threshold", 2.0)),
         rollout_is_batch_normalize=bool(_get(rc, "rollout_is_batch_normalize", False)),
     )
-    if lower is not None:
-        out["rollout_is_threshold_lower"] = float(lower)
     rs = _get(rc, "rollout_rs", None)
     if rs is not None:
         out["rollout_rs"] = str(rs)
