@@ -233,7 +233,6 @@ def k3_kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # log-prob: one fused sweep), "sequence" (its sequence's log-probs: the sequence-cut sweep) or "batch"
 # (every log-prob of the call: a statistics sweep first).
 
-SCOPES = ("token", "sequence", "batch")
 #: LossInputs fields the loss derives itself (not call arguments)
 DERIVED_INPUTS = ("entropy_mask",)
 
@@ -361,9 +360,7 @@ def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.
     """
     straight_through = estimator.endswith("+")
     base = estimator[:-1] if straight_through else estimator
-    if base == "k3" and not straight_through:
-        value = k3_kl(logp, ref)
-    elif base in ("k1", "k3"):
+    if base in ("k1", "k3"):
         value = logp - ref if base == "k1" else k3_kl(logp, ref)
     elif base == "abs":
         value = (logp - ref).abs()

@@ -164,7 +164,6 @@ _HEAD_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tenso
 #: there reaches the op with no other change
 _INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs) if f.name not in objective.DERIVED_INPUTS)
 _LOSS_TENSORS = _HEAD_TENSORS + tuple((n, Tensor if n == "mask" else Optional[Tensor]) for n in _INPUT_FIELDS)
-_N_HEAD = len(_HEAD_TENSORS)
 
 
 def _loss_impl(hidden, weight, bias, targets, *rest):

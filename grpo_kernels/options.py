@@ -28,7 +28,6 @@ LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-tok
 #: KL estimators: "k3" is TRL's (unclamped); k1, abs, k2 and low_var_kl (k3 clamped, verl's "k3") are
 #: verl's, and "+" is its straight-through form (k2's gradient under the estimator's value)
 KL_ESTIMATORS = ("k3", "k1", "abs", "k2", "low_var_kl", "k3+", "k1+", "abs+", "low_var_kl+")
-ROLLOUT_IS_LEVELS = ("token", "sequence")
 BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 IS_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "reference")
@@ -188,23 +187,22 @@ class GRPOOptions(_Options):
     def _validate_additions(self) -> "GRPOOptions":
         self._validate_rewards()
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
-                     "clip_ratio_c", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef",
-                     "rollout_is_threshold"):
+                     "clip_ratio_c", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef"):
             _finite_number(name, getattr(self, name))
-        for name in ("off_policy_mask_threshold", "dro_beta", "loss_scale_factor", "rollout_is_threshold_lower"):
+        _finite_number("rollout_is_threshold", self.rollout_is_threshold, positive=True)
+        for name in ("off_policy_mask_threshold", "dro_beta", "rollout_is_threshold_lower"):
             _finite_number(name, getattr(self, name), allow_none=True)
+        _finite_number("loss_scale_factor", self.loss_scale_factor, positive=True, allow_none=True)
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES, allow_none=True)
         _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES, allow_none=True)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _choice("rollout_is", self.rollout_is, ROLLOUT_IS_LEVELS, allow_none=True)
+        _choice("rollout_is", self.rollout_is, IS_LEVELS, allow_none=True)
         _choice("bypass_loss_type", self.bypass_loss_type, BYPASS_LOSS_TYPES)
         _bool("rollout_is_batch_normalize", self.rollout_is_batch_normalize)
         if isinstance(self.dp_size, bool) or not isinstance(self.dp_size, int):
             raise TypeError(f"dp_size must be an int, got {type(self.dp_size).__name__}")
         if self.dp_size < 1:
             raise ValueError(f"dp_size must be >= 1, got {self.dp_size}")
-        if self.loss_scale_factor is not None and self.loss_scale_factor <= 0:
-            raise ValueError(f"loss_scale_factor must be > 0, got {self.loss_scale_factor}")
         dual_clip = self.policy_loss == "vanilla" or (self.policy_loss == "bypass_mode"
                                                        and self.bypass_loss_type == "ppo_clip")
         if dual_clip and self.clip_ratio_c <= 1.0:
@@ -216,8 +214,6 @@ class GRPOOptions(_Options):
             raise ValueError(f"kl_cov_ratio must be > 0, got {self.kl_cov_ratio}")
         if self.policy_loss == "dro" and (self.dro_beta is None or self.dro_beta <= 0):
             raise ValueError(f"dro_beta must be a positive number for policy_loss='dro', got {self.dro_beta}")
-        if self.rollout_is_threshold <= 0:
-            raise ValueError(f"rollout_is_threshold must be > 0, got {self.rollout_is_threshold}")
         lower = self.rollout_is_threshold_lower
         if lower is not None and not 0 < lower <= self.rollout_is_threshold:
             raise ValueError(f"rollout_is_threshold_lower must be in (0, rollout_is_threshold], got {lower}")
