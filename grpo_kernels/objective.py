@@ -282,9 +282,8 @@ def scope(options: GRPOOptions) -> str:
 def kernel_epilogue(options: GRPOOptions) -> bool:
     """Whether the fused row kernels' epilogue (``token_epilogue``) computes this objective: TRL's
     token-level loss types with its k3 KL, no entropy bonus."""
-    return (options.policy_loss is None and options.loss_agg_mode is None and options.loss_type != "vespo"
-            and options.importance_sampling_level == "token" and options.kl_estimator == "k3"
-            and options.entropy_coef == 0.0 and options.off_policy_mask_threshold is None)
+    return (options.policy_loss is None and options.loss_agg_mode is None and options.kl_estimator == "k3"
+            and options.entropy_coef == 0.0 and scope(options) == "token")
 
 
 # ---------------------------------------------------------------- aggregation as token weights

@@ -188,19 +188,15 @@ class Plan:
     entropy_sweep: bool  # a statistics-only sweep before the gradient sweep
     grad_weight_dtype: Optional[torch.dtype]  # None: no grad_weight wanted
     vocab: Optional[collective.VocabGroup]  # None: the whole vocabulary is local
+    #: whether the backend's fused row kernel runs: it has one, its epilogue computes the objective
+    #: (``objective.kernel_epilogue``), and no vocab parallelism (whose statistics must be combined
+    #: over the ranks before the epilogue)
+    fused: bool
     need_entropy: bool = True  # False: the log-prob-only statistics (token_logprobs without entropy)
 
     def __post_init__(self):
         if self.path not in PATHS:
             raise ValueError(f"unknown path {self.path!r} (one of {PATHS})")
-
-    @property
-    def fused(self) -> bool:
-        """Whether the backend's fused row kernel runs: it has one, its epilogue computes the
-        objective (``objective.kernel_epilogue``), and no vocab parallelism (whose statistics must
-        be combined over the ranks before the epilogue)."""
-        return (self.backend.row_fused_ is not None and self.vocab is None
-                and objective.kernel_epilogue(self.options))
 
 
 def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> Optional[collective.VocabGroup]:
@@ -235,9 +231,9 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
         path = "forward"
     elif not loss:
         path = "two_sweeps"
-    elif objective.scope(options) == "token":
+    elif (scope := objective.scope(options)) == "token":
         path = "one_sweep"
-    elif objective.scope(options) == "sequence":
+    elif scope == "sequence":
         bounds = sequence_chunks(sequence_lengths, rows)
         path = "two_sweeps" if bounds is None else "sequence_sweep"
     else:  # the coefficients need every log-prob of the call
@@ -249,5 +245,6 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
         bounds=tuple(bounds), path=path,
         entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
         grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,
+        fused=backend.row_fused_ is not None and vocab is None and objective.kernel_epilogue(options),
         need_entropy=need_entropy or loss,
     )
