@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -180,16 +180,14 @@ def normalize_groups(rewards: torch.Tensor, num_generations: int, scale_rewards:
     return torch.nan_to_num(advantages, nan=0.0)
 
 
-def _combine_rewards(rewards: torch.Tensor, weights):
-    """[B] or [B, K] rewards -> (weighted nansum [B] in the accumulation dtype with NaN for all-NaN
-    rows, the bool mask [B] of those unscorable rows)."""
+def _combine_rewards(rewards: torch.Tensor, weights: Optional[torch.Tensor]):
+    """[B] or [B, K] rewards and checked [K] weights (None: all 1) -> (weighted nansum [B] in the
+    accumulation dtype with NaN for all-NaN rows, the bool mask [B] of those unscorable rows)."""
     r = rewards if rewards.dim() == 2 else rewards.unsqueeze(1)
     K = r.shape[1]
     acc = _acc_dtype(rewards.dtype)
     r = r.to(acc)
-    w = _weights_tensor(weights, K, acc, r.device)
-    if w is None:
-        w = torch.ones(K, dtype=acc, device=r.device)
+    w = torch.ones(K, dtype=acc, device=r.device) if weights is None else weights.to(device=r.device, dtype=acc)
     unscorable = torch.isnan(r).all(dim=1)
     combined = (r * w.unsqueeze(0)).nansum(dim=1)
     return torch.where(unscorable, torch.full_like(combined, float("nan")), combined), unscorable
@@ -267,14 +265,23 @@ def group_advantages(
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
     _no_inf("rewards", rewards)
-
-    combined, unscorable = _combine_rewards(rewards, weights)
+    acc = _acc_dtype(rewards.dtype)
+    weights = _weights_tensor(weights, 1 if rewards.dim() == 1 else rewards.shape[1], acc, rewards.device)
     kernel = None
     if backend not in ("torch", "reference"):
         from grpo_kernels.backends import get_backend
 
-        kernel = get_backend(backend, combined.device, combined.dtype).group_normalize
-    advantages = (kernel or normalize_groups)(combined, num_generations, mode, eps)
+        kernel = get_backend(backend, rewards.device, acc).group_normalize
+    return sum_then_normalize(rewards, weights, num_generations, mode, eps, kernel)
+
+
+def sum_then_normalize(rewards: torch.Tensor, weights: Optional[torch.Tensor], num_generations: int, mode: str,
+                       eps: float, group_normalize: Optional[Callable] = None) -> torch.Tensor:
+    """:func:`group_advantages`' formula on inputs already checked as it checks them (``weights``: a
+    [K] tensor or None; ``mode``: "group" / "batch" / "none"), without the checks and their reads of
+    the values; ``group_normalize``: a backend's kernel (default :func:`normalize_groups`)."""
+    combined, unscorable = _combine_rewards(rewards, weights)
+    advantages = (group_normalize or normalize_groups)(combined, num_generations, mode, eps)
     return torch.where(unscorable, torch.zeros_like(advantages), advantages)
 
 

@@ -245,8 +245,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
 
         computed = None
         if inputs.rewards is not None:  # the oracle takes advantages: computed once, in torch
-            computed = objective.reward_advantages(inputs.rewards, inputs.reward_weights, opts.num_generations,
-                                                   opts.scale_rewards, opts.reward_eps)
+            computed = objective.reward_advantages(inputs.rewards, inputs.reward_weights, opts)
             inputs = dataclasses.replace(inputs, adv=computed.unsqueeze(1))
         out = reference_grpo_loss(
             hidden, weight, targets, inputs.adv, mask, inputs.old, inputs.ref, bias=bias,

@@ -63,8 +63,7 @@ def grpo_loss_forward(
     advantages = None
     in_kernel = inputs.rewards is not None and plan.fused and plan.path == "one_sweep"
     if inputs.rewards is not None and not in_kernel:
-        advantages = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options.num_generations,
-                                                 options.scale_rewards, options.reward_eps)
+        advantages = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options)
         inputs = dataclasses.replace(inputs, adv=advantages.unsqueeze(1))
     tgt = _targets(plan, targets.index_select(0, rows))
     # padding positions may hold junk (even inf) old/ref/sampling logps: they must not reach a sum
@@ -171,8 +170,7 @@ def _sequence_advantages(adv_rows, seq, inputs: objective.LossInputs, options: G
     covered = torch.zeros(B, dtype=torch.bool, device=adv_rows.device)
     covered[seq] = True
     if out.is_meta or not bool(covered.all()):
-        fallback = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options.num_generations,
-                                               options.scale_rewards, options.reward_eps)
+        fallback = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options)
         out = torch.where(covered, out, fallback.to(dtype))
     return out
 

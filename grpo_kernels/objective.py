@@ -94,23 +94,21 @@ class TokenInputs:
             return self.adv.to(dtype)
         if self.rewards is None or self.seq is None:
             raise ValueError("TokenInputs needs adv, or rewards with seq")
-        per_sequence = reward_advantages(self.rewards, self.reward_weights, options.num_generations,
-                                         options.scale_rewards, options.reward_eps)
+        per_sequence = reward_advantages(self.rewards, self.reward_weights, options)
         return per_sequence.to(dtype)[self.seq.to(device=per_sequence.device, dtype=torch.int64)]
 
 
-def reward_advantages(rewards: torch.Tensor, reward_weights: Optional[torch.Tensor], num_generations: int,
-                      scale_rewards: str, eps: float) -> torch.Tensor:
+def reward_advantages(rewards: torch.Tensor, reward_weights: Optional[torch.Tensor],
+                      options: GRPOOptions) -> torch.Tensor:
     """Advantages [B] from rewards [B] or [B, R] (NaN: unscored) and weights [R] (None: ones), in
     the rewards' accumulation dtype: TRL 1.16's sum_then_normalize, i.e.
-    ``advantages.group_advantages(rewards, num_generations, scale_rewards=, weights=, eps=)``. What
-    the fused kernels' epilogue computes for a token's sequence (torch mirror)."""
+    ``advantages.group_advantages(rewards, options.num_generations, scale_rewards=, weights=, eps=)``
+    on inputs ``validation.rewards`` has checked (no second check, no read-back). What the fused
+    kernels' epilogue computes for a token's sequence (torch mirror)."""
     from grpo_kernels import advantages
 
-    if num_generations is None:
-        raise ValueError("num_generations is required with rewards (rows come in groups of num_generations)")
-    return advantages.group_advantages(rewards, num_generations, scale_rewards=scale_rewards,
-                                       weights=reward_weights, eps=eps, backend="torch")
+    return advantages.sum_then_normalize(rewards, reward_weights, options.num_generations, options.scale_rewards,
+                                         options.reward_eps)
 
 
 def _exp_sat(x: torch.Tensor) -> torch.Tensor:

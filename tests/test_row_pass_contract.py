@@ -489,7 +489,7 @@ def check_row_fused_rewards(impl, device, dtype, case, seed=0, n=10, V=300):
     """row_fused_ with the advantages computed in its epilogue from rewards [B, R], weights [R] and each
     row's sequence index (TokenInputs.adv None): the statistics against float64, the per-row
     advantages, loss and dL/dlogp against objective.token_epilogue of those statistics (which computes
-    them with objective.reward_advantages, i.e. group_advantages), the gradient by float64 autograd."""
+    them with group_advantages), the gradient by float64 autograd."""
     B, R, G, mode, nans = REWARD_CASES[case]
     options = row_options((0.9, None), loss_type="grpo", beta=0.04, num_generations=G, scale_rewards=mode)
     acc = accumulation_dtype(dtype)
@@ -515,7 +515,7 @@ def check_row_fused_rewards(impl, device, dtype, case, seed=0, n=10, V=300):
     check_stats(st, ref, dtype, device, "fused rewards ")
     epi = objective.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
     assert out.adv is not None and out.adv.dtype == acc, "row_fused_ returns the rows' advantages"
-    expect_adv = objective.reward_advantages(rewards, weights, G, mode, 1e-4)[seq]
+    expect_adv = group_advantages(rewards, G, scale_rewards=mode, weights=weights, eps=1e-4)[seq]
     # the mirror is group_advantages (of rewards rounded to acc), the kernel its formula in acc
     close(epi.adv, expect_adv, EPI_TOL[acc], "mirror advantages")
     close(out.adv, epi.adv, EPI_TOL[acc], "advantages")
