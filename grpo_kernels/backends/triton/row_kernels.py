@@ -378,7 +378,10 @@ def row_fused_(logits, targets, token_inputs, options, execution):
         tg = _vec(targets, torch.int64, dev)
         old, adv, weight, ref, scale = token_vectors(token_inputs, (n,), acc, dev, options.beta)
         params = epilogue_params(options, logits.dtype)
-        rewards = _reward_vectors(token_inputs, options, acc, dev, has_rewards)
+        # without rewards the reward pointers are never read (HAS_REWARDS is a constexpr): the
+        # launch's own vectors stand in, as lse does for old / ref / scale
+        rewards = (_reward_vectors(token_inputs, options, acc, dev) if has_rewards
+                   else dict(pointers=(lse, lse, tg), flags=_NO_REWARD_FLAGS))
         _launch(
             row_fused_kernel, row_fused_tuned, lambda b: (n,), V, execution.fixed_tiles,
             (z, z.stride(0), tg, lse if old is None else old, lse if adv is None else adv, weight,
@@ -392,13 +395,12 @@ def row_fused_(logits, targets, token_inputs, options, execution):
     return RowStats(lse=lse, entropy=ent, target_logit=tgl), TokenEpilogue(loss, dlogp, adv_out)
 
 
-def _reward_vectors(token_inputs, options, acc, dev, has_rewards: bool) -> dict:
+_NO_REWARD_FLAGS = dict(K=1, B=1, G=1, HAS_REWARDS=False, SCALE=0, RBLOCK=16, reward_eps=0.0)
+
+
+def _reward_vectors(token_inputs, options, acc, dev) -> dict:
     """The fused kernel's reward arguments: pointers (rewards [B, K], weights [K], seq [n]) and keywords
-    (K, B, G, HAS_REWARDS, SCALE, RBLOCK, reward_eps); placeholders without rewards."""
-    if not has_rewards:
-        dummy = torch.zeros(1, dtype=acc, device=dev)
-        return dict(pointers=(dummy, dummy, torch.zeros(1, dtype=torch.int64, device=dev)),
-                    flags=dict(K=1, B=1, G=1, HAS_REWARDS=False, SCALE=0, RBLOCK=16, reward_eps=0.0))
+    (K, B, G, HAS_REWARDS, SCALE, RBLOCK, reward_eps)."""
     r = token_inputs.rewards.detach()
     r = (r.unsqueeze(1) if r.dim() == 1 else r).to(device=dev, dtype=acc).contiguous()
     B, K = r.shape
