@@ -478,9 +478,7 @@ __global__ void group_normalize_kernel(GroupNormParams p) {
   if (p.mode == kScaleBatch && B > 1) batch_std = block_nanstd<A>(PlainRewards<A>{r}, B, scratch);
   for (int64_t g = threadIdx.x; g < B / G; g += blockDim.x) {
     A mean, sigma;
-    grpo_nan_mean_std<A>(r + g * G, G, &mean, &sigma);
-    if (p.mode == kScaleBatch) sigma = batch_std;
-    if (p.mode == kScaleGroup && G == 1) sigma = A(0);
+    grpo_group_mean_sigma<A>(PlainRewards<A>{r + g * G}, G, p.mode, batch_std, &mean, &sigma);
     grpo_group_advantages<A>(r + g * G, out + g * G, G, p.mode, mean, sigma, A(p.eps));
   }
 }

@@ -294,9 +294,9 @@ struct CombinedRewards {
   GRPO_HD A operator()(int64_t k) const { return grpo_combined_reward<A>(r, w, K, start + k); }
 };
 
-// mean and std of the non-NaN entries of x(0..len)
+// mean of the non-NaN entries of x(0..len), and their count
 template <class A, class X>
-GRPO_HD inline void grpo_nan_mean_std_of(const X& x, int64_t len, A* mean, A* std) {
+GRPO_HD inline A grpo_nan_mean_of(const X& x, int64_t len, int64_t* count) {
   A s = A(0);
   int64_t n = 0;
   for (int64_t k = 0; k < len; ++k) {
@@ -306,7 +306,15 @@ GRPO_HD inline void grpo_nan_mean_std_of(const X& x, int64_t len, A* mean, A* st
       ++n;
     }
   }
-  const A m = s / A(n);
+  *count = n;
+  return s / A(n);
+}
+
+// mean and std of the non-NaN entries of x(0..len)
+template <class A, class X>
+GRPO_HD inline void grpo_nan_mean_std_of(const X& x, int64_t len, A* mean, A* std) {
+  int64_t n;
+  const A m = grpo_nan_mean_of<A>(x, len, &n);
   A q = A(0);
   for (int64_t k = 0; k < len; ++k) {
     const A v = x(k);
@@ -317,6 +325,20 @@ GRPO_HD inline void grpo_nan_mean_std_of(const X& x, int64_t len, A* mean, A* st
   }
   *mean = m;
   *std = grpo_nanstd_from<A>(q, n);
+}
+
+// a group's mean and the std its advantages divide by: its own under kScaleGroup (0 for a group of
+// one), batch_sigma under kScaleBatch; under kScaleBatch and kScaleNone only the mean is computed
+template <class A, class X>
+GRPO_HD inline void grpo_group_mean_sigma(const X& x, int64_t G, int mode, A batch_sigma, A* mean, A* sigma) {
+  if (mode == kScaleGroup) {
+    grpo_nan_mean_std_of<A>(x, G, mean, sigma);
+    if (G == 1) *sigma = A(0);
+    return;
+  }
+  int64_t n;
+  *mean = grpo_nan_mean_of<A>(x, G, &n);
+  *sigma = batch_sigma;  // unused under kScaleNone
 }
 
 template <class A>
@@ -356,9 +378,7 @@ GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_
   const A* w = static_cast<const A*>(ra.weights);
   const int64_t start = (s / ra.G) * ra.G;
   A mean, sigma;
-  grpo_nan_mean_std_of<A>(CombinedRewards<A>{r, w, ra.K, start}, ra.G, &mean, &sigma);
-  if (ra.mode == kScaleBatch) sigma = batch_sigma;
-  if (ra.mode == kScaleGroup && ra.G == 1) sigma = A(0);
+  grpo_group_mean_sigma<A>(CombinedRewards<A>{r, w, ra.K, start}, ra.G, ra.mode, batch_sigma, &mean, &sigma);
   return grpo_group_advantage<A>(grpo_combined_reward<A>(r, w, ra.K, s), ra.mode, mean, sigma, A(ra.eps));
 }
 

@@ -316,9 +316,7 @@ void group_normalize_t(const GroupNormParams& p) {
   }
   for (int64_t g = 0; g < B / G; ++g) {
     A mean, sigma;
-    grpo_nan_mean_std<A>(r + g * G, G, &mean, &sigma);
-    if (p.mode == kScaleBatch) sigma = batch_std;
-    if (p.mode == kScaleGroup && G == 1) sigma = A(0);
+    grpo_group_mean_sigma<A>(PlainRewards<A>{r + g * G}, G, p.mode, batch_std, &mean, &sigma);
     grpo_group_advantages<A>(r + g * G, out + g * G, G, p.mode, mean, sigma, A(p.eps));
   }
 }
