@@ -36,6 +36,8 @@ Everything this package touches beyond grpo_kernels' public API is in the marked
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -598,18 +600,27 @@ CHUNK_ROWS = (128, 256, 512, 1024, 2048)  # the default grid (bench/report.py --
 CHUNK_BYTES = ("32MiB", "128MiB")  # (bench/report.py --chunk-bytes)
 
 
-def with_chunk_bytes(run: Callable[[], object], budget: str) -> Callable[[], object]:
-    """``run`` with GRPO_KERNELS_CHUNK_BYTES=budget during the call (read when a call is planned)."""
+def malloc_trim() -> None:
+    """Hand freed heap pages back to the kernel (glibc), so that a peak-RSS figure starts clean."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def with_chunk_bytes(run: Callable[[], object], budget: Optional[str]) -> Callable[[], object]:
+    """``run`` with GRPO_KERNELS_CHUNK_BYTES=budget during the call (read when a call is planned);
+    ``budget`` None: with the variable unset (plan.py's rule)."""
 
     def call():
-        old = os.environ.get("GRPO_KERNELS_CHUNK_BYTES")
-        os.environ["GRPO_KERNELS_CHUNK_BYTES"] = budget
+        old = os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
+        if budget is not None:
+            os.environ["GRPO_KERNELS_CHUNK_BYTES"] = budget
         try:
             return run()
         finally:
-            if old is None:
-                del os.environ["GRPO_KERNELS_CHUNK_BYTES"]
-            else:
+            os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
+            if old is not None:
                 os.environ["GRPO_KERNELS_CHUNK_BYTES"] = old
 
     return call
@@ -619,8 +630,7 @@ def chunk_case(case_id: str) -> Optional[Case]:
     """The chunk-sweep case of an id (``ours:BACKEND:rows=R``, ``ours:BACKEND:bytes=SIZE``,
     ``ours:BACKEND:default``, ``liger:eager``), None for an id that is none of these."""
     if case_id == "liger:eager":
-        return Case(case_id, "chunk", "peer", "Liger LigerFusedLinearGRPOLoss, compiled=False",
-                    lambda i, d: build_liger_loss(i, d, compiled=False), needs="liger_kernel")
+        return dataclasses.replace(BY_KEY["loss/liger:eager"], kind="chunk", tier=0, devices=())
     parts = case_id.split(":")
     if len(parts) != 3 or parts[0] != "ours" or parts[1] not in OURS_BACKENDS:
         return None

@@ -6,7 +6,6 @@ timed call; prints its time and its peak RSS beyond the inputs (gradients includ
     GRPO_KERNELS_CHUNK_BYTES=256MiB python bench/one_case.py N4096-H1024-V32768-fp32 cpp
     python bench/one_case.py N4096-H1024-V32768-fp32 liger      # Liger eager (compiled=False)
 """
-import ctypes
 import gc
 import os
 import sys
@@ -28,7 +27,7 @@ def main(shape_name: str, what: str) -> None:
     run()
     inp.zero_grads()
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    cases.malloc_trim()
     t0 = time.perf_counter()
     peak = peak_memory_bytes(run, device)
     dt = time.perf_counter() - t0

@@ -474,16 +474,8 @@ def chunk_rows_of(case_id: str, shape: Shape, real: int, device) -> Optional[int
         name, _, value = parts[2].partition("=")
         if name == "rows":
             return plan.chunk_rows(real, shape.V, shape.torch_dtype, backend, int(value), device)
-        budget = value if name == "bytes" else None
-        old = os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
-        try:
-            if budget:
-                os.environ["GRPO_KERNELS_CHUNK_BYTES"] = budget
-            return plan.chunk_rows(real, shape.V, shape.torch_dtype, backend, None, device)
-        finally:
-            os.environ.pop("GRPO_KERNELS_CHUNK_BYTES", None)
-            if old is not None:
-                os.environ["GRPO_KERNELS_CHUNK_BYTES"] = old
+        rows = lambda: plan.chunk_rows(real, shape.V, shape.torch_dtype, backend, None, device)  # noqa: E731
+        return case_defs.with_chunk_bytes(rows, value if name == "bytes" and value else None)()
     except Exception:
         return None
 

@@ -37,7 +37,6 @@ Peak memory beyond inputs (gradients included; ``peak - grads`` is reported as w
 """
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import os
@@ -47,16 +46,9 @@ import time
 import pytest
 import torch
 
-from bench.cases import Unavailable, check_value, cheap_skip_reason
+from bench.cases import Unavailable, check_value, cheap_skip_reason, malloc_trim
 
 GROUPS = {"floor": "loss", "level": "importance-sampling level", "chunk": "chunk sweep"}  # pytest-benchmark group, else the kind
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _peak_bytes(fn, device):
@@ -111,7 +103,7 @@ def measure(benchmark, config, case, shape, device, inputs) -> None:
         inputs.zero_grads()
         if pending["peak"]:
             gc.collect()
-            _malloc_trim()
+            malloc_trim()
 
     def timed():
         if not pending["peak"]:
