@@ -364,9 +364,7 @@ def _build_trainer_class():
             if aux_on:
                 aux = captured["aux_loss"].detach()
                 self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
-            self._fused_log_metrics(mode, metrics, mask, advantages, old, ref)
-            if vespo:
-                self._fused_log_vespo(mode, metrics, mask, advantages, old, is_ratio)
+            self._fused_log_metrics(mode, metrics, mask, advantages, old, ref, is_ratio)
             return loss
 
         def _fused_global_entropy_mask(self, h, w, b, softcap, completion_ids, scored, mask, with_grad):
@@ -428,26 +426,9 @@ def _build_trainer_class():
             if mode == "train" and self.accelerator.sync_gradients:
                 self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
-        def _fused_log_vespo(self, mode, metrics, mask, advantages, old, is_ratio):
-            """TRL's ``vespo/phi_seq_mean``: the gamma weights of the fused pass's detached log-probs."""
-            from grpo_kernels.objective import vespo_gamma_weights
-            from grpo_kernels.options import GRPOOptions
-
-            logps = metrics.logps
-            keep = mask != 0
-            old_lp = logps if old is None else torch.where(keep, old, torch.zeros_like(old))
-            opts = GRPOOptions(loss_type="vespo", vespo_k_pos=float(self.args.vespo_k_pos),
-                               vespo_lambda_pos=float(self.args.vespo_lambda_pos),
-                               vespo_k_neg=float(self.args.vespo_k_neg),
-                               vespo_lambda_neg=float(self.args.vespo_lambda_neg))
-            phi = vespo_gamma_weights(advantages, logps - old_lp, mask, is_ratio, opts)
-            totals = self.accelerator.reduce(
-                torch.stack([phi.sum(), torch.tensor(float(phi.shape[0]), device=phi.device, dtype=phi.dtype)]),
-                reduction="sum")
-            self._metrics[mode]["vespo/phi_seq_mean"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-
-        def _fused_log_metrics(self, mode, metrics, mask, advantages, old, ref):
-            """TRL's metric code on the detached log-probs and entropies of the fused pass."""
+        def _fused_log_metrics(self, mode, metrics, mask, advantages, old, ref, is_ratio):
+            """TRL's metric code on the detached log-probs and entropies of the fused pass (vespo's
+            ``vespo/phi_seq_mean``: the gamma weights of those log-probs)."""
             from trl.trainer.utils import nanmax, nanmin
 
             m = mask
@@ -500,6 +481,13 @@ def _build_trainer_class():
             elif self.loss_type == "cispo":
                 clipped = (coef_1 > self.epsilon_high) & (advantages > 0)
                 self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(clipped.float()))
+            elif self.loss_type == "vespo":
+                from grpo_kernels.objective import vespo_gamma_weights
+                from grpo_kernels.options import split_options
+
+                phi = vespo_gamma_weights(advantages, log_ratio, mask, is_ratio,
+                                          split_options(self._fused_options())[0])
+                self._metrics[mode]["vespo/phi_seq_mean"].append(global_masked_mean(phi))  # phi: [B, 1]
 
     FusedGRPOTrainer.__module__ = __name__
     FusedGRPOTrainer.__qualname__ = "FusedGRPOTrainer"
