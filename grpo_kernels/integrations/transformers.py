@@ -392,6 +392,7 @@ def model_token_logprobs(
     chunk_size: Optional[int] = None,
     batch_invariant: bool = False,
     head_dtype: Optional[torch.dtype] = None,
+    return_aux_loss: bool = False,
     **model_kwargs,
 ):
     """Log-probs (and entropies) of the last ``logits_to_keep`` tokens of ``input_ids``, [B, K].
@@ -400,6 +401,8 @@ def model_token_logprobs(
     ``token_logprobs`` from the hidden states, never as [B, K, V] logits. Positions whose
     ``attention_mask`` is 0 are not scored and hold 0 (as TRL's fused head returns them).
     Differentiable (through the model) unless called under ``torch.no_grad()``.
+    ``return_aux_loss``: also the MoE router's auxiliary loss of the same backbone pass
+    (``output_router_logits=True``; ``router_aux_loss``), as the last element of a tuple.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a [B, L] tensor")
@@ -413,7 +416,11 @@ def model_token_logprobs(
         scored = attention_mask[:, -keep_n:] != 0
 
     def fn(lm, **inputs):
-        hidden = completion_hidden_states(lm, logits_to_keep=keep_n, **inputs)
+        if return_aux_loss:
+            hidden, backbone_out = completion_hidden_states(lm, logits_to_keep=keep_n, return_backbone_output=True,
+                                                            output_router_logits=True, **inputs)
+        else:
+            hidden = completion_hidden_states(lm, logits_to_keep=keep_n, **inputs)
         weight, bias, _ = lm_head_params(lm)
         with _zero3_gathered(weight, bias):
             h, w, b, softcap = head_operands(lm, hidden, head_dtype=head_dtype)
@@ -423,9 +430,12 @@ def model_token_logprobs(
                     return_entropy=return_entropy, backend=backend, chunk_size=chunk_size,
                     batch_invariant=batch_invariant,
                 )
-        if return_entropy:
-            return _scatter_rows(out[0], scored), _scatter_rows(out[1], scored)
-        return _scatter_rows(out, scored)
+        res = (_scatter_rows(out[0], scored), _scatter_rows(out[1], scored)) if return_entropy else \
+            _scatter_rows(out, scored)
+        if not return_aux_loss:
+            return res
+        aux = router_aux_loss(lm, backbone_out.router_logits, inputs.get("attention_mask"))
+        return (res if return_entropy else (res,)) + (aux,)
 
     return run_in_forward(model, fn, input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
 

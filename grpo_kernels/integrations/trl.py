@@ -208,19 +208,15 @@ def _build_trainer_class():
                 ids = input_ids[start:start + batch_size]
                 am = attention_mask[start:start + batch_size]
                 with self.accelerator.autocast():
-                    if compute_aux_loss:
-                        out = _gkt.run_in_forward(model, self._fused_logps_and_aux(ids, am, logits_to_keep,
-                                                                                   compute_entropy),
-                                                  input_ids=ids, attention_mask=am)
-                        aux_losses.append(out[-1])
-                        out = out[:-1] if compute_entropy else out[0]
-                    else:
-                        out = _gkt.model_token_logprobs(
-                            model, ids, am, logits_to_keep, temperature=self.temperature,
-                            return_entropy=compute_entropy, backend=self._fused_backend,
-                            chunk_size=self._fused_chunk_size, batch_invariant=self._fused_batch_invariant,
-                            head_dtype=head_dtype,
-                        )
+                    out = _gkt.model_token_logprobs(
+                        model, ids, am, logits_to_keep, temperature=self.temperature,
+                        return_entropy=compute_entropy, backend=self._fused_backend,
+                        chunk_size=self._fused_chunk_size, batch_invariant=self._fused_batch_invariant,
+                        head_dtype=head_dtype, return_aux_loss=compute_aux_loss,
+                    )
+                if compute_aux_loss:  # TRL's outputs.aux_loss, from the same backbone pass
+                    aux_losses.append(out[-1])
+                    out = out[:-1] if compute_entropy else out[0]
                 if compute_entropy:
                     logps.append(out[0])
                     entropies.append(out[1])
@@ -228,32 +224,6 @@ def _build_trainer_class():
                     logps.append(out)
             return (torch.cat(logps, 0), (torch.cat(entropies, 0) if compute_entropy else None),
                     (torch.stack(aux_losses).mean() if compute_aux_loss else None))
-
-        def _fused_logps_and_aux(self, ids, am, logits_to_keep, compute_entropy):
-            """The forward function of ``model_token_logprobs`` that also returns the MoE aux loss from
-            the same backbone pass (``output_router_logits=True``), as TRL's ``outputs.aux_loss``."""
-            targets = ids[:, -logits_to_keep:]
-            scored = am[:, -logits_to_keep:] != 0
-            head_dtype = self._fused_head_dtype()
-
-            def fn(lm, **model_inputs):
-                hidden, backbone_out = _gkt.completion_hidden_states(
-                    lm, logits_to_keep=logits_to_keep, return_backbone_output=True, output_router_logits=True,
-                    **model_inputs)
-                weight, bias, _ = _gkt.lm_head_params(lm)
-                with _gkt._zero3_gathered(weight, bias):
-                    h, w, b, softcap = _gkt.head_operands(lm, hidden, head_dtype=head_dtype)
-                    with _gkt._no_autocast(h.device.type):
-                        res = token_logprobs(
-                            h[scored], w, targets[scored], bias=b, temperature=self.temperature,
-                            logit_softcap=softcap, return_entropy=compute_entropy, backend=self._fused_backend,
-                            chunk_size=self._fused_chunk_size, batch_invariant=self._fused_batch_invariant,
-                        )
-                aux = _gkt.router_aux_loss(lm, backbone_out.router_logits, model_inputs.get("attention_mask"))
-                res = res if compute_entropy else (res,)
-                return tuple(x.new_zeros(scored.shape).masked_scatter(scored, x) for x in res) + (aux,)
-
-            return fn
 
         # -------------------------------------------------------------- the loss
 
