@@ -55,7 +55,8 @@ __all__ = [
 FORWARD_KEYWORD = "grpo_kernels_fn"
 _PATCHED = "_grpo_kernels_forward_patched"
 # keywords a CausalLM forward takes for its head or loss, which the base model does not accept
-_HEAD_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "fused_lm_head", "return_dict")
+_HEAD_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "fused_lm_head", "return_dict",
+                "temperature")
 
 
 class LMHeadParams(NamedTuple):
@@ -164,6 +165,21 @@ def _check_keep(logits_to_keep, length: int) -> int:
     return logits_to_keep
 
 
+def backbone_hidden_states(model, **model_kwargs):
+    """(the base model's final-normed last hidden states [B, L, H] at every position, its whole output).
+
+    Keyword arguments go to the base model; head-only ones (``labels``, ``logits_to_keep``,
+    ``temperature``, ...) and None values are dropped, and ``use_cache`` is False unless given."""
+    lm = unwrap_causal_lm(model)
+    backbone = lm.base_model
+    if backbone is lm:
+        raise TypeError(f"{type(lm).__name__} has no base model (config.base_model_prefix names no submodule)")
+    kwargs = {k: v for k, v in model_kwargs.items() if v is not None and k not in _HEAD_KWARGS}
+    kwargs.setdefault("use_cache", False)
+    out = backbone(**kwargs)
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]), out
+
+
 def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_to_keep: Optional[int] = None,
                              *, return_backbone_output: bool = False, **model_kwargs):
     """Final-normed last hidden states that predict the last ``logits_to_keep`` tokens, [B, K, H].
@@ -177,18 +193,7 @@ def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_
     never computed. ``return_backbone_output=True`` returns ``(hidden, output)`` with the base
     model's whole output (e.g. its ``router_logits`` under ``output_router_logits=True``).
     """
-    lm = unwrap_causal_lm(model)
-    backbone = lm.base_model
-    if backbone is lm:
-        raise TypeError(f"{type(lm).__name__} has no base model (config.base_model_prefix names no submodule)")
-    kwargs = {k: v for k, v in model_kwargs.items() if v is not None and k not in _HEAD_KWARGS}
-    kwargs.setdefault("use_cache", False)
-    if input_ids is not None:
-        kwargs["input_ids"] = input_ids
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    out = backbone(**kwargs)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    hidden, out = backbone_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     length = hidden.shape[1]
     keep = length - 1 if logits_to_keep is None else _check_keep(logits_to_keep, length)
     hidden = hidden[:, length - keep - 1 : length - 1]

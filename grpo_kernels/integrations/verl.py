@@ -399,9 +399,6 @@ def _ppo_config(loss_function):
     return None
 
 
-_MODEL_ONLY_KWARGS = ("temperature", "shift_labels", "return_dict", "labels", "logits_to_keep")
-
-
 def _fused_forward_step(original):
     @functools.wraps(original)
     def forward_step(self, micro_batch, loss_function, forward_only):
@@ -445,9 +442,7 @@ def _run_fused_step(engine, micro_batch, config):
     dp_group = engine.get_data_parallel_group()
 
     def fn(lm, **inputs):
-        kwargs = {k: v for k, v in inputs.items() if k not in _MODEL_ONLY_KWARGS and v is not None}
-        out = lm.base_model(**kwargs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        hidden, _ = gkt.backbone_hidden_states(lm, **inputs)
         if use_remove_padding:
             packed = hidden.reshape(-1, hidden.shape[-1])[:nnz]  # the static pad sits at the tail
         else:
