@@ -99,7 +99,11 @@ PATHS = ("forward", "one_sweep", "sequence_sweep", "two_sweeps")
 
 
 def chunk_rule(device=None, dtype: Optional[torch.dtype] = None) -> ChunkRule:
-    """The chunk rule of ``device`` (default the CPU) for ``dtype``."""
+    """The chunk rule of ``device`` (default the CPU) for ``dtype``; under GRPO_KERNELS_CHUNK_BYTES
+    that plain byte budget (no minimum row count, no cap beyond it, no balancing)."""
+    override = env.chunk_bytes()
+    if override is not None:
+        return ChunkRule(target_bytes=override)
     kind = torch.device(device).type if device is not None else "cpu"
     for key in ((kind, dtype), (kind, None), ("cpu", dtype), ("cpu", None)):
         if key in CHUNK_RULES:
@@ -108,10 +112,7 @@ def chunk_rule(device=None, dtype: Optional[torch.dtype] = None) -> ChunkRule:
 
 
 def chunk_budget(device=None, dtype: Optional[torch.dtype] = None) -> int:
-    """Bytes one chunk may use on ``device``: GRPO_KERNELS_CHUNK_BYTES, else the rule's cap."""
-    override = env.chunk_bytes()
-    if override is not None:
-        return override
+    """Bytes one chunk may use on ``device``: the rule's cap (GRPO_KERNELS_CHUNK_BYTES under it)."""
     rule = chunk_rule(device, dtype)
     return rule.max_bytes or rule.target_bytes
 
@@ -124,9 +125,6 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: RowBackend, chun
         return max(1, min(chunk_size, max(n, 1)))
     temps = backend.temp_bytes(device if device is not None else "cpu")
     per_row = max(1, vocab * (torch.empty((), dtype=dtype).element_size() + temps))
-    override = env.chunk_bytes()
-    if override is not None:
-        return max(1, min(max(n, 1), override // per_row))
     return chunk_rule(device, dtype).rows(max(n, 1), per_row)
 
 
