@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -628,13 +628,21 @@ def objective_loss(logp: torch.Tensor, entropy: Optional[torch.Tensor], inputs: 
         else:  # bypass_mode's rejection sampling changes the policy term's mask (only its)
             loss = weighted(per_token, objective_weights(policy_mask, options, dtype, inputs.num_items,
                                                          inputs.num_sequences).policy)
+    return _with_penalties(loss, logp, entropy, inputs.ref, w, weights.kl, weights.entropy, options, weighted)
+
+
+def _with_penalties(loss, logp, entropy, ref, is_weight, kl_weights, entropy_weights, options: GRPOOptions,
+                    weighted: Callable) -> torch.Tensor:
+    """``loss`` + beta * the KL term - entropy_coef * the entropy bonus, each aggregated by
+    ``weighted(x, weights)`` (``is_weight``: the IS weight the KL is multiplied by under
+    ``use_bias_correction_kl``): the part ``objective_loss`` and ``token_objective`` share."""
     if options.beta != 0.0:
-        kl = kl_estimate(logp, inputs.ref.to(dtype), options.kl_estimator)
+        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator)
         if options.use_bias_correction_kl:
-            kl = kl * w
-        loss = loss + options.beta * weighted(kl, weights.kl)
+            kl = kl * is_weight
+        loss = loss + options.beta * weighted(kl, kl_weights)
     if options.entropy_coef != 0.0:
-        loss = loss - options.entropy_coef * weighted(entropy, weights.entropy)
+        loss = loss - options.entropy_coef * weighted(entropy, entropy_weights)
     return loss
 
 
@@ -663,16 +671,9 @@ def token_objective(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInp
     else:
         w = None
         per_token, _, _ = verl_policy(logp, old, adv, mask, scale, options)
-    loss = weighted(per_token, inputs.weight)
-    if options.beta != 0.0:
-        kl = kl_estimate(logp, inputs.ref.to(dtype), options.kl_estimator)
-        if options.use_bias_correction_kl:
-            kl = kl * w
-        kl_w = inputs.weight if inputs.kl_weight is None else inputs.kl_weight
-        loss = loss + options.beta * weighted(kl, kl_w)
-    if options.entropy_coef != 0.0:
-        loss = loss - options.entropy_coef * weighted(entropy, inputs.entropy_weight)
-    return loss
+    kl_w = inputs.weight if inputs.kl_weight is None else inputs.kl_weight
+    return _with_penalties(weighted(per_token, inputs.weight), logp, entropy, inputs.ref, w, kl_w,
+                           inputs.entropy_weight, options, weighted)
 
 
 def functorch_keys_enabled():
