@@ -196,6 +196,14 @@ void row_grad_(const Tensor& logits, const Tensor& targets, const Tensor& lse, c
   run_cpu([&] { grpo::row_grad_cpu(p); }, what);
 }
 
+// B rows in groups of num_generations, and a known scale mode (row_pass.h's ScaleMode)
+void check_groups(int64_t B, int64_t num_generations, int64_t mode, const char* what) {
+  TORCH_CHECK(num_generations > 0 && B % num_generations == 0, "grpo_kernels ", what, ": batch size ", B,
+              " is not a multiple of num_generations=", num_generations);
+  TORCH_CHECK(mode == grpo::kScaleGroup || mode == grpo::kScaleBatch || mode == grpo::kScaleNone,
+              "grpo_kernels ", what, ": unknown scale mode ", mode);
+}
+
 // The rewards of the fused epilogue: rewards [B, K] (contiguous), weights [K], seq [n] int64 (values
 // in [0, B), checked by the caller), adv_out [n]; all in the accumulation dtype but seq.
 grpo::RewardArgs reward_args(const OptTensor& rewards, const OptTensor& weights, const OptTensor& seq,
@@ -211,10 +219,7 @@ grpo::RewardArgs reward_args(const OptTensor& rewards, const OptTensor& weights,
   TORCH_CHECK(r.scalar_type() == acc && r.device() == dev, "grpo_kernels ", what, ": rewards must be ", acc,
               " on ", dev);
   const int64_t B = r.size(0), K = r.size(1);
-  TORCH_CHECK(num_generations > 0 && B % num_generations == 0, "grpo_kernels ", what, ": batch size ", B,
-              " is not a multiple of num_generations=", num_generations);
-  TORCH_CHECK(mode == grpo::kScaleGroup || mode == grpo::kScaleBatch || mode == grpo::kScaleNone,
-              "grpo_kernels ", what, ": unknown scale mode ", mode);
+  check_groups(B, num_generations, mode, what);
   TORCH_CHECK(weights.has_value() && weights->defined(), "grpo_kernels ", what, ": reward_weights are required");
   check_vec(*weights, "reward_weights", K, acc, dev, what);
   TORCH_CHECK(seq.has_value() && seq->defined(), "grpo_kernels ", what, ": seq is required with rewards");
@@ -272,10 +277,7 @@ void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_gener
               ": rewards must be float32 or float64, got ", dt);
   TORCH_CHECK(rewards.dim() == 1, "grpo_kernels ", what, ": rewards must be 1-D, got ", rewards.sizes());
   const int64_t B = rewards.size(0);
-  TORCH_CHECK(num_generations > 0 && B % num_generations == 0, "grpo_kernels ", what, ": batch size ", B,
-              " is not a multiple of num_generations=", num_generations);
-  TORCH_CHECK(mode == grpo::kScaleGroup || mode == grpo::kScaleBatch || mode == grpo::kScaleNone,
-              "grpo_kernels ", what, ": unknown scale mode ", mode);
+  check_groups(B, num_generations, mode, what);
   check_vec(rewards, "rewards", B, dt, rewards.device(), what);
   check_vec(out, "out", B, dt, rewards.device(), what);
   grpo::GroupNormParams p;
