@@ -67,6 +67,11 @@ class TokenEpilogue:
     adv: Optional[torch.Tensor] = None
 
 
+#: ``scale_rewards`` as the kernels number it: csrc/row_pass.h's ScaleMode, which the Triton
+#: epilogue's ``reward_advantage`` follows too
+SCALE_MODE_CODES = {"group": 0, "batch": 1, "none": 2}
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; every lower precision accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -35,7 +35,7 @@ from typing import List, Optional
 import torch
 
 from grpo_kernels import env
-from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
+from grpo_kernels.backends.base import SCALE_MODE_CODES, RowBackend, RowStats, accumulation_dtype
 
 
 def _find_csrc() -> Path:
@@ -60,9 +60,8 @@ else:  # -fno-trapping-math lets the exp / select loops vectorize
     _EXTRA_CFLAGS, _EXTRA_LDFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"]
 _EXTRA_CUDA_CFLAGS = ["-O3", "-DGRPO_WITH_CUDA"]
 
-# loss kinds and scale modes: the enums of csrc/row_pass.h
+# loss kinds: the enum of csrc/row_pass.h (its scale modes: base.SCALE_MODE_CODES)
 _KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
-_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
 
 _lock = threading.Lock()
 _ext = None
@@ -299,7 +298,7 @@ def _reward_args(token_inputs, options, acc: torch.dtype, device) -> dict:
     w = torch.ones(r.shape[1], dtype=acc, device=device) if w is None else _vec(w, acc, device)
     seq = _vec(token_inputs.seq, torch.int64, device)
     return dict(rewards=r, reward_weights=w, seq=seq, adv_out=torch.empty(seq.shape[0], dtype=acc, device=device),
-                num_generations=int(options.num_generations), scale_mode=_SCALE_MODE[options.scale_rewards],
+                num_generations=int(options.num_generations), scale_mode=SCALE_MODE_CODES[options.scale_rewards],
                 reward_eps=float(options.reward_eps))
 
 
@@ -399,7 +398,7 @@ class CppRowBackend(RowBackend):
         ext = load_extension()
         r = rewards.detach().to(accumulation_dtype(rewards.dtype)).contiguous()
         out = torch.empty_like(r)
-        ext.group_normalize(r, out, int(num_generations), _SCALE_MODE[scale_rewards], float(eps), stream=_stream(r))
+        ext.group_normalize(r, out, int(num_generations), SCALE_MODE_CODES[scale_rewards], float(eps), stream=_stream(r))
         return out
 
 

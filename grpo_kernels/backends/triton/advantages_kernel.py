@@ -131,10 +131,6 @@ def group_normalize_kernel(r_ptr, out_ptr, std_ptr, G, eps: tl.float64, MAXF: tl
         tl.store(out_ptr + start + offs, _advantage(x - mean, denom, big, MODE != 3), mask=m)
 
 
-#: ScaleMode of the fused epilogue's ``reward_advantage`` (csrc/row_pass.h's numbering)
-SCALE_MODES = {"group": 0, "batch": 1, "none": 2}
-
-
 def reward_block(B: int, G: int, scale_rewards: str) -> int:
     """The tile of ``reward_advantage``: a group's rows, or the batch's under "batch"."""
     return min(MAX_BLOCK, max(16, next_pow2(B if scale_rewards == "batch" else G)))

@@ -26,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.base import RowStats
+from grpo_kernels.backends.base import SCALE_MODE_CODES, RowStats
 from grpo_kernels.backends.triton import _common
 from grpo_kernels.backends.triton._common import INTERPRET, acc_dtype, next_pow2, tanh, tl_acc, to_acc
-from grpo_kernels.backends.triton.advantages_kernel import SCALE_MODES, reward_advantage, reward_block
+from grpo_kernels.backends.triton.advantages_kernel import reward_advantage, reward_block
 from grpo_kernels.backends.triton.objective_kernel import epilogue_params, grpo_token_epilogue, token_vectors
 
 NEG_INF = float("-inf")
@@ -408,5 +408,5 @@ def _reward_vectors(token_inputs, options, acc, dev) -> dict:
     w = torch.ones(K, dtype=acc, device=dev) if w is None else _vec(w, acc, dev)
     G = int(options.num_generations)
     return dict(pointers=(r, w, _vec(token_inputs.seq, torch.int64, dev)),
-                flags=dict(K=K, B=B, G=G, HAS_REWARDS=True, SCALE=SCALE_MODES[options.scale_rewards],
+                flags=dict(K=K, B=B, G=G, HAS_REWARDS=True, SCALE=SCALE_MODE_CODES[options.scale_rewards],
                            RBLOCK=reward_block(B, G, options.scale_rewards), reward_eps=float(options.reward_eps)))
