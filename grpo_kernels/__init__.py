@@ -1,7 +1,8 @@
 """grpo_kernels: a fused, memory-lean GRPO loss that never materializes [N, V] logits."""
-from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, process_advantages
+from grpo_kernels.advantage_kernels import group_advantages
+from grpo_kernels.advantages import kl_penalized_rewards, process_advantages
 from grpo_kernels.api import GRPOLoss, backend_for, grpo_loss, token_logprobs
-from grpo_kernels.objective import GRPOMetrics
+from grpo_kernels.metrics import GRPOMetrics
 from grpo_kernels.options import ExecutionOptions, GRPOOptions
 
 __all__ = [

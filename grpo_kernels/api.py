@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grpo_kernels import collective, objective, validation as check
-from grpo_kernels.objective import GRPOMetrics
+from grpo_kernels import collective, epilogue, objective, validation as check
+from grpo_kernels.metrics import GRPOMetrics, compute_metrics
 from grpo_kernels.ops import loss_op, token_logprobs_op
 from grpo_kernels.options import ExecutionOptions, VocabParallel, as_kwargs, split_options
 
@@ -245,7 +245,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
 
         computed = None
         if inputs.rewards is not None:  # the oracle takes advantages: computed once, in torch
-            computed = objective.reward_advantages(inputs.rewards, inputs.reward_weights, opts)
+            computed = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, opts)
             inputs = dataclasses.replace(inputs, adv=computed.unsqueeze(1))
         out = reference_grpo_loss(
             hidden, weight, targets, inputs.adv, mask, inputs.old, inputs.ref, bias=bias,
@@ -275,7 +275,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         return loss
     computed = None if inputs.rewards is None else computed
     adv = inputs.adv if computed is None else computed.unsqueeze(1)
-    metrics = objective.compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old,
+    metrics = compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old,
                                         ref=inputs.ref)
     if computed is not None:
         metrics = dataclasses.replace(metrics, advantages=computed)

@@ -12,8 +12,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from grpo_kernels import objective, sweep, validation
-from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels import autodiff, epilogue, metrics, objective, sweep, validation
+from grpo_kernels.backends.base import RowStats
+from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 from grpo_kernels.plan import Plan, plan_call
 
@@ -54,7 +55,7 @@ def grpo_loss_forward(
 
     Rewards: on the fused one-sweep path the row kernel's epilogue computes each token's advantage
     from the rewards itself (no separate group-normalize launch); on every other path they are
-    computed once here (``objective.reward_advantages``, torch) before the sweep."""
+    computed once here (``epilogue.reward_advantages``, torch) before the sweep."""
     mask = inputs.mask
     B, T = mask.shape
     total = B * T
@@ -63,7 +64,7 @@ def grpo_loss_forward(
     advantages = None
     in_kernel = inputs.rewards is not None and plan.fused and plan.path == "one_sweep"
     if inputs.rewards is not None and not in_kernel:
-        advantages = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options)
+        advantages = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, options)
         inputs = dataclasses.replace(inputs, adv=advantages.unsqueeze(1))
     tgt = _targets(plan, targets.index_select(0, rows))
     # padding positions may hold junk (even inf) old/ref/sampling logps: they must not reach a sum
@@ -81,7 +82,7 @@ def grpo_loss_forward(
         logp_full = _scatter_rows(sel_stats.logp, rows, total)
         ent_full = _scatter_rows(sel_stats.entropy, rows, total)
     if options.top_entropy_quantile < 1.0:
-        inputs = dataclasses.replace(inputs, entropy_mask=objective.high_entropy_mask(
+        inputs = dataclasses.replace(inputs, entropy_mask=metrics.high_entropy_mask(
             ent_full.view(B, T), mask, options.top_entropy_quantile))
     weights = objective.objective_weights(mask, options, acc, inputs.num_items, inputs.num_sequences,
                                           inputs.entropy_mask)
@@ -97,7 +98,7 @@ def grpo_loss_forward(
         if inputs.entropy_mask is not None:
             em = inputs.entropy_mask.to(acc)
             policy_scale = em if policy_scale is None else policy_scale.to(acc) * em
-        token_inputs = objective.TokenInputs(
+        token_inputs = epilogue.TokenInputs(
             old=pick(inputs.old), adv=None if in_kernel else pick(inputs.adv), weight=pick(weights.policy),
             ref=pick(inputs.ref), policy_scale=pick(policy_scale),
             kl_weight=None if weights.kl is weights.policy else pick(weights.kl),
@@ -131,14 +132,14 @@ def grpo_loss_forward(
             # rows of later sequences still hold 0: they do not reach these rows' coefficients
             logp_full.index_copy_(0, rows[s:e], st.logp)
             ent_full.index_copy_(0, rows[s:e], st.entropy)
-            dlogp, dent, _ = objective.gradients(loss_of, logp_full, ent_full)
+            dlogp, dent, _ = autodiff.gradients(loss_of, logp_full, ent_full)
             sweep.grad_(plan, z, tgt[s:e], st, dlogp.index_select(0, rows[s:e]),
                         dent.index_select(0, rows[s:e]) if options.entropy_coef != 0.0 else None)
 
         gh, gw, gb = sweep.sweep(plan, h, weight, bias, sequence_sweep, needs)
         loss = loss_of(logp_full, ent_full).detach()
     else:  # two_sweeps
-        dlogp_full, dent_full, loss = objective.gradients(loss_of, logp_full, ent_full)
+        dlogp_full, dent_full, loss = autodiff.gradients(loss_of, logp_full, ent_full)
         dent = dent_full.index_select(0, rows) if options.entropy_coef != 0.0 else None
         gh, gw, gb = sweep.backward_grads(plan, h, weight, bias, tgt, sel_stats, dlogp_full.index_select(0, rows),
                                           dent, needs)
@@ -147,12 +148,9 @@ def grpo_loss_forward(
 
 
 def _reward_inputs(inputs: objective.LossInputs, rows: torch.Tensor, T: int, acc: torch.dtype) -> dict:
-    """The fused epilogue's reward inputs (``objective.TokenInputs``): rewards [B, R] and weights [R]
-    in the accumulation dtype, each real row's sequence index."""
-    r = inputs.rewards.detach()
-    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(acc).contiguous()
-    w = inputs.reward_weights
-    w = torch.ones(r.shape[1], dtype=acc, device=r.device) if w is None else w.detach().to(acc).contiguous()
+    """The fused epilogue's reward inputs (``epilogue.TokenInputs``): rewards [B, R] and weights [R]
+    in the accumulation dtype (``epilogue.reward_matrix``), each real row's sequence index."""
+    r, w = epilogue.reward_matrix(inputs.rewards, inputs.reward_weights, acc)
     return dict(rewards=r, reward_weights=w, seq=torch.div(rows, T, rounding_mode="floor"))
 
 
@@ -160,9 +158,7 @@ def _sequence_advantages(adv_rows, seq, inputs: objective.LossInputs, options: G
     """[B] advantages of the fused kernels' per-row ones (every row of a sequence holds the same value:
     its first row's is taken), in the rewards' accumulation dtype; a sequence without a real token
     (reaching no gradient) gets the torch formula's value."""
-    from grpo_kernels.advantages import _acc_dtype
-
-    dtype = _acc_dtype(inputs.rewards.dtype)
+    dtype = accumulation_dtype(inputs.rewards.dtype)
     out = torch.zeros(B, dtype=dtype, device=adv_rows.device)
     first = torch.ones_like(seq, dtype=torch.bool)
     first[1:] = seq[1:] != seq[:-1]
@@ -170,7 +166,7 @@ def _sequence_advantages(adv_rows, seq, inputs: objective.LossInputs, options: G
     covered = torch.zeros(B, dtype=torch.bool, device=adv_rows.device)
     covered[seq] = True
     if out.is_meta or not bool(covered.all()):
-        fallback = objective.reward_advantages(inputs.rewards, inputs.reward_weights, options)
+        fallback = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, options)
         out = torch.where(covered, out, fallback.to(dtype))
     return out
 

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from grpo_kernels import loss as loss_impl, objective
-from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels.backends.base import RowStats
+from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import OP_FIELDS, from_op_args, to_op_args
 
 _EMPTY = (0,)

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, fields, replace
 from typing import Optional
 
+from grpo_kernels import checks
+
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 #: the loss types whose per-token coefficient needs only the token (the fused kernels' epilogue)
@@ -176,13 +178,11 @@ class GRPOOptions(_Options):
         return self._validate_additions()
 
     def _validate_rewards(self) -> None:
-        from grpo_kernels import advantages
-
         if self.num_generations is not None:
-            advantages._check_int("num_generations", self.num_generations, 1)
+            checks.check_int("num_generations", self.num_generations, 1)
         # True / False as GRPOConfig: stored as the mode's name (the op schema holds a str)
-        object.__setattr__(self, "scale_rewards", advantages._scale_mode(self.scale_rewards))
-        advantages._check_real("reward_eps", self.reward_eps, 0.0)
+        object.__setattr__(self, "scale_rewards", checks.scale_mode(self.scale_rewards))
+        checks.check_real("reward_eps", self.reward_eps, 0.0)
 
     def _validate_additions(self) -> "GRPOOptions":
         self._validate_rewards()

@@ -31,7 +31,8 @@ import torch
 
 from grpo_kernels import collective, env, objective
 from grpo_kernels.backends import choose_backend
-from grpo_kernels.backends.base import RowBackend, accumulation_dtype
+from grpo_kernels.backends.base import RowBackend
+from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 _MiB = 2**20

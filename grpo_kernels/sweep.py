@@ -8,7 +8,7 @@ exists at any time.
 
 The row primitives under a plan (``stats``, ``grad_``, ``fused_``) add what the plan asks
 on top of the backend: the statistics combined over the ranks under vocab parallelism, and
-the composition stats -> ``objective.token_epilogue`` -> gradient where the backend has no
+the composition stats -> ``epilogue.token_epilogue`` -> gradient where the backend has no
 fused kernel (or the statistics must be combined first).
 
 Shapes: hidden [n, H], weight [V, H], bias [V] or None, targets [n] int64 (a row with
@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from grpo_kernels import objective
-from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels.backends.base import RowStats
+from grpo_kernels.epilogue import TokenInputs, accumulation_dtype
 from grpo_kernels.plan import Plan
 
 
@@ -159,7 +160,7 @@ def grad_(plan: Plan, z, targets, st: RowStats, dlogp, dentropy=None) -> None:
     plan.backend.row_grad_(z, targets, st, dlogp, dentropy, plan.options, plan.execution)
 
 
-def fused_(plan: Plan, z, targets, token_inputs: objective.TokenInputs):
+def fused_(plan: Plan, z, targets, token_inputs: TokenInputs):
     """(RowStats, TokenEpilogue) of one chunk of a token-scope objective, its gradient left in ``z``:
     the backend's fused kernel where it computes the objective, else statistics, the epilogue in
     torch (``objective.token_epilogue_any``: the entropy term's gradient included) and the gradient."""

@@ -15,6 +15,9 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from grpo_kernels import checks
+from grpo_kernels.epilogue import accumulation_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
@@ -201,10 +204,8 @@ def rewards(x, weights, hidden, num_generations):
     """grpo_loss's ``rewards`` [B] or [B, R] (NaN: unscored; no inf) and ``reward_weights`` (R
     numbers: list, tuple or 1-D tensor; None: all 1) with ``num_generations`` dividing B, checked as
     ``advantages.group_advantages`` checks them. Returns (rewards, weights as a [R] tensor or None)."""
-    from grpo_kernels import advantages as adv
-
     B = hidden.shape[0]
-    x = adv._check_float_tensor("rewards", x, (1, 2))
+    x = checks.check_float_tensor("rewards", x, (1, 2))
     tensor("rewards", x)
     same_device("rewards", x, hidden.device)
     if x.shape[0] != B:
@@ -213,11 +214,11 @@ def rewards(x, weights, hidden, num_generations):
     if num_generations is None:
         raise ValueError("num_generations is required with rewards (rows come in consecutive groups of "
                          "num_generations completions of one prompt)")
-    adv._check_num_generations(num_generations, B, "rewards")
+    checks.check_num_generations(num_generations, B, "rewards")
     if value_checks_enabled(x):
-        adv._no_inf("rewards", x)
+        checks.no_inf("rewards", x)
     R = 1 if x.dim() == 1 else x.shape[1]
-    w = adv._weights_tensor(weights, R, adv._acc_dtype(x.dtype), x.device, name="reward_weights",
+    w = checks.weights_tensor(weights, R, accumulation_dtype(x.dtype), x.device, name="reward_weights",
                             check_values=value_checks_enabled(x))
     return x, w
 

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from grpo_kernels.advantages import group_advantages, kl_penalized_rewards, normalize_groups, process_advantages
+from grpo_kernels import group_advantages
+from grpo_kernels.advantages import kl_penalized_rewards, normalize_groups, process_advantages
 from support import backend_params, device_for_tests, require
 
 NAN = float("nan")

@@ -79,7 +79,7 @@ def test_bindings_match_the_backend(ext, dtype):
 
 def test_more_than_2_31_logits(backend):
     """A chunk with n * V > 2^31: rows past the 32-bit offset range are right (int64 indexing)."""
-    from grpo_kernels import objective
+    from grpo_kernels import epilogue
 
     V = QWEN_V
     n = (2**31) // V + 8
@@ -104,9 +104,9 @@ def test_more_than_2_31_logits(backend):
     fst, epi = backend.row_fused_(z, t, ti, options, execution)
     torch.cuda.synchronize()
     assert bool(torch.isfinite(epi.dlogp).all()) and bool(torch.isfinite(epi.loss).all())
-    sub = objective.TokenInputs(*(None if x is None else x[rows].cpu() for x in
+    sub = epilogue.TokenInputs(*(None if x is None else x[rows].cpu() for x in
                                   (ti.old, ti.adv, ti.weight, ti.ref, ti.policy_scale)))
-    ref_epi = objective.token_epilogue(fst.logp[rows].cpu(), sub, options)
+    ref_epi = epilogue.token_epilogue(fst.logp[rows].cpu(), sub, options)
     contract.close(epi.dlogp[rows], ref_epi.dlogp, 1e-5, "dlogp", elementwise=True)
     expect = contract.reference_grad(zr, tr, ref_epi.dlogp, None, options)
     contract.close(z[rows], expect, contract.GRAD_TOL[torch.bfloat16], "grad", scale=ref_epi.dlogp.abs().max().item())

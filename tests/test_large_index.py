@@ -24,7 +24,8 @@ from support import backend_params, require
 from grpo_kernels import grpo_loss, plan, sweep, token_logprobs
 from grpo_kernels.backends.torch_chunked import BACKEND as TORCH
 from grpo_kernels.loss import grpo_loss_forward
-from grpo_kernels.objective import LossInputs, TokenInputs
+from grpo_kernels.epilogue import TokenInputs
+from grpo_kernels.objective import LossInputs
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
 
 N, V, H = 16384, 151936, 64

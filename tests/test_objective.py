@@ -6,7 +6,7 @@ import zlib
 import pytest
 import torch
 
-from grpo_kernels import objective
+from grpo_kernels import epilogue, metrics, objective
 from grpo_kernels.options import TOKEN_LOSS_TYPES as LOSS_TYPES, GRPOOptions
 
 
@@ -18,7 +18,7 @@ def _inputs(n=40, seed=0, with_ref=True, with_scale=True):
     ref = logp + 0.3 * torch.randn(n, generator=g, dtype=torch.float64) if with_ref else None
     scale = torch.rand(n, generator=g, dtype=torch.float64) + 0.5 if with_scale else None
     weight = torch.rand(n, generator=g, dtype=torch.float64)
-    return logp, objective.TokenInputs(old=old, adv=adv, weight=weight, ref=ref, policy_scale=scale)
+    return logp, epilogue.TokenInputs(old=old, adv=adv, weight=weight, ref=ref, policy_scale=scale)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -33,7 +33,7 @@ def test_epilogue_equals_autograd_of_per_token_loss(loss_type, variant):
     if variant == "on_policy":
         ti.old = None
     o = GRPOOptions(**opts).validate()
-    epi = objective.token_epilogue(logp, ti, o)
+    epi = epilogue.token_epilogue(logp, ti, o)
 
     # the same math through torch autograd on a [1, n] "batch" whose weights we impose
     x = logp.clone().requires_grad_(True)
@@ -56,7 +56,7 @@ def test_clip_boundaries_follow_torch_tie_rules():
     old = torch.zeros(5, dtype=torch.float64)
     logp = torch.log(ratios)
     adv = torch.tensor([-1.0, 1.0, 2.0, -1.0, 1.0], dtype=torch.float64)
-    epi = objective.token_epilogue(logp, objective.TokenInputs(old, adv, torch.ones(5, dtype=torch.float64)), o)
+    epi = epilogue.token_epilogue(logp, epilogue.TokenInputs(old, adv, torch.ones(5, dtype=torch.float64)), o)
     x = logp.clone().requires_grad_(True)
     w = torch.exp(x - old)
     (g,) = torch.autograd.grad(objective.policy_term(w, adv, x, o).sum(), x)
@@ -90,7 +90,7 @@ def test_high_entropy_mask_matches_trl_quantile():
     g = torch.Generator().manual_seed(2)
     ent = torch.rand(3, 8, generator=g, dtype=torch.float64) * 3
     mask = torch.rand(3, 8, generator=g) > 0.3
-    got = objective.high_entropy_mask(ent, mask, 0.25)
+    got = metrics.high_entropy_mask(ent, mask, 0.25)
     thr = torch.quantile(ent[mask].float(), 0.75)
     want = ((ent * mask) >= thr) & mask
     assert torch.equal(got, want)

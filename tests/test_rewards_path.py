@@ -16,7 +16,7 @@ import torch
 
 from support import backend_params, device_for_tests, require, stable_seed
 from grpo_kernels import GRPOLoss, grpo_loss
-from grpo_kernels.advantages import group_advantages
+from grpo_kernels import group_advantages
 from grpo_kernels.backends import get_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")

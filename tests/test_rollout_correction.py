@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from support import backend_params, check_against_oracle, make_batch
-from grpo_kernels import grpo_loss, objective, rollout_correction
+from grpo_kernels import epilogue, grpo_loss, objective, rollout_correction, verl_objective
 from grpo_kernels.options import GRPOOptions
 from grpo_kernels.rollout_correction import Rejection, is_threshold_options, parse_rejection, rollout_weights
 
@@ -185,7 +185,7 @@ def test_token_objective_on_a_flat_selection_is_objective_loss(kw):
     w = objective.objective_weights(mask, o, logp.dtype)
     rows = mask.reshape(-1)
     flat = lambda t: t.reshape(-1)[rows]  # noqa: E731
-    token_inputs = objective.TokenInputs(old=flat(old), adv=flat(inputs.adv), weight=flat(w.policy), ref=flat(ref),
+    token_inputs = epilogue.TokenInputs(old=flat(old), adv=flat(inputs.adv), weight=flat(w.policy), ref=flat(ref),
                                          kl_weight=flat(w.kl), entropy_weight=flat(w.entropy))
     lp = logp.clone().requires_grad_(True)
     full = objective.objective_loss(lp, ent, inputs, o)
@@ -203,7 +203,7 @@ def test_bypass_on_a_flat_selection_needs_token_scope():
     o = opts(bypass_loss_type="reinforce", rollout_is="sequence")
     x = torch.zeros(4, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="token-scope"):
-        objective._bypass(x, x, x, x != 0, o)
+        verl_objective._bypass(x, x, x, x != 0, o)
 
 
 # ---------------------------------------------------------------- rollout_weights
@@ -236,7 +236,7 @@ def test_bypass_reinforce_is_minus_advantage_logp_weight():
     o = opts(bypass_loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.2,
              rollout_is_threshold_lower=0.9, rollout_rs="seq_mean_k1", rollout_rs_threshold="0.9_1.1")
     w, eff = rollout_weights(logp, old, mask, o)
-    per_token, aggregated, policy_mask = objective._bypass(logp, old, adv, mask, o)
+    per_token, aggregated, policy_mask = verl_objective._bypass(logp, old, adv, mask, o)
     assert not aggregated and torch.equal(policy_mask, eff)
     assert torch.equal(per_token, torch.where(eff, -adv * logp * w, 0.0))
 

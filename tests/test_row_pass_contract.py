@@ -11,9 +11,9 @@ backend:
 - ``row_grad_``: the gradient of ``sum(dlogp * logp + dentropy * entropy)`` with respect to the raw
   logits, by float64 autograd through that same math, with and without ``dentropy``, given the
   statistics (the global ones for a vocabulary slice);
-- ``row_fused_`` (backends that have one): the composition ``row_stats -> objective.token_epilogue
+- ``row_fused_`` (backends that have one): the composition ``row_stats -> epilogue.token_epilogue
   -> row_grad_`` for every loss type and option case: its statistics against float64, its loss and
-  dL/dlogp against ``objective.token_epilogue`` of those statistics (in the accumulation dtype, as
+  dL/dlogp against ``epilogue.token_epilogue`` of those statistics (in the accumulation dtype, as
   the sweep composes it), its gradient by float64 autograd with that dL/dlogp;
 - ``group_normalize`` (backends that have one): ``advantages.normalize_groups`` in float64.
 
@@ -37,12 +37,12 @@ import pytest
 import torch
 
 from support import backend_params, device_for_tests, require, stable_seed
-from grpo_kernels import objective
-from grpo_kernels.advantages import group_advantages, normalize_groups
+from grpo_kernels import epilogue, group_advantages
+from grpo_kernels.advantages import normalize_groups
 from grpo_kernels.backends import get_backend
-from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
+from grpo_kernels.backends.base import RowBackend, RowStats
 from grpo_kernels.backends.torch_chunked import TorchRowBackend
-from grpo_kernels.objective import TokenInputs
+from grpo_kernels.epilogue import TokenInputs, accumulation_dtype
 from grpo_kernels.options import CLIPPED_LOSS_TYPES, TOKEN_LOSS_TYPES as LOSS_TYPES, ExecutionOptions, GRPOOptions
 
 pytestmark = [
@@ -433,8 +433,8 @@ def on_cpu(ti: TokenInputs, dtype) -> TokenInputs:
 
 def check_row_fused(impl, device, dtype, case, shape=(8, 300, 0), xform=None, seed=0, saturate=False,
                     execution=None):
-    """row_fused_ == row_stats -> objective.token_epilogue -> row_grad_: the statistics against
-    float64, the loss and dL/dlogp against objective.token_epilogue (in the accumulation dtype, as the
+    """row_fused_ == row_stats -> epilogue.token_epilogue -> row_grad_: the statistics against
+    float64, the loss and dL/dlogp against epilogue.token_epilogue (in the accumulation dtype, as the
     sweep composes it) of those statistics, the gradient against float64 autograd with that dL/dlogp
     (rows whose dL/dlogp overflows or saturates are left out of the gradient comparison)."""
     kw, off_policy, scaled, case_xform = FUSED_CASES[case]
@@ -455,7 +455,7 @@ def check_row_fused(impl, device, dtype, case, shape=(8, 300, 0), xform=None, se
     check_stats(st, ref, dtype, device, "fused ")
     # the epilogue of the statistics just checked (an fp32 logp is off by ~1e-6; a saturated ratio
     # times a KL term of d^2/2 would turn that into 1e-4 relative, which is no kernel error)
-    epi = objective.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
+    epi = epilogue.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
     for name in ("loss", "dlogp"):
         got = getattr(out, name)
         assert got.dtype == acc, f"{name}: dtype {got.dtype}, expected {acc}"
@@ -488,7 +488,7 @@ REWARD_CASES = {
 def check_row_fused_rewards(impl, device, dtype, case, seed=0, n=10, V=300):
     """row_fused_ with the advantages computed in its epilogue from rewards [B, R], weights [R] and each
     row's sequence index (TokenInputs.adv None): the statistics against float64, the per-row
-    advantages, loss and dL/dlogp against objective.token_epilogue of those statistics (which computes
+    advantages, loss and dL/dlogp against epilogue.token_epilogue of those statistics (which computes
     them with group_advantages), the gradient by float64 autograd."""
     B, R, G, mode, nans = REWARD_CASES[case]
     options = row_options((0.9, None), loss_type="grpo", beta=0.04, num_generations=G, scale_rewards=mode)
@@ -513,7 +513,7 @@ def check_row_fused_rewards(impl, device, dtype, case, seed=0, n=10, V=300):
     with poisoned():
         st, out = impl.row_fused_(work, t, ti, options, execution_for(impl))
     check_stats(st, ref, dtype, device, "fused rewards ")
-    epi = objective.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
+    epi = epilogue.token_epilogue(st.logp.detach().cpu(), on_cpu(ti, acc), options)
     assert out.adv is not None and out.adv.dtype == acc, "row_fused_ returns the rows' advantages"
     expect_adv = group_advantages(rewards, G, scale_rewards=mode, weights=weights, eps=1e-4)[seq]
     # the mirror is group_advantages (of rewards rounded to acc), the kernel its formula in acc
@@ -846,7 +846,7 @@ def fused_impl(backend: Subject, dtype) -> RowBackend:
     impl = backend.use(dtype)
     if impl.row_fused_ is None:
         pytest.skip(f"backend {backend.name!r} has no fused kernel (row_fused_ is None): the sweep composes "
-                    "row_stats -> objective.token_epilogue -> row_grad_")
+                    "row_stats -> epilogue.token_epilogue -> row_grad_")
     return impl
 
 
@@ -878,7 +878,7 @@ def test_row_fused_shapes(backend, dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_row_fused_saturated_ratios(backend, dtype, case):
     """exp(log ratio) and the KL term's exp saturate at the accumulation dtype's largest value (as
-    objective._exp_sat), never inf * 0; a zero weight wins over a saturated loss."""
+    epilogue.exp_sat), never inf * 0; a zero weight wins over a saturated loss."""
     impl = fused_impl(backend, dtype)
     check_row_fused(impl, backend.device, dtype, case, saturate=True, seed=stable_seed("fused-sat", dtype, case))
 
@@ -965,7 +965,7 @@ class _Composed(TorchRowBackend):
 
     def row_fused_(self, logits, targets, token_inputs, options, execution):
         st = self.row_stats(logits, targets, options, execution)
-        epi = objective.token_epilogue(st.logp, token_inputs, options)
+        epi = epilogue.token_epilogue(st.logp, token_inputs, options)
         self.row_grad_(logits, targets, st, epi.dlogp, None, options, execution)
         return st, epi
 

@@ -16,10 +16,13 @@ float dtype, rows contiguous). With ``s = c * tanh(z / c)`` for ``options.logit_
   then ``g_z = g_u / temperature * (1 - tanh(z / c)**2)``.
 - ``row_fused_(z, targets, token_inputs, options, execution)`` (optional; ``None`` when a
   backend has no fused kernel): statistics, the objective's per-token epilogue
-  (``objective.token_epilogue``) and the gradient in one pass, for token-level importance
-  sampling. Returns ``(RowStats, objective.TokenEpilogue)``.
+  (``epilogue.token_epilogue``) and the gradient in one pass, for token-level importance
+  sampling. Returns ``(RowStats, epilogue.TokenEpilogue)``.
 - ``group_normalize(rewards, num_generations, scale_rewards, eps)`` (optional):
   ``advantages.normalize_groups`` in a kernel.
+
+What crosses the fused boundary, the codes the kernels take and the accumulation dtype are the
+epilogue contract: ``grpo_kernels.epilogue``.
 
 ``options`` is the call's ``GRPOOptions`` and ``execution`` its ``ExecutionOptions``
 (``execution.fixed_tiles``: a fixed reduction order, no autotuning). The matmuls
@@ -31,6 +34,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+
+from grpo_kernels.epilogue import accumulation_dtype
 
 
 @dataclass
@@ -54,27 +59,6 @@ class RowStats:
         """Copies one chunk's statistics into rows [start, end)."""
         self.lse[start:end], self.entropy[start:end] = chunk.lse, chunk.entropy
         self.target_logit[start:end] = chunk.target_logit
-
-
-@dataclass
-class TokenEpilogue:
-    """Per-token weighted loss ``weight * loss_t`` and its derivative ``dL/dlogp``, [n]: what a
-    fused row pass's epilogue returns (``objective.token_epilogue`` is its torch form); ``adv``: the
-    tokens' advantages [n] when the epilogue computed them from rewards (else None)."""
-
-    loss: torch.Tensor
-    dlogp: torch.Tensor
-    adv: Optional[torch.Tensor] = None
-
-
-#: ``scale_rewards`` as the kernels number it: csrc/row_pass.h's ScaleMode, which the Triton
-#: epilogue's ``reward_advantage`` follows too
-SCALE_MODE_CODES = {"group": 0, "batch": 1, "none": 2}
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64; every lower precision accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class RowBackend:

@@ -35,7 +35,9 @@ from typing import List, Optional
 import torch
 
 from grpo_kernels import env
-from grpo_kernels.backends.base import SCALE_MODE_CODES, RowBackend, RowStats, accumulation_dtype
+from grpo_kernels.backends.base import RowBackend, RowStats
+from grpo_kernels.epilogue import (SCALE_MODE_CODES, TokenEpilogue, accumulation_dtype, loss_kind_code, required_ref,
+                                   reward_matrix)
 
 
 def _find_csrc() -> Path:
@@ -59,9 +61,6 @@ elif sys.platform == "darwin":  # Apple clang has no -fopenmp; rows still spread
 else:  # -fno-trapping-math lets the exp / select loops vectorize
     _EXTRA_CFLAGS, _EXTRA_LDFLAGS = ["-O3", "-fopenmp", "-fno-trapping-math"], ["-fopenmp"]
 _EXTRA_CUDA_CFLAGS = ["-O3", "-DGRPO_WITH_CUDA"]
-
-# loss kinds: the enum of csrc/row_pass.h (its scale modes: base.SCALE_MODE_CODES)
-_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
 
 _lock = threading.Lock()
 _ext = None
@@ -271,11 +270,8 @@ def _head_args(options) -> dict:
 
 
 def _option_args(options) -> dict:
-    lt = options.loss_type
-    if lt not in _KIND:
-        raise ValueError(f"unknown loss_type {lt!r}")
     return dict(
-        kind=_KIND[lt],
+        kind=loss_kind_code(options.loss_type),
         lo=1.0 - options.epsilon_low,
         hi=1.0 + options.eps_high,
         delta=None if options.delta is None else float(options.delta),
@@ -288,14 +284,12 @@ def _option_args(options) -> dict:
 
 
 def _reward_args(token_inputs, options, acc: torch.dtype, device) -> dict:
-    """The fused epilogue's rewards (``objective.TokenInputs.rewards``; none: {}): rewards [B, R],
-    weights [R], each row's sequence index, the per-row advantages' output and the scale settings."""
+    """The fused epilogue's rewards (``epilogue.TokenInputs.rewards``; none: {}): rewards [B, R],
+    weights [R] (``epilogue.reward_matrix``), each row's sequence index, the per-row advantages'
+    output and the scale settings."""
     if token_inputs.adv is not None or token_inputs.rewards is None:
         return {}
-    r = token_inputs.rewards.detach()
-    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(device=device, dtype=acc).contiguous()
-    w = token_inputs.reward_weights
-    w = torch.ones(r.shape[1], dtype=acc, device=device) if w is None else _vec(w, acc, device)
+    r, w = reward_matrix(token_inputs.rewards, token_inputs.reward_weights, acc, device)
     seq = _vec(token_inputs.seq, torch.int64, device)
     return dict(rewards=r, reward_weights=w, seq=seq, adv_out=torch.empty(seq.shape[0], dtype=acc, device=device),
                 num_generations=int(options.num_generations), scale_mode=SCALE_MODE_CODES[options.scale_rewards],
@@ -303,9 +297,7 @@ def _reward_args(token_inputs, options, acc: torch.dtype, device) -> dict:
 
 
 def _token_args(token_inputs, acc: torch.dtype, device, beta: float) -> dict:
-    ref = token_inputs.ref if beta != 0.0 else None
-    if beta != 0.0 and ref is None:
-        raise ValueError("ref logps are required when beta != 0")
+    ref = required_ref(token_inputs.ref, beta)
     return dict(
         old=_vec(token_inputs.old, acc, device),
         adv=_vec(token_inputs.adv, acc, device),
@@ -373,8 +365,6 @@ class CppRowBackend(RowBackend):
         )
 
     def row_fused_(self, logits, targets, token_inputs, options, execution):
-        from grpo_kernels.backends.base import TokenEpilogue
-
         if options.importance_sampling_level != "token":
             raise ValueError("row_fused_ needs importance_sampling_level='token'")
         ext = load_extension()

@@ -3,7 +3,7 @@
 Works on one chunk of raw logits at a time, on the CPU in slabs of rows (``slab_elems``); its
 temporaries are a few fp32 copies of a slab (elsewhere of the chunk, which ``temp_bytes`` tells
 the chunk sizing about). No fused kernel:
-the sweep composes ``row_stats``, ``objective.token_epilogue`` and ``row_grad_``.
+the sweep composes ``row_stats``, ``epilogue.token_epilogue`` and ``row_grad_``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from grpo_kernels.backends.base import RowBackend, RowStats, accumulation_dtype
+from grpo_kernels.backends.base import RowBackend, RowStats
+from grpo_kernels.epilogue import accumulation_dtype
 
 
 def scaled_logits(logits: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:

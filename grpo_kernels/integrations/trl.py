@@ -362,7 +362,7 @@ def _build_trainer_class():
             if need_entropy_mask:
                 entropy_mask = captured["entropy_mask"]
             elif self.top_entropy_quantile < 1.0:  # the selection grpo_loss made (same entropies, same rule)
-                from grpo_kernels.objective import high_entropy_mask
+                from grpo_kernels.metrics import high_entropy_mask
 
                 entropy_mask = high_entropy_mask(entropies, mask, float(self.top_entropy_quantile))
             else:

@@ -6,7 +6,7 @@ no bfloat16). Kernels live in:
 
 - ``row_kernels``: ``row_stats``, ``row_grad_`` and the fused ``row_fused_`` (statistics,
   GRPO epilogue and gradient in one launch per chunk);
-- ``objective_kernel``: the per-token epilogue (``objective.token_epilogue``), a device
+- ``objective_kernel``: the per-token epilogue (``epilogue.token_epilogue``), a device
   function of the fused row kernel;
 - ``advantages_kernel``: ``advantages.normalize_groups``.
 

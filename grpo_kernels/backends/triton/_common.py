@@ -1,14 +1,13 @@
 """Helpers shared by the Triton kernels: interpreter detection, launch configs, jit utilities.
 
-Kernels compute in the *accumulation dtype* ``ACC`` (a ``tl.constexpr``): float64 for
-float64 inputs, float32 otherwise. Runtime float parameters are declared ``tl.float64``
+Kernels compute in the *accumulation dtype* ``ACC`` (a ``tl.constexpr``; ``epilogue.accumulation_dtype``):
+float64 for float64 inputs, float32 otherwise. Runtime float parameters are declared ``tl.float64``
 and rounded to ``ACC`` inside the kernel (``to_acc``), exactly as torch rounds a Python
 scalar to a tensor's dtype, so the float64 kernels see the options at full precision.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from typing import Optional
 
@@ -41,18 +40,9 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_acc(dtype: torch.dtype):
     """The Triton accumulation dtype of a torch input dtype."""
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def exp_cap(dtype: torch.dtype) -> float:
-    """``objective._exp_sat``'s clamp: the largest x with finite exp(x), to 3 decimals."""
-    return math.floor(math.log(torch.finfo(acc_dtype(dtype)).max) * 1000) / 1000
 
 
 def next_pow2(x: int) -> int:

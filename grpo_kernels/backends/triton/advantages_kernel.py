@@ -13,20 +13,25 @@ import triton
 import triton.language as tl
 
 from grpo_kernels.backends.triton import _common
-from grpo_kernels.backends.triton._common import INTERPRET, acc_dtype, next_pow2, tl_acc, to_acc
+from grpo_kernels.backends.triton._common import INTERPRET, next_pow2, tl_acc, to_acc
+from grpo_kernels.epilogue import SCALE_MODE_CODES, accumulation_dtype
 
 #: largest tile of the group kernels (groups / batches longer than this are looped over)
 MAX_BLOCK = 4096 if INTERPRET else 1024
 
 # STD modes
 STD_GROUP, STD_GIVEN, STD_ZERO, STD_NONE = 0, 1, 2, 3
+# reward_advantage's MODE: the contract's scale-mode codes (csrc/row_pass.h's ScaleMode)
+SCALE_GROUP = tl.constexpr(SCALE_MODE_CODES["group"])
+SCALE_BATCH = tl.constexpr(SCALE_MODE_CODES["batch"])
+SCALE_NONE = tl.constexpr(SCALE_MODE_CODES["none"])
 
 
 @triton.jit
 def _reward_values(ptr, w_ptr, K, idx, m, COMBINE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """The combined rewards of rows ``idx`` (NaN where not ``m``): ``ptr`` [B] as given, or with
     COMBINE ``nansum_k w_k r[idx, k]`` of rewards ``ptr`` [B, K] and weights ``w_ptr`` [K], NaN for a
-    row of only NaN rewards (an unscorable completion: ``advantages._combine_rewards``)."""
+    row of only NaN rewards (an unscorable completion: ``epilogue.combine_rewards``)."""
     if COMBINE:
         total = tl.zeros([BLOCK], dtype=ACC)
         scored = tl.zeros([BLOCK], dtype=tl.int32)
@@ -87,23 +92,23 @@ def _advantage(a, denom, big, DIVIDE: tl.constexpr):
 def reward_advantage(r_ptr, w_ptr, K, B, G, s, eps, big, MODE: tl.constexpr, ACC: tl.constexpr,
                      BLOCK: tl.constexpr):
     """The advantage of sequence ``s`` from rewards [B, K] and weights [K]: ``normalize_groups`` of
-    the combined rewards (MODE: 0 "group", 1 "batch", 2 "none", csrc/row_pass.h's ScaleMode), for
+    the combined rewards (MODE: ``epilogue.SCALE_MODE_CODES``, csrc/row_pass.h's ScaleMode), for
     the fused row kernel's epilogue. ``eps`` and ``big`` (finfo.max) in ACC."""
     start = (s // G) * G
     mean, count = _nan_mean_count(r_ptr, w_ptr, K, start, G, True, ACC, BLOCK)
     lane = tl.arange(0, BLOCK)
     mine = _reward_values(r_ptr, w_ptr, K, s + lane, lane < 1, True, ACC, BLOCK)
     x = tl.sum(tl.where(lane == 0, mine, 0.0), axis=0)  # (NaN for an unscorable s: advantage 0)
-    if MODE == 0:
+    if MODE == SCALE_GROUP:
         sigma = _nan_std(r_ptr, w_ptr, K, start, G, mean, count, True, ACC, BLOCK)
         sigma = tl.where(G > 1, sigma, 0.0)
-    elif MODE == 1:
+    elif MODE == SCALE_BATCH:
         bmean, bcount = _nan_mean_count(r_ptr, w_ptr, K, 0, B, True, ACC, BLOCK)
         sigma = _nan_std(r_ptr, w_ptr, K, 0, B, bmean, bcount, True, ACC, BLOCK)
         sigma = tl.where(B > 1, sigma, 0.0)
     else:
         sigma = tl.full((), 0.0, ACC)
-    return _advantage(x - mean, sigma + eps, big, MODE != 2)
+    return _advantage(x - mean, sigma + eps, big, MODE != SCALE_NONE)
 
 
 @triton.jit
@@ -140,7 +145,7 @@ def group_normalize(rewards: torch.Tensor, num_generations: int, scale_rewards, 
     """Advantages [B] in the accumulation dtype. Arguments as checked by
     ``advantages.group_advantages``: rewards [B] float, G dividing B, scale_rewards one of
     "group", "batch", "none", eps >= 0."""
-    acc = acc_dtype(rewards.dtype)
+    acc = accumulation_dtype(rewards.dtype)
     r = rewards.detach().to(acc).contiguous()
     out = _common.empty(r.shape, acc, r.device)
     B, G = r.shape[0], int(num_generations)

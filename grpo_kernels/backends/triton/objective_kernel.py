@@ -1,4 +1,4 @@
-"""The GRPO per-token epilogue in Triton: ``objective.token_epilogue``, operation for operation.
+"""The GRPO per-token epilogue in Triton: ``epilogue.token_epilogue``, operation for operation.
 
 ``grpo_token_epilogue`` is a ``@triton.jit`` device function, called once per row by the
 fused row kernel (``row_kernels.row_fused_kernel``) between its two sweeps.
@@ -13,22 +13,24 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.triton._common import exp_cap, tl_acc
-from grpo_kernels.options import CLIPPED_LOSS_TYPES
+from grpo_kernels.backends.triton._common import tl_acc
+from grpo_kernels.epilogue import LOSS_KIND_CODES, accumulation_dtype, exp_cap, loss_kind_code, required_ref
 
-# LOSS constexpr values
-CLIPPED, CISPO, SAPO = 0, 1, 2
+# the LOSS constexpr's values: the contract's loss-kind codes (csrc/row_pass.h's LossKind)
+CLIPPED = tl.constexpr(LOSS_KIND_CODES["clipped"])
+CISPO = tl.constexpr(LOSS_KIND_CODES["cispo"])
+SAPO = tl.constexpr(LOSS_KIND_CODES["sapo"])
 
 
 @triton.jit
 def _exp_sat(x, cap):
-    # objective._exp_sat: exp(clamp(x, max=cap)); NaN stays NaN (x > cap is False)
+    # epilogue.exp_sat: exp(clamp(x, max=cap)); NaN stays NaN (x > cap is False)
     return tl.exp(tl.where(x > cap, cap, x))
 
 
 @triton.jit
 def _scale(x, s):
-    # objective._scale: x * s, exactly 0 where s == 0
+    # epilogue.scale: x * s, exactly 0 where s == 0
     return tl.where(s == 0, 0.0, x * s)
 
 
@@ -46,11 +48,11 @@ def grpo_token_epilogue(
     ``cap`` = the exp saturation point of ACC.
     """
     w = _exp_sat(logp - old, cap)
-    if LOSS == 1:  # cispo
+    if LOSS == CISPO:
         clamped = tl.where(w > eh, eh, w)
         loss = -clamped * A * logp
         dlogp = -clamped * A
-    elif LOSS == 2:  # sapo
+    elif LOSS == SAPO:
         tau = tl.where(A > 0, tau_pos, tau_neg)
         sig = tl.sigmoid(tau * (w - 1.0))
         loss = -sig * 4.0 / tau * A
@@ -99,31 +101,22 @@ def _default_dtype_round(x: float) -> float:
 
 def epilogue_params(options, dtype: torch.dtype) -> dict:
     """Runtime scalars and constexpr flags of ``grpo_token_epilogue`` for ``options``."""
-    lt = options.loss_type
-    if lt == "cispo":
-        kind = CISPO
-    elif lt == "sapo":
-        kind = SAPO
-    elif lt in CLIPPED_LOSS_TYPES:
-        kind = CLIPPED
-    else:
-        raise ValueError(f"unknown loss_type {lt!r}")
+    kind = loss_kind_code(options.loss_type)
     eh = float(options.eps_high)
-    has_delta = kind == CLIPPED and options.delta is not None
+    has_delta = kind == CLIPPED.value and options.delta is not None
     return dict(
         lo=1.0 - float(options.epsilon_low), hi=1.0 + eh,
         delta=float(options.delta) if has_delta else 0.0, eh=eh, beta=float(options.beta),
         tau_pos=_default_dtype_round(options.sapo_temperature_pos),
         tau_neg=_default_dtype_round(options.sapo_temperature_neg),
-        CAP=exp_cap(dtype), ACC=tl_acc(dtype), LOSS=kind, HAS_DELTA=has_delta,
+        CAP=exp_cap(accumulation_dtype(dtype)), ACC=tl_acc(dtype), LOSS=kind, HAS_DELTA=has_delta,
         HAS_KL=options.beta != 0.0, BIAS_KL=bool(options.use_bias_correction_kl),
     )
 
 
 def token_vectors(token_inputs, shape, dtype: torch.dtype, device, beta: float):
     """(old, adv, weight, ref, policy_scale) as contiguous flat ``dtype`` vectors (None kept)."""
-    if beta != 0.0 and token_inputs.ref is None:
-        raise ValueError("ref logps are required when beta != 0")
+    ref = required_ref(token_inputs.ref, beta)
 
     def vec(x: Optional[torch.Tensor]):
         if x is None:
@@ -133,5 +126,5 @@ def token_vectors(token_inputs, shape, dtype: torch.dtype, device, beta: float):
 
     return (
         vec(token_inputs.old), vec(token_inputs.adv), vec(token_inputs.weight),
-        vec(token_inputs.ref) if beta != 0.0 else None, vec(token_inputs.policy_scale),
+        vec(ref), vec(token_inputs.policy_scale),
     )

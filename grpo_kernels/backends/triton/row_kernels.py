@@ -26,11 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.base import SCALE_MODE_CODES, RowStats
+from grpo_kernels.backends.base import RowStats
 from grpo_kernels.backends.triton import _common
-from grpo_kernels.backends.triton._common import INTERPRET, acc_dtype, next_pow2, tanh, tl_acc, to_acc
+from grpo_kernels.backends.triton._common import INTERPRET, next_pow2, tanh, tl_acc, to_acc
 from grpo_kernels.backends.triton.advantages_kernel import reward_advantage, reward_block
 from grpo_kernels.backends.triton.objective_kernel import epilogue_params, grpo_token_epilogue, token_vectors
+from grpo_kernels.epilogue import SCALE_MODE_CODES, TokenEpilogue, accumulation_dtype, reward_matrix
 
 NEG_INF = float("-inf")
 
@@ -326,7 +327,7 @@ def _empty(n: int, dtype, device, count: int):
 def row_stats(logits, targets, options, execution, need_entropy: bool = True) -> RowStats:
     _check_logits(logits)
     n, V = logits.shape
-    acc = acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     lse, ent, tgl = _empty(n, acc, logits.device, 3)
     if n:
         z = _rowwise(logits)
@@ -344,7 +345,7 @@ def row_grad_(logits, targets, stats, dlogp, dentropy, options, execution) -> No
     n, V = logits.shape
     if n == 0:
         return
-    acc = acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     dev = logits.device
     z = _rowwise(logits)
     has_dent = dentropy is not None
@@ -362,13 +363,11 @@ def row_grad_(logits, targets, stats, dlogp, dentropy, options, execution) -> No
 
 def row_fused_(logits, targets, token_inputs, options, execution):
     """Statistics, the per-token GRPO epilogue and the in-place gradient: one launch."""
-    from grpo_kernels.backends.base import TokenEpilogue
-
     if options.importance_sampling_level != "token":
         raise ValueError("row_fused_ needs importance_sampling_level='token'")
     _check_logits(logits)
     n, V = logits.shape
-    acc = acc_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     dev = logits.device
     lse, ent, tgl, loss, dlogp = _empty(n, acc, dev, 5)
     has_rewards = token_inputs.adv is None and token_inputs.rewards is not None
@@ -401,11 +400,8 @@ _NO_REWARD_FLAGS = dict(K=1, B=1, G=1, HAS_REWARDS=False, SCALE=0, RBLOCK=16, re
 def _reward_vectors(token_inputs, options, acc, dev) -> dict:
     """The fused kernel's reward arguments: pointers (rewards [B, K], weights [K], seq [n]) and keywords
     (K, B, G, HAS_REWARDS, SCALE, RBLOCK, reward_eps)."""
-    r = token_inputs.rewards.detach()
-    r = (r.unsqueeze(1) if r.dim() == 1 else r).to(device=dev, dtype=acc).contiguous()
+    r, w = reward_matrix(token_inputs.rewards, token_inputs.reward_weights, acc, dev)
     B, K = r.shape
-    w = token_inputs.reward_weights
-    w = torch.ones(K, dtype=acc, device=dev) if w is None else _vec(w, acc, dev)
     G = int(options.num_generations)
     return dict(pointers=(r, w, _vec(token_inputs.seq, torch.int64, dev)),
                 flags=dict(K=K, B=B, G=G, HAS_REWARDS=True, SCALE=SCALE_MODE_CODES[options.scale_rewards],
