@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from grpo_kernels.backends.base import RowStats
+from grpo_kernels.epilogue import SCALE_MODE_CODES, loss_kind_code
 from grpo_kernels.options import ExecutionOptions, GRPOOptions
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,9 +29,6 @@ import test_row_pass_contract as contract  # noqa: E402
 
 ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
        torch.float16: torch.float32}
-# loss kinds and scale modes: the enums of csrc/row_pass.h
-_KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
-_SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
 BINDINGS = {"has_cuda", "row_stats", "row_grad_", "row_fused_", "group_normalize"}
 
 
@@ -47,7 +45,7 @@ def stream_of(t: torch.Tensor) -> int:
 
 def option_args(o: GRPOOptions) -> dict:
     """The binding's keyword arguments for a GRPOOptions (csrc/row_pass.h's EpilogueOptions)."""
-    return dict(kind=_KIND[o.loss_type], lo=1.0 - o.epsilon_low, hi=1.0 + o.eps_high,
+    return dict(kind=loss_kind_code(o.loss_type), lo=1.0 - o.epsilon_low, hi=1.0 + o.eps_high,
                 delta=o.delta, eps_high=o.eps_high, sapo_pos=o.sapo_temperature_pos,
                 sapo_neg=o.sapo_temperature_neg, beta=o.beta, bias_correction_kl=o.use_bias_correction_kl)
 
@@ -101,7 +99,7 @@ def check_bindings_match_the_backend(ext, device, dtype, seed=0):
 
     r = torch.randn(24, generator=contract.gen(seed + 3), dtype=torch.float64).to(device=device, dtype=acc)
     r[5] = float("nan")
-    for mode, mode_id in _SCALE_MODE.items():
+    for mode, mode_id in SCALE_MODE_CODES.items():
         out = nan_vec(24, acc, device)
         ext.group_normalize(r, out, 4, mode_id, 1e-4, stream=stream_of(r))
         assert not bool(torch.isnan(out).any())
