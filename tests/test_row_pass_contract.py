@@ -19,7 +19,7 @@ backend:
 
 Inputs are fresh random numbers (seeded per case), with -inf logits, targets < 0, row-strided
 chunks, several dtypes. Every float tensor a backend allocates uninitialized (``torch.empty``,
-``empty_like``, ``empty_strided``, ``Tensor.new_empty``: the Triton backend's ``_common.empty`` and
+``empty_like``, ``empty_strided``, ``Tensor.new_empty``: the Triton backend's ``common.empty`` and
 the cpp backend's outputs) starts NaN-filled (``poisoned``), and every element is compared, so an
 element a kernel does not write fails. The tests at the end check that these checks fail on
 deliberately wrong backends.

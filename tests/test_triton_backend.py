@@ -15,7 +15,7 @@ On the CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py when CUD
 
     python -m pytest tests/test_triton_backend.py -q
 
-Every output allocated through ``_common.empty`` starts NaN-filled (the ``poison`` fixture).
+Every output allocated through ``common.empty`` starts NaN-filled (the ``poison`` fixture).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ pytest.importorskip("triton")
 from grpo_kernels.advantages import normalize_groups  # noqa: E402
 from grpo_kernels.backends import get_backend  # noqa: E402
 from grpo_kernels.backends.triton import BACKEND as TRITON  # noqa: E402
-from grpo_kernels.backends.triton import _common, advantages_kernel, objective_kernel, row_kernels  # noqa: E402
+from grpo_kernels.backends.triton import common, advantages_kernel, objective_kernel, row_kernels  # noqa: E402
 from grpo_kernels.options import ExecutionOptions  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def poison(monkeypatch):
         return torch.full(shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,), float("nan"),
                           dtype=dtype, device=device)
 
-    monkeypatch.setattr(_common, "empty", nan_empty)
+    monkeypatch.setattr(common, "empty", nan_empty)
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_fixed_tiles(plain_env, block, dtype):
     """A fixed vocabulary tile (V = 150 spans several tiles, the last one partial; rows padded):
     the contract's checks of row_stats, row_grad_ and row_fused_."""
     plain_env.setenv("GRPO_KERNELS_TRITON_BLOCK_V", str(block))
-    assert _common.env_block_v() == block and not _common.use_autotune(False)
+    assert common.env_block_v() == block and not common.use_autotune(False)
     shape = (5, 150, 2)
     contract.check_row_stats(TRITON, DEVICE, dtype, shape, (1.3, 5.0), seed=block)
     contract.check_row_grad(TRITON, DEVICE, dtype, shape, (0.7, None), True, seed=block + 1)
@@ -107,33 +107,33 @@ def test_fixed_tiles(plain_env, block, dtype):
 
 
 def test_tile_settings(plain_env):
-    if not _common.INTERPRET:
+    if not common.INTERPRET:
         pytest.skip("the interpreter's fixed tile")
-    assert _common.fixed_row_config(300) == (_common.INTERPRET_BLOCK_V, {})
-    assert _common.fixed_row_config(20) == (32, {})  # a small vocabulary: the next power of 2
+    assert common.fixed_row_config(300) == (common.INTERPRET_BLOCK_V, {})
+    assert common.fixed_row_config(20) == (32, {})  # a small vocabulary: the next power of 2
     plain_env.setenv("GRPO_KERNELS_TRITON_BLOCK_V", "64")
-    assert _common.fixed_row_config(300) == (64, {})
+    assert common.fixed_row_config(300) == (64, {})
     for bad in ("100", "8", "abc"):
         plain_env.setenv("GRPO_KERNELS_TRITON_BLOCK_V", bad)
         with pytest.raises(ValueError):
-            _common.env_block_v()
+            common.env_block_v()
 
 
 # ----------------------------------------------------------------------------- autotuning
 
 
 def test_use_autotune(plain_env):
-    plain_env.setattr(_common, "INTERPRET", False)  # as compiled on a GPU
-    assert _common.use_autotune(False) is True
-    assert _common.use_autotune(True) is False  # deterministic: the tile decides the reduction order
+    plain_env.setattr(common, "INTERPRET", False)  # as compiled on a GPU
+    assert common.use_autotune(False) is True
+    assert common.use_autotune(True) is False  # deterministic: the tile decides the reduction order
     plain_env.setenv("GRPO_KERNELS_TRITON_AUTOTUNE", "0")
-    assert _common.use_autotune(False) is False
+    assert common.use_autotune(False) is False
     plain_env.delenv("GRPO_KERNELS_TRITON_AUTOTUNE")
     plain_env.setenv("GRPO_KERNELS_TRITON_BLOCK_V", "256")
-    assert _common.use_autotune(False) is False
+    assert common.use_autotune(False) is False
     plain_env.delenv("GRPO_KERNELS_TRITON_BLOCK_V")
-    plain_env.setattr(_common, "INTERPRET", True)
-    assert _common.use_autotune(False) is False and _common.use_autotune(True) is False
+    plain_env.setattr(common, "INTERPRET", True)
+    assert common.use_autotune(False) is False and common.use_autotune(True) is False
 
 
 class _FakeTuned:
@@ -152,8 +152,8 @@ def test_deterministic_execution_never_autotunes(plain_env):
     calls = []
     for name in ("row_stats_tuned", "row_grad_tuned", "row_fused_tuned"):
         plain_env.setattr(row_kernels, name, _FakeTuned(calls, name))
-    plain_env.setattr(_common, "INTERPRET", False)
-    plain_env.setattr(_common, "fixed_row_config", lambda V: (64, {}))  # the interpreter's launch
+    plain_env.setattr(common, "INTERPRET", False)
+    plain_env.setattr(common, "fixed_row_config", lambda V: (64, {}))  # the interpreter's launch
     z, t = contract.make_logits(6, 150, torch.float32, DEVICE, seed=3)
     options = contract.row_options((0.9, None), beta=0.04)
     ti = contract.make_token_inputs(contract.reference_stats(z, t, options).logp, torch.float32, DEVICE, 3, True, True)

@@ -23,7 +23,7 @@ import torch
 
 from grpo_kernels.backends.base import RowBackend
 from grpo_kernels.backends.triton import advantages_kernel, row_kernels
-from grpo_kernels.backends.triton._common import INTERPRET
+from grpo_kernels.backends.triton.common import INTERPRET
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.triton import _common
-from grpo_kernels.backends.triton._common import INTERPRET, next_pow2, tl_acc, to_acc
+from grpo_kernels.backends.triton import common
+from grpo_kernels.backends.triton.common import INTERPRET, next_pow2, tl_acc, to_acc
 from grpo_kernels.epilogue import SCALE_MODE_CODES, accumulation_dtype
 
 #: largest tile of the group kernels (groups / batches longer than this are looped over)
@@ -147,7 +147,7 @@ def group_normalize(rewards: torch.Tensor, num_generations: int, scale_rewards, 
     "group", "batch", "none", eps >= 0."""
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.detach().to(acc).contiguous()
-    out = _common.empty(r.shape, acc, r.device)
+    out = common.empty(r.shape, acc, r.device)
     B, G = r.shape[0], int(num_generations)
     if B == 0:
         return out
@@ -159,7 +159,7 @@ def group_normalize(rewards: torch.Tensor, num_generations: int, scale_rewards, 
     else:
         mode = STD_NONE
     cap = MAX_BLOCK
-    with _common.device_guard(r):
+    with common.device_guard(r):
         if mode == STD_GIVEN:
             batch_std_kernel[(1,)](r, std, B, ACC=tl_acc(acc), BLOCK=min(cap, max(16, next_pow2(B))))
         group_normalize_kernel[(B // G,)](

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_kernels.backends.triton._common import tl_acc
+from grpo_kernels.backends.triton.common import tl_acc
 from grpo_kernels.epilogue import LOSS_KIND_CODES, accumulation_dtype, exp_cap, loss_kind_code, required_ref
 
 # the LOSS constexpr's values: the contract's loss-kind codes (csrc/row_pass.h's LossKind)

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from grpo_kernels.backends.base import RowStats
-from grpo_kernels.backends.triton import _common
-from grpo_kernels.backends.triton._common import INTERPRET, next_pow2, tanh, tl_acc, to_acc
+from grpo_kernels.backends.triton import common
+from grpo_kernels.backends.triton.common import INTERPRET, next_pow2, tanh, tl_acc, to_acc
 from grpo_kernels.backends.triton.advantages_kernel import reward_advantage, reward_block
 from grpo_kernels.backends.triton.objective_kernel import epilogue_params, grpo_token_epilogue, token_vectors
 from grpo_kernels.epilogue import SCALE_MODE_CODES, TokenEpilogue, accumulation_dtype, reward_matrix
@@ -281,11 +281,11 @@ else:
 def _launch(plain, tuned, grid, V: int, deterministic: bool, args, kwargs) -> None:
     """Launch ``tuned`` (autotuned BLOCK_V / warps / stages) or ``plain`` with a fixed config.
     ``grid(block_v)`` gives the launch grid."""
-    with _common.device_guard(args[0]):
-        if tuned is not None and _common.use_autotune(deterministic):
+    with common.device_guard(args[0]):
+        if tuned is not None and common.use_autotune(deterministic):
             tuned[lambda meta: grid(meta["BLOCK_V"])](*args, **kwargs)
             return
-        block, launch = _common.fixed_row_config(V)
+        block, launch = common.fixed_row_config(V)
         plain[grid(block)](*args, BLOCK_V=block, **launch, **kwargs)
 
 
@@ -321,7 +321,7 @@ def _row_flags(options) -> dict:
 
 
 def _empty(n: int, dtype, device, count: int):
-    return [_common.empty(n, dtype, device) for _ in range(count)]
+    return [common.empty(n, dtype, device) for _ in range(count)]
 
 
 def row_stats(logits, targets, options, execution, need_entropy: bool = True) -> RowStats:
@@ -371,7 +371,7 @@ def row_fused_(logits, targets, token_inputs, options, execution):
     dev = logits.device
     lse, ent, tgl, loss, dlogp = _empty(n, acc, dev, 5)
     has_rewards = token_inputs.adv is None and token_inputs.rewards is not None
-    adv_out = _common.empty(n, acc, dev) if has_rewards else None
+    adv_out = common.empty(n, acc, dev) if has_rewards else None
     if n:
         z = _rowwise(logits)
         tg = _vec(targets, torch.int64, dev)
