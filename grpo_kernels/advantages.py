@@ -21,7 +21,7 @@ entries only, and NaN when fewer than two entries are non-NaN.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

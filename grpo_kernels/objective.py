@@ -347,7 +347,7 @@ def _with_penalties(loss, logp, entropy, ref, is_weight, kl_weights, entropy_wei
     return loss
 
 
-def token_objective(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInputs",
+def token_objective(logp: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs,
                     options: GRPOOptions) -> torch.Tensor:
     """Per-token weighted losses [n] of a flat selection of tokens for a token-scope objective
     (``scope(options) == "token"``): ``objective_loss``'s terms with the aggregation given as per-token
@@ -377,7 +377,7 @@ def token_objective(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInp
                            inputs.entropy_weight, options, weighted)
 
 
-def token_epilogue_any(logp: torch.Tensor, entropy: torch.Tensor, inputs: "TokenInputs",
+def token_epilogue_any(logp: torch.Tensor, entropy: torch.Tensor, inputs: TokenInputs,
                        options: GRPOOptions):
     """(TokenEpilogue, dL/dentropy or None) of any token-scope objective: the analytic
     ``token_epilogue`` where it applies (what the fused kernels compute), else autodiff of
