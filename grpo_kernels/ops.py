@@ -29,10 +29,6 @@ _EMPTY = (0,)
 _N_OPTIONS = len(OP_FIELDS)
 
 
-def _acc(t: Tensor) -> torch.dtype:
-    return accumulation_dtype(t.dtype)
-
-
 def _define(name: str, tensors, returns, impl, fake, extra=(("needs", List[bool]),)):
     """A custom op ``grpo_kernels::name`` taking ``tensors`` (name, type) pairs, every option
     field, then ``extra``; ``impl(*tensors, option_objects, *extra)`` and ``fake`` alike."""
@@ -83,7 +79,7 @@ def _tl_impl(hidden, weight, bias, targets, opts, need_entropy):
 
 def _tl_fake(hidden, weight, bias, targets, opts, need_entropy):
     n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=_acc(hidden)) for _ in range(3))
+    return tuple(hidden.new_empty((n,), dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
 
 
 _tl_op = _define("token_logprobs", _TL_TENSORS, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake,
@@ -180,14 +176,14 @@ def _loss_impl(hidden, weight, bias, targets, *rest):
 
 def _loss_fake(hidden, weight, bias, targets, *rest):
     needs = rest[len(_INPUT_FIELDS) + 1]
-    acc = _acc(hidden)
+    acc = accumulation_dtype(hidden.dtype)
     n = hidden.shape[0]
     fields = dict(zip(_INPUT_FIELDS, rest[:len(_INPUT_FIELDS)]))
     rewards = fields["rewards"]
     if rewards is None:
         adv = hidden.new_empty(_EMPTY, dtype=acc)
     else:  # the advantages computed from the rewards, in their accumulation dtype
-        adv = rewards.new_empty((rewards.shape[0],), dtype=_acc(rewards))
+        adv = rewards.new_empty((rewards.shape[0],), dtype=accumulation_dtype(rewards.dtype))
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
             *_fake_grads(hidden, weight, bias, needs), adv)
 
