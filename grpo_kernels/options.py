@@ -44,15 +44,6 @@ def _finite_number(name: str, value, *, positive: bool = False, allow_none: bool
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _optional_int(name: str, value, minimum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _choice(name: str, value, allowed, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -278,7 +269,7 @@ class ExecutionOptions(_Options):
 class VocabParallel(_Options):
     """Vocabulary parallelism: this rank holds lm_head rows ``[vocab_start, vocab_start + V_local)``.
 
-    ``group_name`` names a registered process group (``grpo_kernels.plan.group_name``); None:
+    ``group_name`` names a registered process group (``grpo_kernels.collective.group_name``); None:
     no vocabulary parallelism. ``vocab_start=None`` on every rank: slices in rank order.
     """
 

@@ -176,7 +176,6 @@ class Plan:
     """What one call does, decided before any vocabulary work."""
 
     backend: RowBackend
-    backend_reason: str  # why this backend ran (the choice of ``auto``, or "requested")
     options: GRPOOptions
     execution: ExecutionOptions
     rows: int  # real (unmasked) rows of hidden the sweep covers
@@ -218,7 +217,7 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
     log-prob pass whose entropies nobody reads (the backends skip the entropy's sum).
     """
     n = hidden.shape[0]
-    backend, reason = choose_backend(execution, hidden.device, hidden.dtype)
+    backend, _ = choose_backend(execution, hidden.device, hidden.dtype)
     rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device)
     vocab = _vocab_group(vocab_parallel, hidden, weight, n if tokens is None else tokens, rows)
     if vocab is not None:
@@ -239,7 +238,7 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
     if bounds is None:
         bounds = uniform_chunks(n, rows)
     return Plan(
-        backend=backend, backend_reason=reason, options=options, execution=execution, rows=n, chunk_rows=rows,
+        backend=backend, options=options, execution=execution, rows=n, chunk_rows=rows,
         bounds=tuple(bounds), path=path,
         entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
         grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,

@@ -2,7 +2,7 @@
 
 verl's objectives (``policy_loss`` / ``loss_agg_mode`` set) are the one exception: their oracle is
 ``objective.objective_loss`` on the materialized log-probs, itself tested against verl 0.9.1's
-``ppo_loss`` (tests/test_verl_parity.py).
+``ppo_loss`` (tests/test_integrations_verl.py).
 
 Runs in whatever dtype it is given (tests use float64). Deliberately naive and
 independent of ``objective.py``: it is what every fast path is tested against.

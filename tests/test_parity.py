@@ -70,7 +70,7 @@ OPTION_CASES = {
 }
 
 #: verl 0.9.1's objectives by their pieces (the oracle: objective_loss on materialized log-probs, itself
-#: checked against verl's ppo_loss in tests/test_verl_parity.py)
+#: checked against verl's ppo_loss in tests/test_integrations_verl.py)
 VERL_CASES = {
     "vanilla": dict(policy_loss="vanilla", epsilon_high=0.28, clip_ratio_c=1.5),
     "vanilla_seq_mean": dict(policy_loss="vanilla", loss_agg_mode="seq-mean-token-mean", kl_estimator="low_var_kl"),
