@@ -247,7 +247,8 @@ def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, 
         rewards, reward_weights = check.rewards(rewards, reward_weights, hidden, opts.num_generations)
     sampling_logps = check.sampling_logps(sampling_logps, keep, opts.off_policy_mask_threshold)
     inputs = objective.LossInputs(mask=mask, adv=advantages, old=old_logps, ref=ref_logps,
-                                  is_ratio=importance_sampling_ratio, sampling=sampling_logps, num_items=num_items, num_sequences=num_sequences,
+                                  is_ratio=importance_sampling_ratio, sampling=sampling_logps, num_items=num_items,
+                                  num_sequences=num_sequences,
                                   rewards=rewards, reward_weights=reward_weights)
 
     with no_autocast:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from grpo_kernels import loss as loss_impl
-from grpo_kernels.backends.base import RowStats, accumulation_dtype
+from grpo_kernels.backends.base import accumulation_dtype
 from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
 
 _EMPTY = (0,)

@@ -11,8 +11,8 @@ import torch
 from grpo_kernels import GRPOLoss, grpo_loss, ops  # noqa: F401  (ops registers the custom ops)
 from grpo_kernels.calls import LOSS_INPUT_FIELDS, LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.objective import LossInputs
-from grpo_kernels.options import (OPTION_OP_PARAMS, ExecutionOptions, GRPOOptions, VocabParallel, option_op_args, split_options,
-                                  with_overrides)
+from grpo_kernels.options import (OPTION_OP_PARAMS, ExecutionOptions, GRPOOptions, VocabParallel, option_op_args,
+                                  split_options, with_overrides)
 from support import make_batch, rel_err
 
 B, T, H, V = 2, 3, 4, 5
