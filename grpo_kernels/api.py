@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from typing import Optional
 
 import torch
 from torch import nn
 
 from grpo_kernels import collective, epilogue, objective, validation as check
+from grpo_kernels.calls import LogprobsCall, LossCall
 from grpo_kernels.metrics import GRPOMetrics, compute_metrics
 from grpo_kernels.ops import loss_op, token_logprobs_op
-from grpo_kernels.options import ExecutionOptions, VocabParallel, as_kwargs, split_options
+from grpo_kernels.options import (OPTION_NAMES, ExecutionOptions, GRPOOptions, VocabParallel, split_options,
+                                  with_overrides)
 
 
 def backend_for(device="cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
@@ -152,8 +155,9 @@ def token_logprobs(
 
             logp, ent = reference_token_logprobs(h2, weight, t1, bias, temperature, logit_softcap)
         else:
-            logp, ent, _ = token_logprobs_op(h2, weight, bias, t1, options, execution, vp,
-                                             need_entropy=return_entropy)
+            logp, ent, _ = token_logprobs_op(LogprobsCall(
+                hidden=h2, weight=weight, bias=bias, targets=t1, options=options, execution=execution,
+                vocab_parallel=vp, need_entropy=return_entropy))
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
 
@@ -204,6 +208,21 @@ def grpo_loss(
     ``reduce_grad_hidden=False``). Collective: every rank calls it with the same options.
     """
     opts, execution = split_options(options)
+    return _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, opts, execution,
+                      rewards=rewards, reward_weights=reward_weights, bias=bias,
+                      importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+                      num_items_in_batch=num_items_in_batch, num_sequences_in_batch=num_sequences_in_batch,
+                      return_metrics=return_metrics, process_group=process_group, vocab_start=vocab_start,
+                      reduce_grad_hidden=reduce_grad_hidden)
+
+
+def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, opts: GRPOOptions,
+               execution: ExecutionOptions, *, rewards=None, reward_weights=None, bias=None,
+               importance_sampling_ratio=None, sampling_logps=None, num_items_in_batch=None,
+               num_sequences_in_batch=None, return_metrics=False, process_group=None, vocab_start=None,
+               reduce_grad_hidden=True):
+    """``grpo_loss`` with its options already validated (``GRPOLoss`` holds them): the argument
+    checks, then the op."""
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
     num_items = _count_argument("num_items_in_batch", num_items_in_batch)
@@ -227,9 +246,9 @@ def grpo_loss(
     if rewards is not None:
         rewards, reward_weights = check.rewards(rewards, reward_weights, hidden, opts.num_generations)
     sampling_logps = check.sampling_logps(sampling_logps, keep, opts.off_policy_mask_threshold)
-    adv2 = None if advantages is None else (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages)
-    inputs = objective.LossInputs(mask=mask, adv=adv2, old=old_logps, ref=ref_logps, is_ratio=importance_sampling_ratio,
-                                  sampling=sampling_logps, num_items=num_items, num_sequences=num_sequences,
+    inputs = objective.LossInputs(mask=mask, adv=advantages, old=old_logps, ref=ref_logps,
+                                  is_ratio=importance_sampling_ratio, sampling=sampling_logps, num_items=num_items,
+                                  num_sequences=num_sequences,
                                   rewards=rewards, reward_weights=reward_weights)
 
     with no_autocast:
@@ -269,8 +288,9 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    loss, logp, ent, _, _, _, computed = loss_op(hidden.reshape(B * T, -1), weight, bias, targets.reshape(-1),
-                                                 inputs, (opts, execution, vp), needs)
+    loss, logp, ent, _, _, _, computed = loss_op(LossCall(
+        hidden=hidden.reshape(B * T, -1), weight=weight, bias=bias, targets=targets.reshape(-1), inputs=inputs,
+        options=opts, execution=execution, vocab_parallel=vp, needs=needs))
     if not return_metrics:
         return loss
     computed = None if inputs.rewards is None else computed
@@ -295,11 +315,21 @@ class GRPOLoss(nn.Module):
         """``advantages=None`` with ``rewards=`` (and ``reward_weights=``) among the overrides: the
         advantages from the rewards (``grpo_loss``), ``num_generations`` / ``scale_rewards`` from the
         module's options or the overrides."""
-        kwargs = as_kwargs(self.options, self.execution)
-        kwargs.update(overrides)
-        return grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, **kwargs)
+        unknown = [k for k in overrides if k not in OPTION_NAMES and k not in _CALL_ARGUMENTS]
+        if unknown:
+            raise TypeError(f"unknown option(s): {sorted(unknown)}")
+        # only the overridden options are validated again (``replace``); the rest were at __init__
+        opts, execution = with_overrides(self.options, self.execution, overrides)
+        call_args = {k: v for k, v in overrides.items() if k in _CALL_ARGUMENTS}
+        return _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, opts, execution,
+                          **call_args)
 
     def extra_repr(self) -> str:
         o = self.options
         return (f"loss_type={o.loss_type!r}, beta={o.beta}, epsilon=({o.epsilon_low}, {o.eps_high}), "
                 f"backend={self.execution.backend!r}")
+
+
+#: grpo_loss's per-call keyword arguments (not options): what GRPOLoss.forward passes through
+_CALL_ARGUMENTS = frozenset(name for name, p in inspect.signature(grpo_loss).parameters.items()
+                            if p.kind == inspect.Parameter.KEYWORD_ONLY)

@@ -13,8 +13,6 @@ Data parallelism (DDP, FSDP2 ``fully_shard``)
 Vocab-parallel tensor parallelism
     ``grpo_loss`` and ``token_logprobs`` take ``process_group=`` and ``vocab_start=``
     (docs/distributed.md; the collectives are in ``grpo_kernels.collective``).
-    ``vocab_parallel_grpo_loss`` and ``vocab_parallel_token_logprobs`` are the same calls
-    under their earlier names, with the shard and its offset as positional arguments.
 """
 from __future__ import annotations
 
@@ -28,8 +26,6 @@ __all__ = [
     "global_num_items",
     "global_high_entropy_mask",
     "lm_head_weight",
-    "vocab_parallel_grpo_loss",
-    "vocab_parallel_token_logprobs",
     "combine_row_stats",
 ]
 
@@ -122,33 +118,3 @@ def lm_head_weight(weight: torch.Tensor, *, grad_reduction: str = "avg") -> torc
         raise ValueError(f"grad_reduction must be 'avg' or 'sum', got {grad_reduction!r}")
     placements = [Partial(grad_reduction) for _ in weight.placements]
     return weight.full_tensor(grad_placements=placements)
-
-
-# ------------------------------------------------------------------ vocab parallelism (aliases)
-
-
-def vocab_parallel_token_logprobs(hidden, weight_shard, vocab_start, targets, *, group=None,
-                                  reduce_grad_hidden: bool = True, **kwargs):
-    """``token_logprobs(..., process_group=group, vocab_start=vocab_start)``: the lm_head split
-    over the vocabulary across ``group`` (None: the default group). See docs/distributed.md."""
-    from grpo_kernels.api import token_logprobs
-
-    return token_logprobs(hidden, weight_shard, targets, process_group=_group(group), vocab_start=vocab_start,
-                          reduce_grad_hidden=reduce_grad_hidden, **kwargs)
-
-
-def vocab_parallel_grpo_loss(hidden, weight_shard, vocab_start, targets, advantages, mask, old_logps=None,
-                             ref_logps=None, *, group=None, reduce_grad_hidden: bool = True, **kwargs):
-    """``grpo_loss(..., process_group=group, vocab_start=vocab_start)``: the lm_head split over
-    the vocabulary across ``group`` (None: the default group). See docs/distributed.md."""
-    from grpo_kernels.api import grpo_loss
-
-    return grpo_loss(hidden, weight_shard, targets, advantages, mask, old_logps, ref_logps,
-                     process_group=_group(group), vocab_start=vocab_start, reduce_grad_hidden=reduce_grad_hidden,
-                     **kwargs)
-
-
-def _group(group):
-    if not initialized():
-        raise RuntimeError("vocab-parallel losses need an initialized torch.distributed process group")
-    return dist.group.WORLD if group is None else group

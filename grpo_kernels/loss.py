@@ -1,150 +1,217 @@
 """The whole GRPO loss over the vocabulary, eagerly (no autograd here): the plan's path, run.
 
-Given flattened hidden states and per-token inputs, returns the loss together with its
-gradients (computed in the forward pass) and the per-token logps / entropy. Padding rows
-(mask == 0) are dropped before the vocabulary pass and get zeros. The paths are those of
-``grpo_kernels.plan``; each is one ``sweep`` with its own per-chunk callback.
+Given a ``calls.LossCall`` (flattened hidden states and the per-token inputs, padding already
+neutral), returns the loss together with its gradients (computed in the forward pass) and the
+per-token logps / entropy. Padding rows (mask == 0) are dropped before the vocabulary pass and
+get zeros. ``grpo_kernels.plan`` decides everything (the path, whether the fused epilogue
+computes the advantages from rewards, ...); each path below is one function that carries it
+out with one ``sweep`` and its own per-chunk callback.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
-from grpo_kernels import autodiff, epilogue, metrics, objective, sweep, validation
+from grpo_kernels import autodiff, epilogue, metrics, objective, plan as planner, sweep, validation
 from grpo_kernels.backends.base import RowStats
 from grpo_kernels.epilogue import accumulation_dtype
-from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
-from grpo_kernels.plan import Plan, plan_call
+from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
+from grpo_kernels.options import GRPOOptions
+from grpo_kernels.plan import Plan
 
 
-def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, total: int) -> torch.Tensor:
-    out = values.new_zeros((total,) + tuple(values.shape[1:]))
-    return out.index_copy_(0, rows, values)
+class LossResult(NamedTuple):
+    """A loss call's results: loss [], logp [B*T], entropy [B*T], the gradients (None when not
+    wanted), and the advantages [B] when computed from rewards (else None)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    grad_hidden: Optional[torch.Tensor]
+    grad_weight: Optional[torch.Tensor]
+    grad_bias: Optional[torch.Tensor]
+    advantages: Optional[torch.Tensor]
 
 
-def plan_loss(hidden, weight, mask, options: GRPOOptions, execution: ExecutionOptions, vocab_parallel: VocabParallel,
-              needs) -> Tuple[Plan, torch.Tensor, torch.Tensor]:
-    """(plan, real row indices, their hidden states) of a loss call on hidden [B*T, H], mask [B, T]."""
-    B, T = mask.shape
-    rows = torch.nonzero(mask.reshape(-1) != 0).squeeze(1)
-    lengths = None
-    if any(needs) and objective.scope(options) == "sequence":
-        # a meta mask (shape checks) has no values: every position counts, as in nonzero()
-        lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
-    h = hidden.index_select(0, rows)
-    plan = plan_call(h, weight, options, execution, vocab_parallel, need_grads=needs, sequence_lengths=lengths,
-                     loss=True, tokens=B * T)
-    return plan, rows, h
+@dataclass
+class RealRows:
+    """A planned loss call on its real (unmasked) rows: what every path reads."""
+
+    call: LossCall
+    plan: Plan
+    rows: torch.Tensor  # [n] int64: the real rows' positions in [B*T]
+    hidden: torch.Tensor  # [n, H]
+    targets: torch.Tensor  # [n]: the row backends' targets (``_targets``)
+    #: [B, T] in the accumulation dtype; ``adv`` from the rewards unless the kernel computes it
+    inputs: objective.LossInputs
+    advantages: Optional[torch.Tensor]  # [B]: computed from the rewards in torch (else None)
+
+    @property
+    def acc(self) -> torch.dtype:
+        return accumulation_dtype(self.hidden.dtype)
+
+    def full(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-real-row ``values`` [n, ...] scattered to all B*T rows (zeros at padding)."""
+        out = values.new_zeros((self.call.hidden.shape[0],) + tuple(values.shape[1:]))
+        return out.index_copy_(0, self.rows, values)
+
+    def pick(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A [B, T] (or [B, 1]) tensor at the real rows, [n] in the accumulation dtype."""
+        if t is None:
+            return None
+        B, T = self.inputs.mask.shape
+        return t.expand(B, T).reshape(-1).index_select(0, self.rows).to(self.acc)
 
 
-def grpo_loss_forward(
-    hidden: torch.Tensor,  # [B*T, H]
-    weight: torch.Tensor,  # [V, H] (this rank's rows under vocab parallelism)
-    bias: Optional[torch.Tensor],  # [V]
-    targets: torch.Tensor,  # [B*T] int64, global ids
-    inputs: objective.LossInputs,  # the per-call tensors, [B, T] (adv, is_ratio may be [B, 1])
-    options: GRPOOptions,
-    execution: ExecutionOptions,
-    vocab_parallel: VocabParallel,
-    needs: Tuple[bool, bool, bool],  # grads wanted for (hidden, weight, bias)
-):
-    """Returns (loss, logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages);
-    grads are None when not needed; advantages [B] when computed from ``inputs.rewards`` (else None).
-
-    Rewards: on the fused one-sweep path the row kernel's epilogue computes each token's advantage
-    from the rewards itself (no separate group-normalize launch); on every other path they are
-    computed once here (``epilogue.reward_advantages``, torch) before the sweep."""
-    mask = inputs.mask
-    B, T = mask.shape
-    total = B * T
-    acc = accumulation_dtype(hidden.dtype)
-    plan, rows, h = plan_loss(hidden, weight, mask, options, execution, vocab_parallel, needs)
+def real_rows(call: LossCall) -> RealRows:
+    """Drops the padding rows and plans the call on the rest. The padding of old/ref/sampling was
+    made neutral by the argument checks; here they only move to the accumulation dtype."""
+    inputs = call.inputs
+    rows = torch.nonzero(inputs.mask.reshape(-1) != 0).squeeze(1)
+    h = call.hidden.index_select(0, rows)
+    plan = planner.plan_loss(h, call.weight, inputs.mask, call.options, call.execution, call.vocab_parallel,
+                             call.needs, rewards=inputs.rewards is not None)
+    acc = accumulation_dtype(call.hidden.dtype)
+    to_acc = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    inputs = dataclasses.replace(inputs, old=to_acc(inputs.old), ref=to_acc(inputs.ref),
+                                 sampling=to_acc(inputs.sampling))
     advantages = None
-    in_kernel = inputs.rewards is not None and plan.fused and plan.path == "one_sweep"
-    if inputs.rewards is not None and not in_kernel:
-        advantages = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, options)
+    if inputs.rewards is not None and not plan.rewards_in_kernel:
+        advantages = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, call.options)
         inputs = dataclasses.replace(inputs, adv=advantages.unsqueeze(1))
-    tgt = _targets(plan, targets.index_select(0, rows))
-    # padding positions may hold junk (even inf) old/ref/sampling logps: they must not reach a sum
-    keep = mask != 0
-    zero = torch.zeros((), dtype=acc, device=hidden.device)
-    clean = lambda t: None if t is None else torch.where(keep, t.to(acc), zero)  # noqa: E731
-    inputs = dataclasses.replace(inputs, old=clean(inputs.old), ref=clean(inputs.ref), sampling=clean(inputs.sampling))
+    return RealRows(call, plan, rows, h, _targets(plan, call.targets.index_select(0, rows)), inputs, advantages)
 
-    def pick(t):
-        return None if t is None else t.expand(B, T).reshape(-1).index_select(0, rows).to(acc)
 
-    logp_full = ent_full = sel_stats = None
-    if plan.path in ("forward", "two_sweeps") or plan.entropy_sweep:
-        sel_stats = sweep.forward_stats(plan, h, weight, bias, tgt)
-        logp_full = _scatter_rows(sel_stats.logp, rows, total)
-        ent_full = _scatter_rows(sel_stats.entropy, rows, total)
+def grpo_loss_forward(call: LossCall) -> LossResult:
+    """The loss of ``call`` by its plan's path. Rewards: on the fused one-sweep path the row
+    kernel's epilogue computes each token's advantage from the rewards itself (no separate
+    group-normalize launch); on every other path ``real_rows`` computes them once (torch)."""
+    r = real_rows(call)
+    return _PATHS[r.plan.path](r)
+
+
+def _stats_sweep(r: RealRows):
+    """(row statistics [n], logp [B*T], entropy [B*T]) of a statistics-only sweep."""
+    st = sweep.forward_stats(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets)
+    return st, r.full(st.logp), r.full(st.entropy)
+
+
+def _aggregation(r: RealRows, entropy: Optional[torch.Tensor]):
+    """(inputs, weights): the per-token aggregation weights, after TRL's high-entropy selection
+    (which needs every token's ``entropy`` [B*T]: ``plan.entropy_sweep``)."""
+    inputs, options = r.inputs, r.call.options
+    B, T = inputs.mask.shape
     if options.top_entropy_quantile < 1.0:
         inputs = dataclasses.replace(inputs, entropy_mask=metrics.high_entropy_mask(
-            ent_full.view(B, T), mask, options.top_entropy_quantile))
-    weights = objective.objective_weights(mask, options, acc, inputs.num_items, inputs.num_sequences,
+            entropy.view(B, T), inputs.mask, options.top_entropy_quantile))
+    weights = objective.objective_weights(inputs.mask, options, r.acc, inputs.num_items, inputs.num_sequences,
                                           inputs.entropy_mask)
+    return inputs, weights
 
-    def loss_of(logp_full, ent_full):
-        return objective.objective_loss(logp_full.view(B, T), ent_full.view(B, T), inputs, options, weights)
 
-    gh = gw = gb = None
-    if plan.path == "forward":
-        return loss_of(logp_full, ent_full).detach(), logp_full, ent_full, None, None, None, advantages
-    if plan.path == "one_sweep":
-        policy_scale = inputs.is_ratio
-        if inputs.entropy_mask is not None:
-            em = inputs.entropy_mask.to(acc)
-            policy_scale = em if policy_scale is None else policy_scale.to(acc) * em
-        token_inputs = epilogue.TokenInputs(
-            old=pick(inputs.old), adv=None if in_kernel else pick(inputs.adv), weight=pick(weights.policy),
-            ref=pick(inputs.ref), policy_scale=pick(policy_scale),
-            kl_weight=None if weights.kl is weights.policy else pick(weights.kl),
-            entropy_weight=pick(weights.entropy) if options.entropy_coef != 0.0 else None,
-            **(_reward_inputs(inputs, rows, T, acc) if in_kernel else {}),
-        )
-        n = h.shape[0]
-        stats = RowStats.empty(n, h.dtype, h.device)
-        loss_t = torch.empty(n, dtype=stats.lse.dtype, device=h.device)
-        adv_rows = torch.empty(n, dtype=stats.lse.dtype, device=h.device) if in_kernel else None
+def _objective(r: RealRows, inputs: objective.LossInputs, weights):
+    """The loss as a function of logp and entropy [B*T] (what ``autodiff.gradients`` differentiates)."""
+    B, T = inputs.mask.shape
 
-        def one_sweep(s, e, z):
-            st, epi = sweep.fused_(plan, z, tgt[s:e], token_inputs.select(slice(s, e)))
-            stats.put_(s, e, st)
-            loss_t[s:e] = epi.loss
-            if adv_rows is not None:
-                adv_rows[s:e] = epi.adv
+    def loss_of(logp, entropy):
+        return objective.objective_loss(logp.view(B, T), entropy.view(B, T), inputs, r.call.options, weights)
 
-        gh, gw, gb = sweep.sweep(plan, h, weight, bias, one_sweep, needs)
-        loss = loss_t.sum()
-        if in_kernel:
-            advantages = _sequence_advantages(adv_rows, token_inputs.seq, inputs, options, B)
-        logp_full = _scatter_rows(stats.logp, rows, total)
-        ent_full = _scatter_rows(stats.entropy, rows, total)
-    elif plan.path == "sequence_sweep":
-        logp_full = torch.zeros(total, dtype=acc, device=h.device)
-        ent_full = torch.zeros(total, dtype=acc, device=h.device)
+    return loss_of
 
-        def sequence_sweep(s, e, z):
-            st = sweep.stats(plan, z, tgt[s:e])
-            # rows of later sequences still hold 0: they do not reach these rows' coefficients
-            logp_full.index_copy_(0, rows[s:e], st.logp)
-            ent_full.index_copy_(0, rows[s:e], st.entropy)
-            dlogp, dent, _ = autodiff.gradients(loss_of, logp_full, ent_full)
-            sweep.grad_(plan, z, tgt[s:e], st, dlogp.index_select(0, rows[s:e]),
-                        dent.index_select(0, rows[s:e]) if options.entropy_coef != 0.0 else None)
 
-        gh, gw, gb = sweep.sweep(plan, h, weight, bias, sequence_sweep, needs)
-        loss = loss_of(logp_full, ent_full).detach()
-    else:  # two_sweeps
-        dlogp_full, dent_full, loss = autodiff.gradients(loss_of, logp_full, ent_full)
-        dent = dent_full.index_select(0, rows) if options.entropy_coef != 0.0 else None
-        gh, gw, gb = sweep.backward_grads(plan, h, weight, bias, tgt, sel_stats, dlogp_full.index_select(0, rows),
-                                          dent, needs)
-    gh_full = _scatter_rows(gh, rows, total) if gh is not None else None
-    return loss, logp_full, ent_full, gh_full, gw, gb, advantages
+def _forward(r: RealRows) -> LossResult:
+    """No gradient wanted: one statistics sweep, then the objective."""
+    _, logp, ent = _stats_sweep(r)
+    loss = _objective(r, *_aggregation(r, ent))(logp, ent).detach()
+    return LossResult(loss, logp, ent, None, None, None, r.advantages)
+
+
+def _token_inputs(r: RealRows, inputs: objective.LossInputs, weights) -> epilogue.TokenInputs:
+    """The fused epilogue's per-token inputs [n] at the real rows."""
+    policy_scale = inputs.is_ratio
+    if inputs.entropy_mask is not None:
+        em = inputs.entropy_mask.to(r.acc)
+        policy_scale = em if policy_scale is None else policy_scale.to(r.acc) * em
+    in_kernel = r.plan.rewards_in_kernel
+    B, T = inputs.mask.shape
+    return epilogue.TokenInputs(
+        old=r.pick(inputs.old), adv=None if in_kernel else r.pick(inputs.adv), weight=r.pick(weights.policy),
+        ref=r.pick(inputs.ref), policy_scale=r.pick(policy_scale),
+        kl_weight=None if weights.kl is weights.policy else r.pick(weights.kl),
+        entropy_weight=r.pick(weights.entropy) if r.plan.entropy_grad else None,
+        **(_reward_inputs(inputs, r.rows, T, r.acc) if in_kernel else {}),
+    )
+
+
+def _one_sweep(r: RealRows) -> LossResult:
+    """A token-scope objective: statistics, epilogue and gradient per chunk, in one sweep."""
+    ent = _stats_sweep(r)[2] if r.plan.entropy_sweep else None
+    inputs, weights = _aggregation(r, ent)
+    token_inputs = _token_inputs(r, inputs, weights)
+    n = r.hidden.shape[0]
+    stats = RowStats.empty(n, r.hidden.dtype, r.hidden.device)
+    loss_t = torch.empty(n, dtype=stats.lse.dtype, device=r.hidden.device)
+    adv_rows = torch.empty_like(loss_t) if r.plan.rewards_in_kernel else None
+
+    def chunk(s, e, z):
+        st, epi = sweep.fused_(r.plan, z, r.targets[s:e], token_inputs.select(slice(s, e)))
+        stats.put_(s, e, st)
+        loss_t[s:e] = epi.loss
+        if adv_rows is not None:
+            adv_rows[s:e] = epi.adv
+
+    gh, gw, gb = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, chunk, r.call.needs)
+    advantages = r.advantages
+    if adv_rows is not None:
+        advantages = _sequence_advantages(adv_rows, token_inputs.seq, inputs, r.call.options, inputs.mask.shape[0])
+    return LossResult(loss_t.sum(), r.full(stats.logp), r.full(stats.entropy), _full_or_none(r, gh), gw, gb,
+                      advantages)
+
+
+def _sequence_sweep(r: RealRows) -> LossResult:
+    """A sequence-scope objective, chunks cut at sequence boundaries: each chunk's coefficients
+    from its own statistics while its logits are in the buffer."""
+    ent0 = _stats_sweep(r)[2] if r.plan.entropy_sweep else None
+    loss_of = _objective(r, *_aggregation(r, ent0))
+    total = r.call.hidden.shape[0]
+    logp = torch.zeros(total, dtype=r.acc, device=r.hidden.device)
+    ent = torch.zeros(total, dtype=r.acc, device=r.hidden.device)
+    rows = r.rows
+
+    def chunk(s, e, z):
+        st = sweep.stats(r.plan, z, r.targets[s:e])
+        # rows of later sequences still hold 0: they do not reach these rows' coefficients
+        logp.index_copy_(0, rows[s:e], st.logp)
+        ent.index_copy_(0, rows[s:e], st.entropy)
+        dlogp, dent, _ = autodiff.gradients(loss_of, logp, ent)
+        sweep.grad_(r.plan, z, r.targets[s:e], st, dlogp.index_select(0, rows[s:e]),
+                    dent.index_select(0, rows[s:e]) if r.plan.entropy_grad else None)
+
+    gh, gw, gb = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, chunk, r.call.needs)
+    return LossResult(loss_of(logp, ent).detach(), logp, ent, _full_or_none(r, gh), gw, gb, r.advantages)
+
+
+def _two_sweeps(r: RealRows) -> LossResult:
+    """A sequence longer than a chunk, or a batch-scope objective: statistics for every row, the
+    coefficients, then a gradient sweep that recomputes the logits."""
+    st, logp, ent = _stats_sweep(r)
+    loss_of = _objective(r, *_aggregation(r, ent))
+    dlogp, dent, loss = autodiff.gradients(loss_of, logp, ent)
+    dent = dent.index_select(0, r.rows) if r.plan.entropy_grad else None
+    gh, gw, gb = sweep.backward_grads(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets, st,
+                                      dlogp.index_select(0, r.rows), dent, r.call.needs)
+    return LossResult(loss, logp, ent, _full_or_none(r, gh), gw, gb, r.advantages)
+
+
+_PATHS = {"forward": _forward, "one_sweep": _one_sweep, "sequence_sweep": _sequence_sweep, "two_sweeps": _two_sweeps}
+assert set(_PATHS) == set(planner.PATHS)
+
+
+def _full_or_none(r: RealRows, grad_rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if grad_rows is None else r.full(grad_rows)
 
 
 def _reward_inputs(inputs: objective.LossInputs, rows: torch.Tensor, T: int, acc: torch.dtype) -> dict:
@@ -171,19 +238,22 @@ def _sequence_advantages(adv_rows, seq, inputs: objective.LossInputs, options: G
     return out
 
 
-def token_logprobs_forward(hidden, weight, bias, targets, options: GRPOOptions, execution: ExecutionOptions,
-                           vocab_parallel: VocabParallel, need_entropy: bool = True):
+def token_logprobs_forward(call: LogprobsCall):
     """(RowStats [n], plan) of hidden [n, H]: log-probs of ``targets`` and entropies (0 without
     ``need_entropy``)."""
-    plan = plan_call(hidden, weight, options, execution, vocab_parallel, need_entropy=need_entropy)
-    return sweep.forward_stats(plan, hidden, weight, bias, _targets(plan, targets)), plan
+    plan = planner.plan_call(call.hidden, call.weight, call.options, call.execution, call.vocab_parallel,
+                             need_entropy=call.need_entropy)
+    return sweep.forward_stats(plan, call.hidden, call.weight, call.bias, _targets(plan, call.targets)), plan
 
 
-def token_logprobs_backward(hidden, weight, bias, targets, stats, grad_logp, grad_entropy, options, execution,
-                            vocab_parallel, needs):
-    plan = plan_call(hidden, weight, options, execution, vocab_parallel, need_grads=needs)
-    return sweep.backward_grads(plan, hidden, weight, bias, _targets(plan, targets), stats, grad_logp, grad_entropy,
-                                needs)
+def token_logprobs_backward(call: LogprobsGradCall):
+    """(grad_hidden, grad_weight, grad_bias) of ``sum(grad_logp * logp + grad_entropy * entropy)``
+    (None where not in ``call.needs``), the logits recomputed from the forward's statistics."""
+    plan = planner.plan_call(call.hidden, call.weight, call.options, call.execution, call.vocab_parallel,
+                             need_grads=call.needs)
+    stats = RowStats(call.lse, call.entropy, call.target_logit)
+    return sweep.backward_grads(plan, call.hidden, call.weight, call.bias, _targets(plan, call.targets), stats,
+                                call.grad_logp, call.grad_entropy, call.needs)
 
 
 def _targets(plan: Plan, targets):

@@ -4,50 +4,39 @@ Being custom ops (opaque to the compiler, with fake implementations for shape pr
 lets a ``torch.compile(fullgraph=True)`` training step call ``grpo_loss`` and
 ``token_logprobs`` without a graph break. Their backward passes are custom ops too.
 
-An op's arguments are its tensors, then every field of the option classes
-(``options.OPTION_CLASSES``: the loss semantics, the execution settings, the vocab-parallel
-layout), then the gradients wanted. The schemas are derived from the dataclass fields here,
-in ``_define``: an option added to a dataclass reaches every op and kernel with no other
-change. Call them through ``loss_op`` / ``token_logprobs_op``, which take the objects.
+An op takes flat arguments; each op has one call class in ``grpo_kernels.calls``
+(``LossCall``, ``LogprobsCall``, ``LogprobsGradCall``) whose ``PARAMS`` are its schema and whose
+``to_op_args`` / ``from_op_args`` are the only flattening, by name. The implementations here
+receive the rebuilt call. Call the ops through ``loss_op`` / ``token_logprobs_op``.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import inspect
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from grpo_kernels import loss as loss_impl, objective
-from grpo_kernels.backends.base import RowStats
+from grpo_kernels import loss as loss_impl
+from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.epilogue import accumulation_dtype
-from grpo_kernels.options import OP_FIELDS, from_op_args, to_op_args
 
 _EMPTY = (0,)
-_N_OPTIONS = len(OP_FIELDS)
 
 
-def _define(name: str, tensors, returns, impl, fake, extra=(("needs", List[bool]),)):
-    """A custom op ``grpo_kernels::name`` taking ``tensors`` (name, type) pairs, every option
-    field, then ``extra``; ``impl(*tensors, option_objects, *extra)`` and ``fake`` alike."""
+def _define(name: str, call_class, returns, impl, fake):
+    """A custom op ``grpo_kernels::name`` whose arguments are ``call_class.PARAMS``; ``impl`` and
+    ``fake`` take the call rebuilt from them (``call_class.from_op_args``)."""
     P = inspect.Parameter
-    params = [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in tensors]
-    params += [P(f"{cls.__name__}_{n}", P.POSITIONAL_OR_KEYWORD, annotation=t) for cls, n, t in OP_FIELDS]
-    params += [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in extra]
-    k = len(tensors)
-
-    def split(args):
-        return args[:k], from_op_args(args[k:k + _N_OPTIONS]), args[k + _N_OPTIONS:]
+    params = [P(n, P.POSITIONAL_OR_KEYWORD, annotation=t) for n, t in call_class.PARAMS]
 
     def run(*args):
-        t, opts, rest = split(args)
-        return impl(*t, opts, *rest)
+        return impl(call_class.from_op_args(args))
 
     def run_fake(*args):
-        t, opts, rest = split(args)
-        return fake(*t, opts, *rest)
+        return fake(call_class.from_op_args(args))
 
     run.__signature__ = inspect.Signature(params, return_annotation=returns)
     run.__name__ = name
@@ -69,53 +58,41 @@ def _fake_grads(hidden, weight, bias, needs):
 
 # ---------------------------------------------------------------- token_logprobs
 
-_TL_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
 
-
-def _tl_impl(hidden, weight, bias, targets, opts, need_entropy):
-    stats, _ = loss_impl.token_logprobs_forward(hidden, weight, bias, targets, *opts, need_entropy=need_entropy)
+def _tl_impl(call: LogprobsCall):
+    stats, _ = loss_impl.token_logprobs_forward(call)
     return stats.logp, stats.entropy, stats.lse
 
 
-def _tl_fake(hidden, weight, bias, targets, opts, need_entropy):
-    n = hidden.shape[0]
-    return tuple(hidden.new_empty((n,), dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
+def _tl_fake(call: LogprobsCall):
+    n = call.hidden.shape[0]
+    return tuple(call.hidden.new_empty((n,), dtype=accumulation_dtype(call.hidden.dtype)) for _ in range(3))
 
 
-_tl_op = _define("token_logprobs", _TL_TENSORS, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake,
-                 extra=(("need_entropy", bool),))
+_tl_op = _define("token_logprobs", LogprobsCall, Tuple[Tensor, Tensor, Tensor], _tl_impl, _tl_fake)
 
 
-def _tl_backward_impl(hidden, weight, bias, targets, lse, entropy, target_logit, grad_logp, grad_entropy, opts,
-                      needs):
-    stats = RowStats(lse, entropy, target_logit)
-    gh, gw, gb = loss_impl.token_logprobs_backward(
-        hidden, weight, bias, targets, stats, grad_logp.to(lse.dtype),
-        None if grad_entropy is None else grad_entropy.to(lse.dtype), *opts, tuple(needs),
-    )
-    return _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
+def _tl_backward_impl(call: LogprobsGradCall):
+    gh, gw, gb = loss_impl.token_logprobs_backward(call)
+    return _grad_or_empty(gh, call.hidden), _grad_or_empty(gw, call.hidden), _grad_or_empty(gb, call.hidden)
 
 
-def _tl_backward_fake(hidden, weight, bias, targets, lse, entropy, target_logit, grad_logp, grad_entropy, opts,
-                      needs):
-    return _fake_grads(hidden, weight, bias, needs)
+def _tl_backward_fake(call: LogprobsGradCall):
+    return _fake_grads(call.hidden, call.weight, call.bias, call.needs)
 
 
-_tl_backward_op = _define(
-    "token_logprobs_backward",
-    _TL_TENSORS + (("lse", Tensor), ("entropy", Tensor), ("target_logit", Tensor), ("grad_logp", Tensor),
-                   ("grad_entropy", Optional[Tensor])),
-    Tuple[Tensor, Tensor, Tensor], _tl_backward_impl, _tl_backward_fake,
-)
+_tl_backward_op = _define("token_logprobs_backward", LogprobsGradCall, Tuple[Tensor, Tensor, Tensor],
+                          _tl_backward_impl, _tl_backward_fake)
 
 
 def _tl_setup(ctx, inputs, output):
-    hidden, weight, bias, targets = inputs[:4]
+    call = LogprobsCall.from_op_args(inputs)
     logp, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy, logp)
-    ctx.option_args = inputs[4:4 + _N_OPTIONS]
-    ctx.need_entropy = inputs[-1]
-    ctx.has_bias = bias is not None
+    ctx.save_for_backward(call.hidden, call.weight, call.bias, call.targets, lse, entropy, logp)
+    # the tensors go through save_for_backward only (saved-tensor hooks, no reference cycle): the
+    # call kept for the backward holds its options and flags
+    ctx.call = dataclasses.replace(call, hidden=None, weight=None, bias=None, targets=None)
+    ctx.has_bias = call.bias is not None
 
 
 def _no_double_backward(what: str) -> None:
@@ -130,65 +107,57 @@ def _no_double_backward(what: str) -> None:
 def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     _no_double_backward("token_logprobs")
     hidden, weight, bias, targets, lse, entropy, logp = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    fwd: LogprobsCall = ctx.call
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    if not ctx.need_entropy:  # the entropy was not computed: nobody can depend on it
+    if not fwd.need_entropy:  # the entropy was not computed: nobody can depend on it
         grad_entropy = None
+    call = LogprobsGradCall(
+        hidden=hidden, weight=weight, bias=bias, targets=targets, lse=lse, entropy=entropy, target_logit=logp + lse,
+        grad_logp=grad_logp.to(lse.dtype), grad_entropy=None if grad_entropy is None else grad_entropy.to(lse.dtype),
+        options=fwd.options, execution=fwd.execution, vocab_parallel=fwd.vocab_parallel, needs=needs)
     # a backward run inside torch.autocast must not autocast the recomputed logits
     with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
             else contextlib.nullcontext():
-        gh, gw, gb = _tl_backward_op(hidden, weight, bias, targets, lse, entropy, logp + lse, grad_logp,
-                                     grad_entropy, *ctx.option_args, needs)
-    return (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None, None) + \
-        (None,) * (_N_OPTIONS + 1)
+        gh, gw, gb = _tl_backward_op(*call.to_op_args())
+    grads = (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
+    return grads + (None,) * (len(LogprobsCall.PARAMS) - len(grads))
 
 
 _tl_op.register_autograd(_tl_backward, setup_context=_tl_setup)
 
 
-def token_logprobs_op(hidden, weight, bias, targets, *option_objects, need_entropy: bool = True
-                      ) -> Tuple[Tensor, Tensor, Tensor]:
+def token_logprobs_op(call: LogprobsCall) -> Tuple[Tensor, Tensor, Tensor]:
     """hidden [n, H] -> (logp [n], entropy [n], lse [n]) in the accumulation dtype; without
-    ``need_entropy`` the entropy is not computed (zeros)."""
-    return _tl_op(hidden, weight, bias, targets, *to_op_args(*option_objects), need_entropy)
+    ``call.need_entropy`` the entropy is not computed (zeros)."""
+    return _tl_op(*call.to_op_args())
 
 
 # ---------------------------------------------------------------- grpo loss
 
-_HEAD_TENSORS = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
-#: the per-call tensors of the objective (``objective.LossInputs``), in field order: a field added
-#: there reaches the op with no other change
-_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs) if f.name not in objective.DERIVED_INPUTS)
-_LOSS_TENSORS = _HEAD_TENSORS + tuple((n, Tensor if n == "mask" else Optional[Tensor]) for n in _INPUT_FIELDS)
+
+def _loss_impl(call: LossCall):
+    out = loss_impl.grpo_loss_forward(call)
+    hidden = call.hidden
+    adv = hidden.new_empty(_EMPTY, dtype=out.logp.dtype) if out.advantages is None else out.advantages
+    return (out.loss, out.logp, out.entropy, _grad_or_empty(out.grad_hidden, hidden),
+            _grad_or_empty(out.grad_weight, hidden), _grad_or_empty(out.grad_bias, hidden), adv)
 
 
-def _loss_impl(hidden, weight, bias, targets, *rest):
-    tensors, opts, needs = rest[:len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS)], rest[len(_INPUT_FIELDS) + 1]
-    inputs = objective.LossInputs(**dict(zip(_INPUT_FIELDS, tensors)))
-    needs_t = (needs[0], needs[1], needs[2] and bias is not None)
-    loss, logp, ent, gh, gw, gb, adv = loss_impl.grpo_loss_forward(hidden, weight, bias, targets, inputs, *opts,
-                                                                   needs_t)
-    adv = hidden.new_empty(_EMPTY, dtype=logp.dtype) if adv is None else adv
-    return (loss, logp, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden),
-            adv)
-
-
-def _loss_fake(hidden, weight, bias, targets, *rest):
-    needs = rest[len(_INPUT_FIELDS) + 1]
+def _loss_fake(call: LossCall):
+    hidden, rewards = call.hidden, call.inputs.rewards
     acc = accumulation_dtype(hidden.dtype)
     n = hidden.shape[0]
-    fields = dict(zip(_INPUT_FIELDS, rest[:len(_INPUT_FIELDS)]))
-    rewards = fields["rewards"]
     if rewards is None:
         adv = hidden.new_empty(_EMPTY, dtype=acc)
     else:  # the advantages computed from the rewards, in their accumulation dtype
         adv = rewards.new_empty((rewards.shape[0],), dtype=accumulation_dtype(rewards.dtype))
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
-            *_fake_grads(hidden, weight, bias, needs), adv)
+            *_fake_grads(hidden, call.weight, call.bias, call.needs), adv)
 
 
-_loss_op = _define("grpo_loss", _LOSS_TENSORS, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+_loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
                    _loss_impl, _loss_fake)
 
 
@@ -199,7 +168,7 @@ def _loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(logp, ent, gh, gw, gb, adv)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(gh, gw, gb)
-    ctx.has_bias = inputs[2] is not None
+    ctx.has_bias = inputs[LossCall.NAMES.index("bias")] is not None
 
 
 def _is_one(grad_loss: Tensor) -> bool:
@@ -226,7 +195,7 @@ def _graph_is_kept() -> bool:
 
 
 def _loss_backward(ctx, grad_loss, *_unused):
-    n_inputs = len(_LOSS_TENSORS) + _N_OPTIONS + 1
+    n_inputs = len(LossCall.PARAMS)
     if grad_loss is None:
         return (None,) * n_inputs
     _no_double_backward("grpo_loss")  # its gradients come from the forward: nothing to differentiate
@@ -249,14 +218,8 @@ def _loss_backward(ctx, grad_loss, *_unused):
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
-def loss_op(hidden, weight, bias, targets, inputs: "objective.LossInputs", option_objects, needs
-            ) -> Tuple[Tensor, ...]:
-    """hidden [B*T, H], targets [B*T], ``inputs`` the per-call tensors ([B, T]; see
-    ``objective.LossInputs``); ``option_objects`` = (GRPOOptions, ExecutionOptions, VocabParallel).
-
-    Returns (loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages); a
-    gradient not asked for in ``needs`` comes back as an empty tensor, and so do the advantages [B]
-    unless ``inputs.rewards`` gave them.
-    """
-    tensors = tuple(getattr(inputs, n) for n in _INPUT_FIELDS)
-    return _loss_op(hidden, weight, bias, targets, *tensors, *to_op_args(*option_objects), list(needs))
+def loss_op(call: LossCall) -> Tuple[Tensor, ...]:
+    """(loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages) of a
+    ``LossCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor, and so do
+    the advantages [B] unless ``call.inputs.rewards`` gave them."""
+    return _loss_op(*call.to_op_args())

@@ -5,8 +5,9 @@
   the result beyond rounding (bitwise under ``deterministic``).
 - ``VocabParallel``: this rank's slice of a vocabulary-parallel lm_head (the collective).
 
-These objects travel from the public functions to the kernels. ``OP_FIELDS`` lists their
-fields once for the custom ops (``grpo_kernels.ops``), whose schemas are derived from it;
+These objects travel from the public functions to the kernels. ``OPTION_OP_PARAMS`` lists their
+fields once as custom-op arguments, and ``option_op_args`` / ``options_from_op_args`` flatten them
+to and from those arguments by name (``grpo_kernels.calls``, where the ops' schemas come from);
 per-batch values (``num_items_in_batch``, the importance-sampling ratio) are call arguments.
 """
 from __future__ import annotations
@@ -46,15 +47,6 @@ def _finite_number(name: str, value, *, positive: bool = False, allow_none: bool
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _optional_int(name: str, value, minimum: int) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def _choice(name: str, value, allowed, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -71,7 +63,15 @@ class _Options:
     """Shared behaviour of the option dataclasses: ``replace`` re-validates."""
 
     def replace(self, **changes):
-        return replace(self, **changes).validate()
+        return replace(self, **_scale_mode_named(changes)).validate()
+
+
+def _scale_mode_named(kwargs: dict) -> dict:
+    """GRPOConfig's ``scale_rewards`` True / False as the mode's name ("group" / "none"): the op
+    schema holds a str."""
+    if isinstance(kwargs.get("scale_rewards"), bool):
+        return {**kwargs, "scale_rewards": checks.scale_mode(kwargs["scale_rewards"])}
+    return kwargs
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,10 @@ class GRPOOptions(_Options):
     def _validate_rewards(self) -> None:
         if self.num_generations is not None:
             checks.check_int("num_generations", self.num_generations, 1)
-        # True / False as GRPOConfig: stored as the mode's name (the op schema holds a str)
-        object.__setattr__(self, "scale_rewards", checks.scale_mode(self.scale_rewards))
+        if isinstance(self.scale_rewards, bool):
+            raise TypeError("GRPOOptions.scale_rewards holds the mode's name; True / False (GRPOConfig's) are "
+                            "named by split_options and GRPOOptions.replace")
+        checks.scale_mode(self.scale_rewards)
         checks.check_real("reward_eps", self.reward_eps, 0.0)
 
     def _validate_additions(self) -> "GRPOOptions":
@@ -278,7 +280,7 @@ class ExecutionOptions(_Options):
 class VocabParallel(_Options):
     """Vocabulary parallelism: this rank holds lm_head rows ``[vocab_start, vocab_start + V_local)``.
 
-    ``group_name`` names a registered process group (``grpo_kernels.plan.group_name``); None:
+    ``group_name`` names a registered process group (``grpo_kernels.collective.group_name``); None:
     no vocabulary parallelism. ``vocab_start=None`` on every rank: slices in rank order.
     """
 
@@ -300,11 +302,15 @@ OPTION_CLASSES = (GRPOOptions, ExecutionOptions, VocabParallel)
 # field lists computed once here: dataclasses.fields() is not traceable by torch.compile
 LOSS_FIELDS = tuple(f.name for f in fields(GRPOOptions))
 EXECUTION_FIELDS = tuple(f.name for f in fields(ExecutionOptions))
+VOCAB_PARALLEL_FIELDS = tuple(f.name for f in fields(VocabParallel))
 #: keyword options of grpo_loss / GRPOLoss: the loss semantics and the execution settings
 OPTION_NAMES = LOSS_FIELDS + EXECUTION_FIELDS
 #: (class, field name, type) of every option, in the custom ops' argument order
 OP_FIELDS = tuple((cls, f.name, typing.get_type_hints(cls)[f.name]) for cls in OPTION_CLASSES for f in fields(cls))
-_FLOAT_TYPES = (float, Optional[float])
+#: (op argument name, type) of every option: ``GRPOOptions_beta: float``, ... (``OP_FIELDS``' order)
+OPTION_OP_PARAMS = tuple((f"{cls.__name__}_{name}", kind) for cls, name, kind in OP_FIELDS)
+_FLOAT_OP_ARGS = frozenset(f"{cls.__name__}_{name}" for cls, name, kind in OP_FIELDS
+                           if kind in (float, Optional[float]))
 
 
 def split_options(kwargs: dict):
@@ -312,32 +318,32 @@ def split_options(kwargs: dict):
     unknown = [k for k in kwargs if k not in OPTION_NAMES]
     if unknown:
         raise TypeError(f"unknown option(s): {sorted(unknown)}")
-    loss = {k: kwargs[k] for k in LOSS_FIELDS if k in kwargs}
+    loss = _scale_mode_named({k: kwargs[k] for k in LOSS_FIELDS if k in kwargs})
     execution = {k: kwargs[k] for k in EXECUTION_FIELDS if k in kwargs}
     return GRPOOptions(**loss).validate(), ExecutionOptions(**execution).validate()
 
 
-def as_kwargs(*objects) -> dict:
-    """The fields of option objects as keyword options (the inverse of ``split_options``)."""
-    names = {GRPOOptions: LOSS_FIELDS, ExecutionOptions: EXECUTION_FIELDS}
-    return {k: getattr(o, k) for o in objects for k in names[type(o)]}
+def with_overrides(options: GRPOOptions, execution: ExecutionOptions, overrides: dict):
+    """(options, execution) with the option names among ``overrides`` replaced (and validated);
+    the other items of ``overrides`` are left to the caller."""
+    loss = {k: v for k, v in overrides.items() if k in LOSS_FIELDS}
+    run = {k: v for k, v in overrides.items() if k in EXECUTION_FIELDS}
+    return (options.replace(**loss) if loss else options), (execution.replace(**run) if run else execution)
 
 
-def to_op_args(*objects) -> tuple:
-    """The option objects (one per OPTION_CLASSES) as the custom ops' flat arguments."""
-    by_class = {type(o): o for o in objects}
-    out = []
-    for cls, name, kind in OP_FIELDS:
-        value = getattr(by_class[cls], name)
-        if value is not None and kind in _FLOAT_TYPES:
-            value = float(value)  # an int beta or delta is a float to the op schema
-        out.append(value)
-    return tuple(out)
+def option_op_args(options: GRPOOptions, execution: ExecutionOptions, vocab_parallel: VocabParallel) -> tuple:
+    """The option objects as the custom ops' arguments, in ``OPTION_OP_PARAMS`` order."""
+    values = tuple(getattr(options, n) for n in LOSS_FIELDS) + tuple(getattr(execution, n) for n in EXECUTION_FIELDS) \
+        + tuple(getattr(vocab_parallel, n) for n in VOCAB_PARALLEL_FIELDS)
+    # an int beta or delta is a float to the op schema
+    return tuple(float(v) if v is not None and name in _FLOAT_OP_ARGS else v
+                 for (name, _), v in zip(OPTION_OP_PARAMS, values))
 
 
-def from_op_args(values) -> tuple:
-    """Inverse of ``to_op_args``: one object per OPTION_CLASSES (already validated by the caller)."""
-    kwargs = {cls: {} for cls in OPTION_CLASSES}
-    for (cls, name, _), value in zip(OP_FIELDS, values):
-        kwargs[cls][name] = value
-    return tuple(cls(**kwargs[cls]) for cls in OPTION_CLASSES)
+def options_from_op_args(named) -> dict:
+    """Inverse of ``option_op_args``: ``named`` maps op argument names to values; returns
+    ``dict(options=GRPOOptions, execution=ExecutionOptions, vocab_parallel=VocabParallel)`` (already
+    validated by the caller)."""
+    return dict(options=GRPOOptions(**{n: named[f"GRPOOptions_{n}"] for n in LOSS_FIELDS}),
+                execution=ExecutionOptions(**{n: named[f"ExecutionOptions_{n}"] for n in EXECUTION_FIELDS}),
+                vocab_parallel=VocabParallel(**{n: named[f"VocabParallel_{n}"] for n in VOCAB_PARALLEL_FIELDS}))

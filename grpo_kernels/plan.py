@@ -177,7 +177,6 @@ class Plan:
     """What one call does, decided before any vocabulary work."""
 
     backend: RowBackend
-    backend_reason: str  # why this backend ran (the choice of ``auto``, or "requested")
     options: GRPOOptions
     execution: ExecutionOptions
     rows: int  # real (unmasked) rows of hidden the sweep covers
@@ -192,6 +191,11 @@ class Plan:
     #: over the ranks before the epilogue)
     fused: bool
     need_entropy: bool = True  # False: the log-prob-only statistics (token_logprobs without entropy)
+    #: a loss from rewards whose advantages the fused kernel's epilogue computes (one-sweep path);
+    #: False with rewards: computed once in torch before the sweep
+    rewards_in_kernel: bool = False
+    #: whether the loss's dL/dentropy reaches the row gradient (the entropy bonus is on)
+    entropy_grad: bool = False
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -205,10 +209,39 @@ def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> O
                                hidden.shape[0], rows, vp.reduce_grad_hidden, hidden.device)
 
 
+def plan_loss(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, options: GRPOOptions,
+              execution: ExecutionOptions, vocab_parallel: VocabParallel, needs: Tuple[bool, bool, bool], *,
+              rewards: bool = False) -> Plan:
+    """The plan of a loss call over ``hidden`` [n, H], the real (unmasked) rows of mask [B, T];
+    ``rewards``: the advantages come from rewards (``grpo_loss(rewards=...)``)."""
+    B, T = mask.shape
+    lengths = None
+    if any(needs) and objective.scope(options) == "sequence":
+        # a meta mask (shape checks) has no values: every position counts, as in nonzero()
+        lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
+    return plan_call(hidden, weight, options, execution, vocab_parallel, need_grads=needs, sequence_lengths=lengths,
+                     loss=True, tokens=B * T, rewards=rewards)
+
+
+def _path(loss: bool, want_grads: bool, options: GRPOOptions, sequence_lengths, rows: int):
+    """(path, chunk bounds or None for uniform chunks): module docstring."""
+    if not want_grads:
+        return "forward", None
+    if not loss:
+        return "two_sweeps", None
+    scope = objective.scope(options)
+    if scope == "token":
+        return "one_sweep", None
+    if scope == "sequence":
+        bounds = sequence_chunks(sequence_lengths, rows)
+        return ("two_sweeps", None) if bounds is None else ("sequence_sweep", bounds)
+    return "two_sweeps", None  # the coefficients need every log-prob of the call
+
+
 def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, execution: ExecutionOptions,
               vocab_parallel: VocabParallel, *, need_grads: Tuple[bool, bool, bool] = (False, False, False),
               sequence_lengths: Optional[Sequence[int]] = None, loss: bool = False,
-              tokens: Optional[int] = None, need_entropy: bool = True) -> Plan:
+              tokens: Optional[int] = None, need_entropy: bool = True, rewards: bool = False) -> Plan:
     """The plan of one pass over ``hidden`` [n, H] (the real rows) and ``weight`` [V(_local), H].
 
     ``loss``: a loss call (paths as in the module docstring); otherwise a log-prob pass:
@@ -217,33 +250,23 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
     ``tokens``: the call's tokens, padding included (default n), which the ranks of a
     vocab-parallel call must agree on, as on the n real rows. ``need_entropy=False``: a
     log-prob pass whose entropies nobody reads (the backends skip the entropy's sum).
+    ``rewards``: a loss whose advantages come from rewards.
     """
     n = hidden.shape[0]
-    backend, reason = choose_backend(execution, hidden.device, hidden.dtype)
+    backend, _ = choose_backend(execution, hidden.device, hidden.dtype)
     rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device)
     vocab = _vocab_group(vocab_parallel, hidden, weight, n if tokens is None else tokens, rows)
     if vocab is not None:
         rows = vocab.chunk_rows  # the statistics are collective per chunk: one chunking for all
     want = any(need_grads)
-    bounds = None
-    if not want:
-        path = "forward"
-    elif not loss:
-        path = "two_sweeps"
-    elif (scope := objective.scope(options)) == "token":
-        path = "one_sweep"
-    elif scope == "sequence":
-        bounds = sequence_chunks(sequence_lengths, rows)
-        path = "two_sweeps" if bounds is None else "sequence_sweep"
-    else:  # the coefficients need every log-prob of the call
-        path = "two_sweeps"
+    path, bounds = _path(loss, want, options, sequence_lengths, rows)
     if bounds is None:
         bounds = uniform_chunks(n, rows)
+    fused = backend.row_fused_ is not None and vocab is None and objective.kernel_epilogue(options)
     return Plan(
-        backend=backend, backend_reason=reason, options=options, execution=execution, rows=n, chunk_rows=rows,
-        bounds=tuple(bounds), path=path,
-        entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
+        backend=backend, options=options, execution=execution, rows=n, chunk_rows=rows, bounds=tuple(bounds),
+        path=path, entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
         grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,
-        fused=backend.row_fused_ is not None and vocab is None and objective.kernel_epilogue(options),
-        need_entropy=need_entropy or loss,
+        fused=fused, need_entropy=need_entropy or loss, rewards_in_kernel=rewards and fused and path == "one_sweep",
+        entropy_grad=loss and options.entropy_coef != 0.0,
     )

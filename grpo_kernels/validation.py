@@ -131,7 +131,7 @@ class GRPOBatch(NamedTuple):
 
     keep: torch.Tensor  # [B, T] bool
     targets: torch.Tensor  # [B, T] int64
-    advantages: torch.Tensor  # [B] or [B, T]
+    advantages: Optional[torch.Tensor]  # [B, 1] or [B, T] (None: from rewards)
     old_logps: Optional[torch.Tensor]
     ref_logps: Optional[torch.Tensor]
     importance_sampling_ratio: Optional[torch.Tensor]  # [B, 1] or [B, T]
@@ -166,9 +166,9 @@ def grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importan
         if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
             raise ValueError(f"advantages must have shape ({B},), ({B}, 1) or ({B}, {T}), "
                              f"got {tuple(advantages.shape)}")
-        if tuple(advantages.shape) == (B, 1) and T != 1:
-            advantages = advantages.reshape(B)
         finite("advantages", advantages)
+        if advantages.dim() == 1:  # per sequence: [B, 1], the objective's broadcastable form
+            advantages = advantages.unsqueeze(1)
     finite("hidden", hidden)
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import grpo_kernels as gk
 from support import make_batch, rel_err
 
 WORLD = 2
@@ -87,8 +88,6 @@ def _backend_missing(name):
 
 
 def _vp_loss_case(rank, name, backend):
-    from grpo_kernels.distributed import vocab_parallel_grpo_loss
-
     missing = _backend_missing(backend)
     if missing:
         return {"__skip__": missing}
@@ -108,8 +107,9 @@ def _vp_loss_case(rank, name, backend):
     h = batch["hidden"].clone().requires_grad_()
     w = batch["weight"][lo:hi].clone().requires_grad_()
     b = batch["bias"][lo:hi].clone().requires_grad_()
-    loss = vocab_parallel_grpo_loss(h, w, lo, batch["targets"], batch["advantages"], batch["mask"],
-                                    batch["old_logps"], batch["ref_logps"], bias=b, chunk_size=4, **kw)
+    loss = gk.grpo_loss(h, w, batch["targets"], batch["advantages"], batch["mask"], batch["old_logps"],
+                        batch["ref_logps"], bias=b, chunk_size=4, process_group=dist.group.WORLD, vocab_start=lo,
+                        **kw)
     loss.backward()
     return {"loss": rel_err(loss, ref[0]), "grad_hidden": rel_err(h.grad, ref[1]),
             "grad_weight_shard": rel_err(w.grad, ref[2][lo:hi]), "grad_bias_shard": rel_err(b.grad, ref[3][lo:hi])}
@@ -119,9 +119,6 @@ def _vp_metrics_and_no_grad(rank):
     """return_metrics matches single-device grpo_loss; a no-grad call gives the same loss; the
     slices may sit in any rank order (rank 0 holds the upper slice here); default chunking;
     padding holds junk (-100 ids, inf logps) that must not reach the loss or the metrics."""
-    import grpo_kernels as gk
-    from grpo_kernels.distributed import vocab_parallel_grpo_loss
-
     batch = make_batch(V=V, H=H, seed=4)
     pad = ~batch["mask"]
     batch["targets"] = batch["targets"].masked_fill(pad, -100)
@@ -130,13 +127,14 @@ def _vp_metrics_and_no_grad(rank):
     kw = dict(loss_type="grpo", beta=0.05)
     lo, hi = SPLIT[1 - rank]
     args = (batch["targets"], batch["advantages"], batch["mask"], batch["old_logps"], batch["ref_logps"])
-    loss, m = vocab_parallel_grpo_loss(batch["hidden"], batch["weight"][lo:hi], lo, *args,
-                                       bias=batch["bias"][lo:hi], return_metrics=True, **kw)
+    vp = dict(process_group=dist.group.WORLD, vocab_start=lo)
+    loss, m = gk.grpo_loss(batch["hidden"], batch["weight"][lo:hi], *args, bias=batch["bias"][lo:hi],
+                           return_metrics=True, **vp, **kw)
     ref_loss, ref_m = gk.grpo_loss(batch["hidden"], batch["weight"], *args, bias=batch["bias"], return_metrics=True,
                                    backend="torch", **kw)
     with torch.no_grad():
-        loss_ng = vocab_parallel_grpo_loss(batch["hidden"], batch["weight"][lo:hi], lo, *args,
-                                           bias=batch["bias"][lo:hi], **kw)
+        loss_ng = gk.grpo_loss(batch["hidden"], batch["weight"][lo:hi], *args, bias=batch["bias"][lo:hi], **vp,
+                               **kw)
     out = {"loss": rel_err(loss, ref_loss), "loss_no_grad": rel_err(loss_ng, ref_loss)}
     for f in ("logps", "entropy", "kl_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
               "entropy_mean"):
@@ -146,7 +144,6 @@ def _vp_metrics_and_no_grad(rank):
 
 def _vp_token_logprobs(rank):
     """Global logp and entropy, and their gradients (through both) on a vocab-sharded head."""
-    from grpo_kernels.distributed import vocab_parallel_token_logprobs
     from grpo_kernels.reference import reference_token_logprobs
 
     batch = make_batch(V=V, H=H, seed=5)
@@ -162,12 +159,12 @@ def _vp_token_logprobs(rank):
     h = batch["hidden"].clone().requires_grad_()
     w = batch["weight"][lo:hi].clone().requires_grad_()
     b = batch["bias"][lo:hi].clone().requires_grad_()
-    logp, ent = vocab_parallel_token_logprobs(h, w, lo, batch["targets"], bias=b, return_entropy=True,
-                                              chunk_size=4, **kw)
+    logp, ent = gk.token_logprobs(h, w, batch["targets"], bias=b, return_entropy=True, chunk_size=4,
+                                  process_group=dist.group.WORLD, vocab_start=lo, **kw)
     ((logp * c1).sum() + (ent * c2).sum()).backward()
     with torch.no_grad():  # the rank-order default for vocab_start
-        logp_only = vocab_parallel_token_logprobs(batch["hidden"], batch["weight"][lo:hi], None, batch["targets"],
-                                                  bias=batch["bias"][lo:hi], **kw)
+        logp_only = gk.token_logprobs(batch["hidden"], batch["weight"][lo:hi], batch["targets"],
+                                      bias=batch["bias"][lo:hi], process_group=dist.group.WORLD, **kw)
     return {"logp": rel_err(logp, rl), "entropy": rel_err(ent, re), "logp_vocab_start_none": rel_err(logp_only, rl),
             "grad_hidden": rel_err(h.grad, H_.grad), "grad_weight_shard": rel_err(w.grad, W_.grad[lo:hi]),
             "grad_bias_shard": rel_err(b.grad, B_.grad[lo:hi])}
@@ -179,8 +176,6 @@ def _vp_dtensor(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
-
-    from grpo_kernels.distributed import vocab_parallel_grpo_loss
 
     batch = make_batch(V=V, H=H, seed=6, bias=False)
     kw = dict(loss_type="dapo", beta=0.04)
@@ -195,8 +190,8 @@ def _vp_dtensor(rank):
         assert isinstance(head.weight, DTensor) and head.weight.to_local().shape[0] == SPLIT[rank][1] - SPLIT[rank][0]
         h = batch["hidden"].clone().requires_grad_()
         hid = DTensor.from_local(h, mesh, [Replicate()]) if how == "dtensor_hidden" else h
-        loss = vocab_parallel_grpo_loss(hid, head.weight, None, batch["targets"], batch["advantages"], batch["mask"],
-                                        batch["old_logps"], batch["ref_logps"], **kw)
+        loss = gk.grpo_loss(hid, head.weight, batch["targets"], batch["advantages"], batch["mask"],
+                            batch["old_logps"], batch["ref_logps"], process_group=dist.group.WORLD, **kw)
         loss.backward()
         out[f"{how}/loss"] = rel_err(loss, ref[0])
         out[f"{how}/grad_hidden"] = rel_err(h.grad, ref[1])
@@ -206,12 +201,10 @@ def _vp_dtensor(rank):
 
 def _vp_bad_slices(rank):
     """Overlapping slices raise the same ValueError on every rank (no rank left waiting)."""
-    from grpo_kernels.distributed import vocab_parallel_grpo_loss
-
     batch = make_batch(V=V, H=H, seed=7)
     try:
-        vocab_parallel_grpo_loss(batch["hidden"], batch["weight"][:19], 0, batch["targets"], batch["advantages"],
-                                 batch["mask"])
+        gk.grpo_loss(batch["hidden"], batch["weight"][:19], batch["targets"], batch["advantages"], batch["mask"],
+                     process_group=dist.group.WORLD, vocab_start=0)
     except ValueError as exc:
         return {"raised": 0.0 if "do not tile" in str(exc) else 1.0}
     return {"raised": 1.0}

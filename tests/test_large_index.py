@@ -23,6 +23,7 @@ import torch
 from support import backend_params, require
 from grpo_kernels import grpo_loss, plan, sweep, token_logprobs
 from grpo_kernels.backends.torch_chunked import BACKEND as TORCH
+from grpo_kernels.calls import LossCall
 from grpo_kernels.loss import grpo_loss_forward
 from grpo_kernels.epilogue import TokenInputs
 from grpo_kernels.objective import LossInputs
@@ -116,9 +117,10 @@ def test_fused_loss_on_meta_past_2_31(level, recorded_chunks, meta_nonzero):
                        loss_type="grpo").validate()
     inputs = LossInputs(mask=_meta(B, T, dtype=torch.bool), adv=f32(B, T), old=f32(B, T), ref=f32(B, T),
                         is_ratio=f32(B, T))
-    loss, logp, ent, gh, gw, gb, _ = grpo_loss_forward(
-        _meta(N, H), _meta(V, H), _meta(V), _meta(N, dtype=torch.int64), inputs, opts,
-        ExecutionOptions(backend="torch", chunk_size=N), VocabParallel(), (True, True, True))
+    loss, logp, ent, gh, gw, gb, _ = grpo_loss_forward(LossCall(
+        hidden=_meta(N, H), weight=_meta(V, H), bias=_meta(V), targets=_meta(N, dtype=torch.int64), inputs=inputs,
+        options=opts, execution=ExecutionOptions(backend="torch", chunk_size=N), vocab_parallel=VocabParallel(),
+        needs=(True, True, True)))
     assert loss.shape == () and logp.shape == ent.shape == (N,)
     assert gh.shape == (N, H) and gw.shape == (V, H) and gb.shape == (V,)
     _assert_python_ints(recorded_chunks, N)

@@ -79,8 +79,8 @@ def test_sequence_level_paths_match_oracle(backend, dtype, path, loss_type, logi
 @pytest.mark.parametrize(
     "extra",
     [dict(top_entropy_quantile=0.4), dict(use_bias_correction_kl=True, beta=0.1), dict(delta=1.2),
-     dict(importance_sampling_ratio="row")],
-    ids=["entropy_quantile", "bias_correction_kl", "delta", "vllm_is_ratio"],
+     dict(importance_sampling_ratio="row"), dict(entropy_coef=0.2)],
+    ids=["entropy_quantile", "bias_correction_kl", "delta", "vllm_is_ratio", "entropy_bonus"],
 )
 def test_sequence_level_aligned_options(backend, extra, logits_rows):
     require(backend, DEVICE, torch.float64)

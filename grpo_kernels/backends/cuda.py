@@ -246,10 +246,6 @@ def load_extension(allow_build: bool = True):
         return module
 
 
-def extension_has_cuda() -> bool:
-    return bool(load_extension().has_cuda())
-
-
 # -- the backend -----------------------------------------------------------------------
 
 

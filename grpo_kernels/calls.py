@@ -1,0 +1,142 @@
+"""One call of a fused custom op, by name: what crosses the op boundary (``grpo_kernels.ops``).
+
+A ``torch.library`` custom op (what keeps ``torch.compile(fullgraph=True)`` free of graph
+breaks) takes flat arguments only: tensors, numbers, strings, lists. A call's objects (its
+tensors, the per-call ``objective.LossInputs``, the three option objects) are therefore
+flattened into the op's arguments on one side and rebuilt on the other. The classes here are
+the only place that does it, by name:
+
+- ``PARAMS``: the op's arguments as (name, type) pairs; ``grpo_kernels.ops`` defines each op's
+  schema from them;
+- ``to_op_args()``: the call as those arguments, in that order (the caller's side);
+- ``from_op_args(args)``: the call back from them, each value looked up by its name (the op's
+  side: its implementation, fake implementation and autograd).
+
+So ``grpo_loss(beta=...)`` -> ``GRPOOptions.beta`` -> ``LossCall.options`` -> the op argument
+``GRPOOptions_beta`` (``options.option_op_args``) -> ``LossCall.options.beta`` again
+(``options.options_from_op_args``) inside the op, where ``loss.grpo_loss_forward`` runs the call.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, List, Optional, Sequence, Tuple
+
+from torch import Tensor
+
+from grpo_kernels import objective
+from grpo_kernels.options import (OPTION_OP_PARAMS, ExecutionOptions, GRPOOptions, VocabParallel, option_op_args,
+                                  options_from_op_args)
+
+Params = Tuple[Tuple[str, object], ...]
+
+#: the lm_head pass every op starts with: hidden [n, H], weight [V, H], bias [V], targets [n] int64
+HEAD_PARAMS: Params = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
+#: the per-call tensors of ``objective.LossInputs`` the loss op takes, in field order: a field added
+#: there reaches the op with no other change (``entropy_mask`` is derived inside the op)
+LOSS_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs)
+                          if f.name not in objective.DERIVED_INPUTS)
+LOSS_INPUT_PARAMS: Params = tuple((n, Tensor if n == "mask" else Optional[Tensor]) for n in LOSS_INPUT_FIELDS)
+#: the row statistics and upstream gradients the log-prob backward takes, all [n]
+LOGPROBS_GRAD_PARAMS: Params = (("lse", Tensor), ("entropy", Tensor), ("target_logit", Tensor),
+                                ("grad_logp", Tensor), ("grad_entropy", Optional[Tensor]))
+
+
+def _names(params: Params) -> Tuple[str, ...]:
+    return tuple(name for name, _ in params)
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """A ``grpo_kernels::grpo_loss`` call. hidden [B*T, H], weight [V, H] (this rank's rows under
+    vocab parallelism), bias [V] or None, targets [B*T] int64 (global ids), ``inputs`` the per-call
+    tensors ([B, T]; ``adv`` and ``is_ratio`` may be [B, 1]; padding positions hold 0), the options,
+    and ``needs``: the gradients wanted for (hidden, weight, bias)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    targets: Tensor
+    inputs: objective.LossInputs
+    options: GRPOOptions
+    execution: ExecutionOptions
+    vocab_parallel: VocabParallel
+    needs: Tuple[bool, bool, bool]
+
+    PARAMS: ClassVar[Params] = HEAD_PARAMS + LOSS_INPUT_PARAMS + OPTION_OP_PARAMS + (("needs", List[bool]),)
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+
+    def to_op_args(self) -> tuple:
+        return (self.hidden, self.weight, self.bias, self.targets,
+                *(getattr(self.inputs, name) for name in LOSS_INPUT_FIELDS),
+                *option_op_args(self.options, self.execution, self.vocab_parallel), list(self.needs))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "LossCall":
+        a = dict(zip(cls.NAMES, args))
+        return cls(hidden=a["hidden"], weight=a["weight"], bias=a["bias"], targets=a["targets"],
+                   inputs=objective.LossInputs(**{name: a[name] for name in LOSS_INPUT_FIELDS}),
+                   **options_from_op_args(a), needs=tuple(a["needs"]))
+
+
+@dataclass(frozen=True)
+class LogprobsCall:
+    """A ``grpo_kernels::token_logprobs`` call: hidden [n, H], weight [V, H], bias [V] or None,
+    targets [n] int64; without ``need_entropy`` the entropies are not computed."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    targets: Tensor
+    options: GRPOOptions
+    execution: ExecutionOptions
+    vocab_parallel: VocabParallel
+    need_entropy: bool
+
+    PARAMS: ClassVar[Params] = HEAD_PARAMS + OPTION_OP_PARAMS + (("need_entropy", bool),)
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+
+    def to_op_args(self) -> tuple:
+        return (self.hidden, self.weight, self.bias, self.targets,
+                *option_op_args(self.options, self.execution, self.vocab_parallel), self.need_entropy)
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "LogprobsCall":
+        a = dict(zip(cls.NAMES, args))
+        return cls(hidden=a["hidden"], weight=a["weight"], bias=a["bias"], targets=a["targets"],
+                   **options_from_op_args(a), need_entropy=a["need_entropy"])
+
+
+@dataclass(frozen=True)
+class LogprobsGradCall:
+    """A ``grpo_kernels::token_logprobs_backward`` call: the forward's head and options, its row
+    statistics (lse, entropy, target_logit, [n]) and the upstream gradients of logp and entropy
+    ([n]; ``grad_entropy`` None: the entropy reached no loss), and the gradients wanted."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    targets: Tensor
+    lse: Tensor
+    entropy: Tensor
+    target_logit: Tensor
+    grad_logp: Tensor
+    grad_entropy: Optional[Tensor]
+    options: GRPOOptions
+    execution: ExecutionOptions
+    vocab_parallel: VocabParallel
+    needs: Tuple[bool, bool, bool]
+
+    PARAMS: ClassVar[Params] = HEAD_PARAMS + LOGPROBS_GRAD_PARAMS + OPTION_OP_PARAMS + (("needs", List[bool]),)
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+
+    def to_op_args(self) -> tuple:
+        return (self.hidden, self.weight, self.bias, self.targets, self.lse, self.entropy, self.target_logit,
+                self.grad_logp, self.grad_entropy,
+                *option_op_args(self.options, self.execution, self.vocab_parallel), list(self.needs))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "LogprobsGradCall":
+        a = dict(zip(cls.NAMES, args))
+        return cls(**{name: a[name] for name in _names(HEAD_PARAMS + LOGPROBS_GRAD_PARAMS)},
+                   **options_from_op_args(a), needs=tuple(a["needs"]))
