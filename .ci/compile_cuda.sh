@@ -6,8 +6,9 @@
 #   2. g++ compiles csrc/bindings.cpp with -DGRPO_WITH_CUDA (its CUDA branches: the CPU JIT build
 #      never sees them), against torch's headers (torch.utils.cpp_extension.include_paths()),
 #      Python's and the CUDA toolkit's ($CUDA_HOME/include, else next to nvcc).
-#   3. every undefined grpo::*_cuda symbol of bindings.o is defined by the .cu objects (nm -C),
-#      i.e. the extension would link.
+#   3. every undefined grpo::*_cuda symbol of bindings.o is defined by the .cu objects (nm -C,
+#      so a parameter type that differs counts as missing), i.e. the extension would link; the
+#      names checked are CUDA_ENTRY_REGEX's (default: grpo::...::*_cuda functions and templates).
 # Exits 0 with a message when nvcc is not installed; prints each step's time.
 set -euo pipefail
 
@@ -103,7 +104,10 @@ took "g++ bindings.cpp -DGRPO_WITH_CUDA"
 
 # -- 3. the symbols the bindings call are the ones the kernels define -------------------------
 # nm -C: demangled, so a changed parameter type shows as a different signature
-needed="$(nm -C --undefined-only "${OUT}/bindings.o" | sed -n 's/^ *U //p' | grep -E '^grpo::[A-Za-z0-9_]+_cuda\(' | sort -u || true)"
+# the entry points: functions (templates too) of namespace grpo or one nested in it, named *_cuda
+default_regex='^grpo::[A-Za-z0-9_:]*_cuda[<(]'
+CUDA_ENTRY_REGEX="${CUDA_ENTRY_REGEX:-${default_regex}}"
+needed="$(nm -C --undefined-only "${OUT}/bindings.o" | sed -n 's/^ *U //p' | grep -E "${CUDA_ENTRY_REGEX}" | sort -u || true)"
 defined="$(for obj in "${OUT}"/*.o; do [[ "${obj}" == "${OUT}/bindings.o" ]] || nm -C --defined-only "${obj}"; done \
   | sed -n 's/^[0-9a-fA-F]* [TtWw] //p' | sort -u)"
 if [[ -z "${needed}" ]]; then
