@@ -18,7 +18,9 @@ job starts after --budget-s, so that one GPU run fits in 8 minutes. The cpp exte
 built once, up front, so that no timed call pays for it.
 
 Outputs under --out: report.md (also printed to stdout), results.json, <set>_loss.png and
-<set>_logprobs.png (time and peak memory vs N per case). No assertion on time anywhere.
+<set>_logprobs.png (time and peak memory vs N per case). No assertion on time anywhere; the
+exit status is 1 when a row is an error or an OOM, or a check value is over its tolerance
+(bench/verdict.py).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from bench import cases as case_defs  # noqa: E402
+from bench import verdict  # noqa: E402
 from bench.cases import RATIO_PEERS, Case, Shape  # noqa: E402
 
 TEST_FILE = os.path.join("bench", "test_bench.py")
@@ -281,13 +284,8 @@ def _check_delta(idx, r) -> str:
         return "-"
     if r["case"] == "ref:eager":
         return "(ref)"
-    level = r["case"].split(":")[2:]  # the level cases are compared to the torch backend's
-    for ref_case in ("ref:eager", "ref:compile", ":".join(["ours:torch"] + level)):
-        ref = idx.get((r["kind"], ref_case, r["shape"]))
-        if ref is not None and _ok(ref) and ref.get("check") is not None and ref is not r:
-            denom = abs(ref["check"]) or 1.0
-            return f"{abs(r['check'] - ref['check']) / denom:.0e}"
-    return "-"
+    delta = verdict.check_delta(idx, r)
+    return "-" if delta is None else f"{delta:.0e}"
 
 
 def _columns(results, kind: str, shape: str):
@@ -556,7 +554,11 @@ def run_sweep(args, device: torch.device, log=print) -> int:
     interleaved (forward, then backward order, ...) so that a drift of the machine's speed falls
     on every case alike."""
     set_name = args.set or "chunks"
-    shapes = [s for s in case_defs.SETS[set_name] if not args.n or s.N in args.n]
+    shapes = [s for s in case_defs.SETS[set_name] if (not args.n or s.N in args.n)
+              and (not args.shapes or s.name in args.shapes)]
+    if args.shapes and not shapes:
+        ap.error(f"--shapes {' '.join(args.shapes)}: none in set {set_name!r} "
+                 f"({' '.join(s.name for s in case_defs.SETS[set_name])})")
     grid = case_defs.chunk_grid(args.chunk_backends, args.chunk_rows, args.chunk_bytes)
     if args.cases:
         grid = [c for c in grid if c.id in args.cases]
@@ -667,6 +669,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", choices=sorted(case_defs.SETS), help="shape set (default: from the device)")
     ap.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--n", type=int, nargs="*", help="only these N")
+    ap.add_argument("--shapes", nargs="*", help="only these shape names (e.g. N8192-H4096-V151936-bf16)")
     ap.add_argument("--cases", nargs="*", help="only these case ids (e.g. ours:torch ref:eager floor)")
     ap.add_argument("--kinds", nargs="*", choices=["loss", "logprobs", "floor", "level"],
                     help=f"only these kinds (default {' '.join(case_defs.REPORT_KINDS)})")
@@ -701,7 +704,11 @@ def main(argv=None) -> int:
     if args.sweep_chunks:
         return run_sweep(args, device)
     set_name = args.set or case_defs.default_set(device, args.quick)
-    shapes = [s for s in case_defs.SETS[set_name] if not args.n or s.N in args.n]
+    shapes = [s for s in case_defs.SETS[set_name] if (not args.n or s.N in args.n)
+              and (not args.shapes or s.name in args.shapes)]
+    if args.shapes and not shapes:
+        ap.error(f"--shapes {' '.join(args.shapes)}: none in set {set_name!r} "
+                 f"({' '.join(s.name for s in case_defs.SETS[set_name])})")
     kinds = args.kinds or case_defs.REPORT_KINDS
     selected = case_defs.select(kinds, args.cases, device_type=device.type)
     before = os.path.abspath(args.compare_with) if args.compare_with else None
@@ -763,7 +770,16 @@ def main(argv=None) -> int:
         meta["before"] = (f"`before:*` = the grpo_kernels of {before} at {_git(before)}, each case in a fresh "
                           "process (on the CPU their `ours:*` counterparts too); `ours:*` = this checkout's")
     _write(args.out, results, meta)
-    return 0
+    return _verdict(results)
+
+
+def _verdict(results) -> int:
+    """The exit status: 1 when a row is an error / OOM or a check is over its tolerance
+    (bench/verdict.py), with one line per reason."""
+    failed = verdict.failures(results)
+    for line in failed:
+        print(f"bench FAILED: {line}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ depends on a top-level package named ``tests`` being ours.
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 
 import pytest
@@ -41,10 +42,37 @@ def backend_params(names=BACKENDS):
     return [pytest.param(n, id=n) for n in names]
 
 
+#: the setting that turns "cannot run here" into a failure for the backends it lists
+REQUIRE_ENV = "GRPO_KERNELS_REQUIRE_BACKENDS"
+
+
+def required_backends() -> frozenset:
+    """The backends ``GRPO_KERNELS_REQUIRE_BACKENDS`` lists (comma-separated, e.g. ``cpp,triton``):
+    on a machine where they must run (the GPU check sets it), a test that cannot run one fails
+    instead of skipping, so a failed JIT build or a missing Triton is never a green run. ``cuda``
+    is the cpp backend's other name."""
+    raw = os.environ.get(REQUIRE_ENV, "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    known = set(BACKENDS) | {"cuda"}
+    unknown = names - known
+    if unknown:
+        raise ValueError(f"{REQUIRE_ENV}={raw!r}: unknown backend(s) {sorted(unknown)}; known: {sorted(known)}")
+    return frozenset("cpp" if n == "cuda" else n for n in names)
+
+
+def skip_or_fail(name: str, reason: str) -> None:
+    """Skip with ``reason``, or fail when backend ``name`` is required (``required_backends``)."""
+    if ("cpp" if name == "cuda" else name) in required_backends():
+        pytest.fail(f"backend {name!r} is required here ({REQUIRE_ENV}) but cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def require(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Skip (or fail, when ``name`` is required: ``required_backends``) unless backend ``name``
+    runs on (device, dtype) here."""
     reason = unavailable_reason(name, device, dtype)
     if reason is not None:
-        pytest.skip(reason)
+        skip_or_fail(name, reason)
 
 
 def device_for_tests() -> str:

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import test_cpp_backend as bindings  # noqa: E402
+from support import skip_or_fail  # noqa: E402
 import test_row_pass_contract as contract  # noqa: E402
 
 pytestmark = [
@@ -37,8 +38,8 @@ def ext():
     from grpo_kernels.backends import cuda
 
     reason = cuda.BACKEND.supports(torch.device("cuda"), torch.bfloat16)
-    if reason is not None:
-        pytest.skip(f"backend 'cuda' unavailable: {reason}")
+    if reason is not None:  # a failure where the backend is required (GRPO_KERNELS_REQUIRE_BACKENDS)
+        skip_or_fail("cpp", f"backend 'cuda' unavailable: {reason}")
     module = cuda.load_extension()
     assert module.has_cuda(), "nvcc and CUDA torch are here, yet the loaded extension has no CUDA kernels"
     return module

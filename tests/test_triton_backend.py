@@ -6,8 +6,8 @@ tests/test_row_pass_contract.py, with the default launch (interpreter: a 128 til
 autotuned). Here: ``supports()``; the vocabulary tiles (small fixed tiles, ``GRPO_KERNELS_TRITON_BLOCK_V``)
 through the contract's checks; when autotuning is on (``use_autotune(deterministic)``: never under
 the interpreter, ``GRPO_KERNELS_TRITON_AUTOTUNE=0``, a fixed tile or a deterministic run) and the
-autotuner's config pruning; group_normalize looping over groups longer than its tile; and the
-compiled (sm_90) kernels building without a GPU. GPU only (marked ``gpu``, skipped without CUDA):
+autotuner's config pruning; group_normalize looping over groups longer than its tile. The compiled (sm_90) kernels building
+without a GPU: tests/test_triton_compile.py. GPU only (marked ``gpu``, skipped without CUDA):
 autotuned and fixed configs agree, deterministic runs are bitwise equal, a chunk whose element
 offsets pass 2^31.
 
@@ -259,62 +259,3 @@ def test_gpu_int64_row_offsets():
     expect = contract.reference_grad(zt, tg[tail], dlogp[tail], None, options)
     contract.close(z[tail], expect, contract.GRAD_TOL[torch.bfloat16], "grad", scale=dlogp[tail].abs().max().item())
 
-
-# ----------------------------------------------------------------------------- the compiled (GPU) path, without a GPU
-
-_COMPILE_SCRIPT = r"""
-import triton, triton.language as tl
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from grpo_kernels.backends.triton import advantages_kernel as ak, row_kernels as rk
-
-def build(fn, types, consts, num_warps):
-    sig = {name: ("constexpr" if name in consts else types[name]) for name in fn.arg_names}
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": num_warps, "num_stages": 2})
-
-row = dict(stride="i64", tgt_ptr="*i64", V="i32", temperature="fp64", softcap="fp64")
-scal = dict(lo="fp64", hi="fp64", delta="fp64", eh="fp64", beta="fp64", tau_pos="fp64", tau_neg="fp64")
-for zt, a, acc in (("bf16", "fp32", tl.float32), ("fp64", "fp64", tl.float64)):
-    build(rk.row_stats_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, tgl_ptr="*" + a),
-          dict(HAS_SOFTCAP=True, HAS_TEMP=True, ACC=acc, BLOCK_V=4096, HAS_ENT=True), 8)
-    build(rk.row_stats_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, tgl_ptr="*" + a),
-          dict(HAS_SOFTCAP=False, HAS_TEMP=False, ACC=acc, BLOCK_V=4096, HAS_ENT=False), 8)  # the log-prob-only pass
-    build(rk.row_grad_kernel, dict(row, z_ptr="*" + zt, lse_ptr="*" + a, ent_ptr="*" + a, dlogp_ptr="*" + a,
-                                   dent_ptr="*" + a), dict(HAS_SOFTCAP=True, HAS_TEMP=True, HAS_DENT=True, ACC=acc,
-                                                           BLOCK_V=2048), 8)
-    vecs = {k + "_ptr": "*" + a for k in ("old", "adv", "weight", "ref", "scale", "lse", "ent", "tgl", "loss", "dlogp",
-                                          "rew", "rw", "adv_out")}
-    rew = dict(seq_ptr="*i64", K="i32", B="i32", G="i32", reward_eps="fp64")
-    for loss in (0, 1, 2):
-        build(rk.row_fused_kernel, dict(row, **scal, **vecs, **rew, z_ptr="*" + zt),
-              dict(CAP=88.722, MAXF=3.0e38, HAS_SOFTCAP=loss == 0, HAS_TEMP=True, ACC=acc, LOSS=loss,
-                   HAS_OLD=loss != 2, HAS_DELTA=loss == 0, HAS_SCALE=True, HAS_KL=True, BIAS_KL=loss == 1,
-                   HAS_REWARDS=False, SCALE=0, RBLOCK=16, BLOCK_V=4096), 16)
-    for scale in (0, 1, 2):  # the epilogue's rewards -> advantages, each scale mode
-        build(rk.row_fused_kernel, dict(row, **scal, **vecs, **rew, z_ptr="*" + zt),
-              dict(CAP=88.722, MAXF=3.0e38, HAS_SOFTCAP=False, HAS_TEMP=False, ACC=acc, LOSS=0, HAS_OLD=True,
-                   HAS_DELTA=False, HAS_SCALE=False, HAS_KL=True, BIAS_KL=False, HAS_REWARDS=True, SCALE=scale,
-                   RBLOCK=256, BLOCK_V=4096), 16)
-    build(ak.batch_std_kernel, dict(r_ptr="*" + a, std_ptr="*" + a, B="i32"), dict(ACC=acc, BLOCK=1024), 4)
-    for mode in (0, 1, 3):
-        build(ak.group_normalize_kernel, dict(r_ptr="*" + a, out_ptr="*" + a, std_ptr="*" + a, G="i32", eps="fp64"),
-              dict(MAXF=3.0e38, MODE=mode, ACC=acc, BLOCK=64), 4)
-print("COMPILED OK")
-"""
-
-
-def test_kernels_compile_for_cuda():
-    """The non-interpreted path (libdevice tanh, fp64 scalar arguments, every kernel) compiles to an
-    sm_90 cubin with Triton's own toolchain: no GPU needed, so CPU-only CI checks it too."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=root)
-    if out.returncode != 0 and ("ptxas" in out.stderr and "not found" in out.stderr.lower()):
-        pytest.skip("no ptxas in this triton installation")
-    assert out.returncode == 0 and "COMPILED OK" in out.stdout, out.stderr[-4000:]
