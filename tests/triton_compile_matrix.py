@@ -61,12 +61,12 @@ def _row_configs(kind: str, v: int):
     """The (BLOCK_V, num_warps, num_stages) a launch at vocabulary ``v`` can use: the autotuner's
     configs after its pruning, and the fixed tile."""
     import triton  # noqa: F401 - the kernels' module needs it imported
-    from grpo_kernels.backends.triton import _common, row_kernels as rk
+    from grpo_kernels.backends.triton import common, row_kernels as rk
 
     tuned = {"stats": rk.row_stats_tuned, "grad": rk.row_grad_tuned, "fused": rk.row_fused_tuned}[kind]
     kept = tuned.early_config_prune(tuned.configs, {"V": v}) if tuned.early_config_prune else tuned.configs
     out = {(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages) for c in kept}
-    block, launch = _common.fixed_row_config(v)
+    block, launch = common.fixed_row_config(v)
     out.add((block, launch.get("num_warps", 4), launch.get("num_stages", DEFAULT_STAGES)))
     return out
 
