@@ -329,8 +329,10 @@ def test_model_grpo_loss_on_policy_and_metrics():
     mask = completion_mask.bool()
     torch.testing.assert_close(m.logps[mask], em["logps"][mask], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m.entropy[mask], em["entropy"][mask], rtol=1e-10, atol=1e-12)
-    for key in ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
-        torch.testing.assert_close(getattr(m, key).double(), em[key].double(), rtol=1e-10, atol=1e-12)
+    for key in ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
+                "seq_clip_ratio_low", "seq_clip_ratio_high"):
+        torch.testing.assert_close(getattr(m, key).double(), em[key].double(), rtol=1e-10, atol=1e-12,
+                                   equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_tied", "gemma2_softcap", "phi_bias", "cohere_logit_scale"])
