@@ -280,6 +280,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
             clip_ratio_low=m.get("clip_ratio_low"), clip_ratio_high=m.get("clip_ratio_high"),
             clip_ratio_region=m.get("clip_ratio_region"), cispo_clip_ratio=m.get("cispo_clip_ratio"),
             entropy_mean=m["entropy_mean"], advantages=computed,
+            seq_clip_ratio_low=m.get("seq_clip_ratio_low"), seq_clip_ratio_high=m.get("seq_clip_ratio_high"),
         )
 
     grad_on = torch.is_grad_enabled()

@@ -37,6 +37,10 @@ class GRPOMetrics:
     entropy_mean: torch.Tensor
     #: [B]: the advantages computed from ``rewards=`` (None when the caller gave advantages)
     advantages: Optional[torch.Tensor] = None
+    #: [B]: each sequence's share of low / high clipped tokens (TRL logs their min / max;
+    #: NaN for a row without tokens); None where ``clip_ratio_low`` is None
+    seq_clip_ratio_low: Optional[torch.Tensor] = None
+    seq_clip_ratio_high: Optional[torch.Tensor] = None
 
 
 def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None) -> GRPOMetrics:
@@ -50,10 +54,13 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
             return x.sum() / max(x.shape[0], 1)
         return (x * m).sum() / count
 
+    def seq_mean(x):  # TRL's masked_seq_mean: a [B, 1] value already is one per sequence
+        return x.squeeze(1) if x.shape[1] == 1 else (x * m).sum(-1) / m.sum(-1)
+
     old = logp if old is None else old.to(logp.dtype)
     w = importance_weights(logp, old, mask, options.importance_sampling_level)
     A_w = adv.to(logp.dtype)
-    kl_mean = low = high = region = cispo = None
+    kl_mean = low = high = region = cispo = seq_low = seq_high = None
     if options.beta != 0.0:
         kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator)
         if options.use_bias_correction_kl:
@@ -67,6 +74,7 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
         is_high = (wc > 1 + options.eps_high) & (A_w > 0)
         low, high = masked_mean(is_low.to(logp.dtype)), masked_mean(is_high.to(logp.dtype))
         region = masked_mean((is_low | is_high).to(logp.dtype))
+        seq_low, seq_high = seq_mean(is_low.to(logp.dtype)), seq_mean(is_high.to(logp.dtype))
     elif options.loss_type == "cispo":
         cispo = masked_mean(((w > options.eps_high) & (A_w > 0)).to(logp.dtype))
     entropy_mean = (entropy * m).sum() / count
@@ -80,4 +88,6 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
         clip_ratio_region=region,
         cispo_clip_ratio=cispo,
         entropy_mean=entropy_mean,
+        seq_clip_ratio_low=seq_low,
+        seq_clip_ratio_high=seq_high,
     )

@@ -196,6 +196,9 @@ def reference_grpo_loss(
         metrics["clip_ratio_low"] = global_masked_mean(is_low.to(hidden.dtype))
         metrics["clip_ratio_high"] = global_masked_mean(is_high.to(hidden.dtype))
         metrics["clip_ratio_region"] = global_masked_mean((is_low | is_high).to(hidden.dtype))
+        for key, x in (("seq_clip_ratio_low", is_low), ("seq_clip_ratio_high", is_high)):  # TRL's masked_seq_mean
+            x = x.to(hidden.dtype)
+            metrics[key] = x.squeeze(1) if x.shape[1] == 1 else (x * mask).sum(-1) / mask.sum(-1)
     elif o.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (advantages > 0)).to(hidden.dtype))
     return loss, metrics

@@ -329,8 +329,39 @@ def test_model_grpo_loss_on_policy_and_metrics():
     mask = completion_mask.bool()
     torch.testing.assert_close(m.logps[mask], em["logps"][mask], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m.entropy[mask], em["entropy"][mask], rtol=1e-10, atol=1e-12)
-    for key in ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region"):
-        torch.testing.assert_close(getattr(m, key).double(), em[key].double(), rtol=1e-10, atol=1e-12)
+    for key in ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region",
+                "seq_clip_ratio_low", "seq_clip_ratio_high"):
+        torch.testing.assert_close(getattr(m, key).double(), em[key].double(), rtol=1e-10, atol=1e-12,
+                                   equal_nan=True)
+
+
+@pytest.mark.parametrize("config", ["dapo", "grpo_beta_seq", "bnpo_delta", "cispo"])
+def test_model_grpo_loss_off_policy_metrics(config):
+    """Off-policy: every GRPOMetrics value equals the oracle's, the per-sequence clip ratios (what TRL's
+    clip_ratio/low_min and high_max are taken over) included; NaN for the fully masked row at token level."""
+    model = build("llama")
+    input_ids, attention_mask, completion_ids, completion_mask, adv = inputs = inputs_for("llama", seed=7)
+    opts = LOSS_CONFIGS[config]
+    old, ref = _old_ref(model, inputs, opts.get("temperature", 1.0), spread=0.5)
+    _, m = gkt.model_grpo_loss(model, input_ids, attention_mask, completion_ids, completion_mask, adv, old, ref,
+                               return_metrics=True, **opts)
+    _, em = oracle_loss(model, input_ids, attention_mask, completion_ids, completion_mask, adv, old, ref,
+                        return_metrics=True, **opts)
+    keys = ("kl_mean", "entropy_mean", "clip_ratio_low", "clip_ratio_high", "clip_ratio_region", "cispo_clip_ratio",
+            "seq_clip_ratio_low", "seq_clip_ratio_high")
+    for key in keys:
+        got, want = getattr(m, key), em.get(key)
+        assert (got is None) == (want is None), key
+        if got is not None:
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-10, atol=1e-12, equal_nan=True)
+    if config == "cispo":
+        assert m.seq_clip_ratio_low is None and m.seq_clip_ratio_high is None  # TRL logs them for clipped types
+        return
+    seq = torch.stack([m.seq_clip_ratio_low, m.seq_clip_ratio_high])
+    assert seq.shape == (2, adv.shape[0])
+    assert bool((seq.nan_to_num() > 0).any()), "no clipping: the comparison above would prove nothing"
+    token_level = opts.get("importance_sampling_level", "token") == "token"
+    assert bool(seq[:, 2].isnan().all()) == token_level  # row 2 has no completion tokens
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2_tied", "gemma2_softcap", "phi_bias", "cohere_logit_scale"])

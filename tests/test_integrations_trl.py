@@ -265,11 +265,22 @@ def assert_metrics_close(m1, m2, tol):
 
 
 class _Procs:
-    """The trainer's accelerator seen as one of ``n`` processes (collectives are the 1-process ones)."""
+    """The trainer's accelerator seen as one of ``n`` processes (collectives are the 1-process ones).
 
-    def __init__(self, accelerator, n):
+    ``other``: a ``(sum, count)`` that a summing reduce of a 2-vector adds, as if another process
+    held it: TRL's ``global_masked_mean`` reduces ``[local_sum, local_count]``, so the metrics equal
+    TRL's only when each local (sum, count) pair does (a local mean alone would not show it)."""
+
+    def __init__(self, accelerator, n, other=None):
         self._acc = accelerator
         self.num_processes = n
+        self._other = other
+
+    def reduce(self, tensor, reduction="sum"):
+        out = self._acc.reduce(tensor, reduction=reduction)
+        if self._other is not None and reduction == "sum" and tuple(out.shape) == (2,):
+            out = out + torch.tensor(self._other, dtype=out.dtype, device=out.device)
+        return out
 
     def __getattr__(self, name):
         return getattr(self._acc, name)
@@ -339,6 +350,13 @@ CASES = {
     "entropy_off_policy_mask": (dict(loss_type="dapo", entropy_coef=0.05, off_policy_mask_threshold=0.02),
                                 dict(sampling=True), {}),
     "entropy_vllm_is": (dict(loss_type="grpo", entropy_coef=0.05), dict(is_ratio="token"), dict(vllm=True)),
+    # the metrics' (sum, count) pairs across processes: token counts, row counts ([B, 1] values), float32 flags
+    "reduced_grpo_beta": (dict(loss_type="grpo", beta=0.05), dict(ref=True), dict(procs=2, other=(0.3, 5.0))),
+    "reduced_dapo_sequence": (dict(loss_type="dapo", importance_sampling_level="sequence", beta=0.05),
+                              dict(ref=True, spread=1.0), dict(procs=2, other=(0.7, 3.0))),
+    "reduced_cispo_sequence": (dict(loss_type="cispo", importance_sampling_level="sequence", epsilon_high=1.02),
+                               dict(spread=1.0), dict(procs=2, other=(0.6, 3.0))),
+    "reduced_vespo": (dict(loss_type="vespo"), dict(spread=0.1), dict(procs=2, other=(1.5, 3.0))),
 }
 # float32 only: TRL casts the head to float32 in place, which a float64 oracle cannot follow
 FP32_ONLY = {"grpo_cast_lm_head_fp32": (dict(loss_type="grpo", cast_lm_head_to_fp32=True, beta=0.02),
@@ -350,7 +368,7 @@ def _setup(model_dir, tokenizer, dataset, tmp_path, case, dtype=torch.float64):
     trainer = make_trainer(model_dir, tokenizer, dataset, tmp_path, dtype=dtype, **config)
     trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps
     if attrs.get("procs"):
-        trainer.accelerator = _Procs(trainer.accelerator, attrs["procs"])
+        trainer.accelerator = _Procs(trainer.accelerator, attrs["procs"], attrs.get("other"))
     if attrs.get("vllm"):  # no vLLM here: the loss only reads these two flags and the batch's ratio
         trainer.use_vllm = True
         trainer.vllm_importance_sampling_correction = True

@@ -37,6 +37,7 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.workers.utils import losses  # noqa: E402
 
 from grpo_kernels.integrations import verl as gkv  # noqa: E402
+from grpo_kernels.integrations import verl_engine, verl_loss  # noqa: E402
 
 V, H = 37, 16
 
@@ -165,7 +166,7 @@ def _case_inputs(case, dtype, seed):
     data["input_ids"] = torch.nested.nested_tensor_from_jagged(torch.roll(labels, 1), offsets)
     tu.assign_non_tensor(data, calculate_entropy=case.get("entropy") is not None, temperature=1.0)
     # old / ref log-probs near the model's own (as the grid draws them near its logp): ratios near 1
-    idx = gkv._response_index(data, nnz, hidden.device)
+    idx = verl_loss.response_index(data, nnz, hidden.device)
     logp, _ = _materialized(hidden, weight, labels, 1.0)
     resp = torch.where(idx >= 0, logp[idx.clamp(min=0)], 0.0)
     valid = idx >= 0
@@ -457,7 +458,8 @@ def test_fsdp_engine_forward_only_and_other_losses_untouched(gloo_group, monkeyp
     eng = _engine(model, monkeypatch)
     data = _batch(torch.float64, True)
     calls = []
-    monkeypatch.setattr(gkv, "_run_fused_step", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(verl_engine, "run_fused_step",
+                        lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(AssertionError))
     try:
         gkv.enable(forward=False, backend="torch")
         out = eng.forward_backward_batch(data.clone(), None, forward_only=True)

@@ -1,14 +1,21 @@
-"""Adapters for Hugging Face transformers models and TRL's ``GRPOTrainer``.
+"""Adapters for Hugging Face transformers models, TRL's ``GRPOTrainer`` and verl.
 
 Nothing here is imported eagerly: ``grpo_kernels.integrations.transformers`` needs only torch
 at import time (it reads transformers models it is handed), and
 ``grpo_kernels.integrations.trl`` imports TRL on first use of ``FusedGRPOTrainer``
-(TRL is an optional dependency: ``pip install grpo_kernels[trl]``).
+(TRL is an optional dependency: ``pip install grpo_kernels[trl]``); the verl modules import verl
+where they call it.
 
 - ``grpo_kernels.integrations.transformers``: ``completion_hidden_states``, ``lm_head_params``,
-  ``logit_scale``, ``model_token_logprobs``, ``model_grpo_loss``, ``enable_fused_forward``,
-  ``run_in_forward``, ``check_lm_head``.
-- ``grpo_kernels.integrations.trl``: ``FusedGRPOTrainer``, a drop-in ``trl.GRPOTrainer``.
+  ``logit_scale``, ``head_operands``, ``kernel_head``, ``model_token_logprobs``, ``model_grpo_loss``,
+  ``enable_fused_forward``, ``run_in_forward``, ``check_lm_head``, ``router_aux_loss``.
+- ``grpo_kernels.integrations.common``: what every adapter shares (``unwrap_causal_lm``, the fused
+  forward switch, ``zero3_gathered``, ``no_autocast``); ``grpo_kernels.integrations.moe``: the MoE
+  router aux loss. Both are re-exported by ``transformers``.
+- ``grpo_kernels.integrations.trl``: ``FusedGRPOTrainer``, a drop-in ``trl.GRPOTrainer``
+  (``FusedGRPOMixin``; its logging in ``trl_metrics``).
+- ``grpo_kernels.integrations.verl``: the verl switch (``enable``); its parts in ``verl_config``,
+  ``verl_forward``, ``verl_loss`` and ``verl_engine``.
 """
 
 __all__ = ["transformers", "trl"]

@@ -22,26 +22,38 @@ autocast) apply. ``enable_fused_forward(model)`` adds a keyword to the model's f
 ``model(..., grpo_kernels_fn=fn)``, that runs ``fn(causal_lm, **inputs)`` in place of the
 forward; ``model_token_logprobs`` / ``model_grpo_loss`` go through it whenever it is enabled.
 Without it they call the unwrapped model's pieces directly (right for a plain, single-process model).
+Those wrapper helpers live in ``grpo_kernels.integrations.common`` (shared with the TRL and verl
+adapters) and are re-exported here; the MoE router aux loss lives in ``grpo_kernels.integrations.moe``.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import types
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from grpo_kernels.api import grpo_loss, token_logprobs
+from grpo_kernels.integrations.common import (  # noqa: F401 - re-exported: public names of this module too
+    FORWARD_KEYWORD,
+    enable_fused_forward,
+    is_fused_forward_enabled,
+    no_autocast,
+    run_in_forward,
+    unwrap_causal_lm,
+    zero3_gathered,
+)
+from grpo_kernels.integrations.moe import router_aux_loss, router_aux_loss_unsupported  # noqa: F401 - re-exported
 
 __all__ = [
     "LMHeadParams",
     "unwrap_causal_lm",
     "lm_head_params",
     "logit_scale",
+    "backbone_hidden_states",
     "completion_hidden_states",
     "head_operands",
+    "kernel_head",
     "model_token_logprobs",
     "model_grpo_loss",
     "enable_fused_forward",
@@ -52,8 +64,6 @@ __all__ = [
     "router_aux_loss_unsupported",
 ]
 
-FORWARD_KEYWORD = "grpo_kernels_fn"
-_PATCHED = "_grpo_kernels_forward_patched"
 # keywords a CausalLM forward takes for its head or loss, which the base model does not accept
 _HEAD_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "fused_lm_head", "return_dict",
                 "temperature")
@@ -68,31 +78,6 @@ class LMHeadParams(NamedTuple):
 
 
 # ------------------------------------------------------------------ model structure
-
-
-def unwrap_causal_lm(model):
-    """The transformers ``PreTrainedModel`` inside ``model``.
-
-    Peels PEFT (``get_base_model()``: LoRA-style adapters live inside the model's own modules,
-    so the unwrapped model still applies them), ``torch.compile`` (``_orig_mod``) and
-    ``.module`` wrappers (DDP, FSDP1, DeepSpeed engines, ``nn.DataParallel``).
-    """
-    m = model
-    for _ in range(16):
-        if hasattr(type(m), "get_base_model"):  # PEFT (a class attribute: PeftModel forwards getattr)
-            m = m.get_base_model()
-        elif hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), torch.nn.Module):
-            m = m._orig_mod
-        elif hasattr(type(m), "get_output_embeddings") and hasattr(m, "config"):
-            return m
-        elif isinstance(getattr(m, "module", None), torch.nn.Module):
-            m = m.module
-        else:
-            break
-    raise TypeError(
-        f"expected a transformers causal LM (a PreTrainedModel with an lm_head), possibly wrapped by PEFT, "
-        f"DDP/FSDP/DeepSpeed or torch.compile; got {type(model).__name__}"
-    )
 
 
 def _text_config(lm):
@@ -200,84 +185,7 @@ def completion_hidden_states(model, input_ids=None, attention_mask=None, logits_
     return (hidden, out) if return_backbone_output else hidden
 
 
-# ------------------------------------------------------------------ MoE router auxiliary loss
-
-# the call the causal LMs of transformers' MoE families make in their forward (whitespace removed)
-_AUX_CALL = "load_balancing_loss_func(outputs.router_logits,self.num_experts,self.num_experts_per_tok,attention_mask"
-_AUX_PARAMS = ("gate_logits", "num_experts", "top_k", "attention_mask")
-
-
-_AUX_FORMS = {}  # (class, its module's load_balancing_loss_func) -> None or why not
-
-
-def _aux_loss_function(lm):
-    """(the family's ``load_balancing_loss_func``, None) or (None, why not)."""
-    import inspect
-    import re
-    import sys
-
-    cls = type(lm)
-    module = sys.modules.get(cls.__module__)
-    fn = getattr(module, "load_balancing_loss_func", None)
-    if fn is None:
-        return None, f"{cls.__module__} defines no load_balancing_loss_func"
-    key = (cls, fn)
-    if key not in _AUX_FORMS:
-        try:
-            params = tuple(inspect.signature(fn).parameters)
-            source = re.sub(r"\s", "", inspect.getsource(cls.forward))
-        except (TypeError, ValueError, OSError) as exc:
-            _AUX_FORMS[key] = f"cannot inspect {cls.__name__}.forward ({exc})"
-        else:
-            standard = params == _AUX_PARAMS and source.count(_AUX_CALL) == 1
-            _AUX_FORMS[key] = None if standard else (
-                f"{cls.__name__}.forward computes its aux loss differently from "
-                "load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, attention_mask)")
-    if _AUX_FORMS[key] is not None:
-        return None, _AUX_FORMS[key]
-    if not all(isinstance(getattr(lm, name, None), int) for name in ("num_experts", "num_experts_per_tok")):
-        return None, f"{type(lm).__name__} has no int num_experts / num_experts_per_tok"
-    return fn, None
-
-
-def router_aux_loss_unsupported(model) -> Optional[str]:
-    """Why ``router_aux_loss`` cannot reproduce ``model``'s own ``aux_loss``, or None when it can.
-
-    Supported: the causal LMs whose forward computes ``load_balancing_loss_func(outputs.router_logits,
-    self.num_experts, self.num_experts_per_tok, attention_mask)`` with their module's Switch-Transformer
-    ``load_balancing_loss_func`` (Mixtral, Qwen2/3-MoE, OLMoE, DBRX, GPT-OSS, Granite-MoE, ... in transformers 5).
-    """
-    return _aux_loss_function(unwrap_causal_lm(model))[1]
-
-
-def router_aux_loss(model, router_logits, attention_mask: Optional[torch.Tensor]):
-    """The MoE load-balancing loss ``model(..., output_router_logits=True).aux_loss`` from the base
-    model's ``router_logits`` (``completion_hidden_states(..., output_router_logits=True,
-    return_backbone_output=True)``), without the head: the same function on the same arguments."""
-    lm = unwrap_causal_lm(model)
-    fn, why = _aux_loss_function(lm)
-    if fn is None:
-        raise NotImplementedError(why)
-    return fn(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
-
-
 # ------------------------------------------------------------------ head operands
-
-
-@contextlib.contextmanager
-def _zero3_gathered(*params):
-    """Gather DeepSpeed ZeRO-3 partitioned parameters for a direct read (no-op otherwise)."""
-    partitioned = {id(p): p for p in params if p is not None and hasattr(p, "ds_id")}
-    if partitioned:
-        from deepspeed import zero
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        todo = [p for p in partitioned.values() if p.ds_status != ZeroParamStatus.AVAILABLE]
-        if todo:
-            with zero.GatheredParameters(todo, modifier_rank=None):
-                yield
-            return
-    yield
 
 
 def _full(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -306,8 +214,8 @@ def head_operands(model, hidden: torch.Tensor, *, head_dtype: Optional[torch.dty
     The logit scale is folded into ``hidden`` and ``bias``; everything is cast (differentiably)
     to one compute dtype: ``head_dtype`` if given, else the autocast dtype when autocast is on
     (what ``lm_head(hidden)`` would compute in), else the weight's dtype. Call it, and the loss,
-    under ``_zero3_gathered(weight, bias)`` when the model may be ZeRO-3 partitioned (the
-    ``model_*`` functions do).
+    under ``zero3_gathered(weight, bias)`` when the model may be ZeRO-3 partitioned: ``kernel_head``
+    does both.
     """
     weight, bias, softcap = lm_head_params(model)
     weight, bias = _full(weight), _full(bias)
@@ -323,58 +231,17 @@ def head_operands(model, hidden: torch.Tensor, *, head_dtype: Optional[torch.dty
 
 
 @contextlib.contextmanager
-def _no_autocast(device_type: str):
-    """Our kernels manage their own precision (fp32 accumulation): autocast must not recast their matmuls."""
-    try:
-        ctx = torch.autocast(device_type, enabled=False)
-    except RuntimeError:
-        ctx = contextlib.nullcontext()
-    with ctx:
-        yield
+def kernel_head(model, hidden: torch.Tensor, *, head_dtype: Optional[torch.dtype] = None):
+    """``with kernel_head(lm, hidden) as (h, w, b, softcap):`` the ``head_operands`` for a kernel call
+    made inside the block, where the head's ZeRO-3 parameters are gathered and autocast is off.
 
-
-# ------------------------------------------------------------------ running inside the model's forward
-
-
-def enable_fused_forward(model):
-    """Let ``model(..., grpo_kernels_fn=fn, **inputs)`` run ``fn(causal_lm, **inputs)`` as its forward.
-
-    Patches the forward of the causal LM inside ``model`` (instance attribute, like TRL's fused
-    head; call it before wrapping with DDP/FSDP/DeepSpeed or after: wrappers call the inner
-    module, so the patch is reached either way). Without the keyword the forward is the previous
-    one, so ``generate`` and plain calls are unchanged. Idempotent; returns ``model``.
-    """
-    lm = unwrap_causal_lm(model)
-    if getattr(lm, _PATCHED, False):
-        return model
-    previous = lm.forward
-
-    @functools.wraps(type(lm).forward)  # keep the signature: generate() validates kwargs against it
-    def forward(self, *args, grpo_kernels_fn: Optional[Callable] = None, **kwargs):
-        if grpo_kernels_fn is None:
-            return previous(*args, **kwargs)
-        if args:
-            raise TypeError("pass the model inputs by keyword when using grpo_kernels_fn")
-        return grpo_kernels_fn(self, **kwargs)
-
-    lm.forward = types.MethodType(forward, lm)
-    setattr(lm, _PATCHED, True)
-    return model
-
-
-def is_fused_forward_enabled(model) -> bool:
-    try:
-        return bool(getattr(unwrap_causal_lm(model), _PATCHED, False))
-    except TypeError:
-        return False
-
-
-def run_in_forward(model, fn: Callable, **inputs):
-    """``fn(causal_lm, **inputs)``, inside ``model``'s forward when ``enable_fused_forward`` was applied
-    (so wrappers' hooks run), else directly on the unwrapped causal LM."""
-    if is_fused_forward_enabled(model):
-        return model(**inputs, **{FORWARD_KEYWORD: fn})
-    return fn(unwrap_causal_lm(model), **inputs)
+    ``hidden`` [..., H] are the base model's final-normed states; the operands are cast under the
+    caller's autocast (their dtype follows it), the kernel then runs without it (fp32 accumulation)."""
+    weight, bias, _ = lm_head_params(model)
+    with zero3_gathered(weight, bias):
+        operands = head_operands(model, hidden, head_dtype=head_dtype)
+        with no_autocast(hidden.device.type):
+            yield operands
 
 
 # ------------------------------------------------------------------ log-probs and the loss
@@ -426,15 +293,12 @@ def model_token_logprobs(
                                                             output_router_logits=True, **inputs)
         else:
             hidden = completion_hidden_states(lm, logits_to_keep=keep_n, **inputs)
-        weight, bias, _ = lm_head_params(lm)
-        with _zero3_gathered(weight, bias):
-            h, w, b, softcap = head_operands(lm, hidden, head_dtype=head_dtype)
-            with _no_autocast(h.device.type):
-                out = token_logprobs(
-                    h[scored], w, targets[scored], bias=b, temperature=temperature, logit_softcap=softcap,
-                    return_entropy=return_entropy, backend=backend, chunk_size=chunk_size,
-                    batch_invariant=batch_invariant,
-                )
+        with kernel_head(lm, hidden, head_dtype=head_dtype) as (h, w, b, softcap):
+            out = token_logprobs(
+                h[scored], w, targets[scored], bias=b, temperature=temperature, logit_softcap=softcap,
+                return_entropy=return_entropy, backend=backend, chunk_size=chunk_size,
+                batch_invariant=batch_invariant,
+            )
         res = (_scatter_rows(out[0], scored), _scatter_rows(out[1], scored)) if return_entropy else \
             _scatter_rows(out, scored)
         if not return_aux_loss:
@@ -488,19 +352,16 @@ def model_grpo_loss(
 
     def fn(lm, **inputs):
         hidden = completion_hidden_states(lm, logits_to_keep=keep_n, **inputs)
-        weight, bias, _ = lm_head_params(lm)
-        with _zero3_gathered(weight, bias):
-            h, w, b, softcap = head_operands(lm, hidden, head_dtype=head_dtype)
+        with kernel_head(lm, hidden, head_dtype=head_dtype) as (h, w, b, softcap):
             if requested_cap is not None and (softcap is None or not math.isclose(requested_cap, softcap)):
                 raise ValueError(
                     f"logit_softcap={requested_cap} conflicts with the model's final_logit_softcapping={softcap}"
                 )
-            with _no_autocast(h.device.type):
-                return grpo_loss(
-                    h, w, completion_ids, advantages, completion_mask, old_logps, ref_logps, bias=b,
-                    importance_sampling_ratio=importance_sampling_ratio, return_metrics=return_metrics,
-                    logit_softcap=softcap, **options,
-                )
+            return grpo_loss(
+                h, w, completion_ids, advantages, completion_mask, old_logps, ref_logps, bias=b,
+                importance_sampling_ratio=importance_sampling_ratio, return_metrics=return_metrics,
+                logit_softcap=softcap, **options,
+            )
 
     return run_in_forward(model, fn, input_ids=input_ids, attention_mask=attention_mask, **(model_kwargs or {}))
 

@@ -1,0 +1,116 @@
+"""verl 0.9.1's FSDP engine with the fused actor loss: ``FSDPEngineWithLMHead.forward_step`` runs
+``fused_ppo_loss`` *inside* the FSDP module's forward (the lm_head weight is whole only there)
+whenever the engine's loss function is verl's ``ppo_loss`` (what ``TrainingWorker`` installs for the
+actor). Forward-only passes, the critic and other losses keep verl's code. ``enable(loss=True)``
+(``grpo_kernels.integrations.verl``) installs ``wrap_forward_step``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from grpo_kernels.integrations import transformers as gkt
+from grpo_kernels.integrations.common import enable_fused_forward, run_in_forward
+from grpo_kernels.integrations.verl_config import SETTINGS, scalar_temperature
+from grpo_kernels.integrations.verl_loss import fused_ppo_loss
+
+__all__ = ["ppo_config", "wrap_forward_step", "run_fused_step"]
+
+
+def ppo_config(loss_function):
+    """The ActorConfig of ``partial(ppo_loss, config=...)`` (what verl's TrainingWorker installs), else None."""
+    from verl.workers.utils import losses
+
+    if isinstance(loss_function, functools.partial) and not loss_function.args:
+        func = loss_function.func
+        if func is getattr(losses.ppo_loss, "_grpo_kernels_original", losses.ppo_loss) or func is fused_ppo_loss:
+            return loss_function.keywords.get("config")
+    return None
+
+
+def wrap_forward_step(original):
+    """What ``FSDPEngineWithLMHead.forward_step`` becomes under ``enable(loss=True)``."""
+
+    @functools.wraps(original)
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        config = None if forward_only or not SETTINGS.loss else ppo_config(loss_function)
+        if config is None:
+            return original(self, micro_batch, loss_function, forward_only)
+        return run_fused_step(self, micro_batch, config)
+
+    forward_step._grpo_kernels_original = original
+    return forward_step
+
+
+class _EngineStep(NamedTuple):
+    """One micro-batch's fused step, as the engine prepared it."""
+
+    config: object  # verl's ActorConfig
+    micro_batch: object  # the TensorDict, on the engine's device
+    dp_group: object
+    nnz: int  # packed tokens (the engine pads the packed sequence at its tail)
+    labels: torch.Tensor  # [nnz] verl's input_ids_rmpad_rolled
+    temperature: float
+    calc_entropy: bool
+    use_remove_padding: bool
+    attention_mask: Optional[torch.Tensor]  # [B, L] in the padded layout
+
+
+def _refuse_unsupported(engine, micro_batch, get) -> None:
+    if getattr(engine, "use_ulysses_sp", False):
+        raise NotImplementedError("the fused verl loss does not support Ulysses sequence parallelism "
+                                  "(ulysses_sequence_parallel_size > 1): enable(loss=False)")
+    for key in ("distillation_use_topk", "distillation_only", "calculate_sum_pi_squared"):
+        if get(key=key, default=False):
+            raise NotImplementedError(f"the fused verl loss does not support {key}=True: enable(loss=False)")
+    if micro_batch.get("multi_modal_inputs", None) is not None:
+        raise NotImplementedError("the fused verl loss does not support multimodal inputs: enable(loss=False)")
+
+
+def run_fused_step(engine, micro_batch, config):
+    """``forward_step(micro_batch, ppo_loss, forward_only=False)`` with ``fused_ppo_loss`` in the forward:
+    ``(loss, {"model_output", "loss", "metrics"})`` as verl's step returns them."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.fsdp import transformer_impl as impl  # the engine's own device helpers
+
+    micro_batch = micro_batch.to(impl.get_device_id())
+    get = functools.partial(tu.get_non_tensor_data, data=micro_batch)
+    _refuse_unsupported(engine, micro_batch, get)
+    model_inputs, output_args = engine.prepare_model_inputs(micro_batch=micro_batch)
+    nnz = int(micro_batch["input_ids"].offsets()[-1])
+    step = _EngineStep(
+        config=config, micro_batch=micro_batch, dp_group=engine.get_data_parallel_group(), nnz=nnz,
+        labels=output_args["input_ids_rmpad_rolled"].reshape(-1)[:nnz],
+        # verl's (non-fused) forward divides the logits by the temperature as a float32 tensor
+        temperature=float(torch.tensor(scalar_temperature(micro_batch["temperature"]), dtype=torch.float32)),
+        calc_entropy=bool(get(key="calculate_entropy", default=False)),
+        use_remove_padding=get(key="use_remove_padding", default=True),
+        attention_mask=model_inputs.get("attention_mask"),
+    )
+    enable_fused_forward(engine.module)
+    autocast_dtype = getattr(engine, "_autocast_dtype", torch.bfloat16)
+    autocast_ctx = (contextlib.nullcontext() if autocast_dtype == torch.float32
+                    else torch.autocast(device_type=impl.get_device_name(), dtype=autocast_dtype))
+    with autocast_ctx:
+        loss, metrics, model_output = run_in_forward(engine.module, functools.partial(_loss_in_forward, step),
+                                                     **model_inputs, use_cache=False)
+    output = {"model_output": model_output, "loss": loss.detach().item(), "metrics": metrics}
+    return loss, output
+
+
+def _loss_in_forward(step: _EngineStep, lm, **inputs):
+    """The causal LM's forward under the fused step: the backbone's packed states, then ``fused_ppo_loss``
+    -> (loss, metrics, the detached packed log-probs / entropies)."""
+    hidden, _ = gkt.backbone_hidden_states(lm, **inputs)
+    if step.use_remove_padding:
+        packed = hidden.reshape(-1, hidden.shape[-1])[:step.nnz]  # the static pad sits at the tail
+    else:
+        packed = hidden[step.attention_mask.bool()]
+    with gkt.kernel_head(lm, packed) as (h, w, b, softcap):
+        mo = {"hidden_states": h, "lm_head_weight": w, "lm_head_bias": b, "logit_softcap": softcap,
+              "labels": step.labels, "temperature": step.temperature, "calculate_entropy": step.calc_entropy}
+        loss, metrics = fused_ppo_loss(step.config, mo, step.micro_batch, step.dp_group)
+    return loss, metrics, {k: mo[k] for k in ("log_probs", "entropy") if k in mo}

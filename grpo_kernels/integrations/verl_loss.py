@@ -1,0 +1,141 @@
+"""verl 0.9.1's actor loss from hidden states: ``fused_ppo_loss``, in ONE vocabulary sweep.
+
+``fused_ppo_loss(config, model_output, data, dp_group)`` is ``verl.workers.utils.losses.ppo_loss``
+computed by ``grpo_loss`` from the packed hidden states and the head, with the gradients produced in
+the forward; verl's metrics are verl's own ``ppo_loss`` evaluated on the fused pass's detached
+log-probs and entropies (O(B*T), no vocabulary work). ``grpo_kernels.integrations.verl_engine`` runs
+it inside verl's FSDP engine.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from grpo_kernels.api import grpo_loss
+from grpo_kernels.integrations.verl_config import SETTINGS, config_to_options, scalar_temperature
+
+__all__ = ["fused_ppo_loss", "response_index"]
+
+
+def response_index(data, nnz: int, device) -> torch.Tensor:
+    """[B, T] packed position of each response token's *prediction* (verl's ``no_padding_2_padding``
+    applied to positions), -1 past a row's response."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    pos = torch.arange(1, nnz + 1, device=device)
+    return no_padding_2_padding(pos, data) - 1
+
+
+class _PackedHead(NamedTuple):
+    """``fused_ppo_loss``'s ``model_output`` read with verl's defaults (see its docstring)."""
+
+    hidden: torch.Tensor  # [nnz, H]
+    weight: torch.Tensor  # [V, H]
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+    labels: torch.Tensor  # [nnz]
+    temperature: float
+    calc_entropy: bool
+
+
+def _packed_head(model_output: dict, data) -> _PackedHead:
+    from verl.utils import tensordict_utils as tu
+
+    hidden = model_output["hidden_states"]
+    if hidden.is_nested:
+        hidden = hidden.values()
+    nnz = hidden.shape[0]
+    labels = model_output.get("labels")
+    if labels is None:  # verl's input_ids_rmpad_rolled
+        input_ids = data["input_ids"]
+        ids = input_ids.values() if input_ids.is_nested else input_ids.reshape(-1)
+        labels = torch.roll(ids, shifts=-1, dims=0)
+    temperature = model_output.get("temperature")
+    if temperature is None:
+        temperature = data["temperature"] if "temperature" in data.keys() else tu.get_non_tensor_data(
+            data=data, key="temperature", default=1.0)
+    calc_entropy = model_output.get("calculate_entropy")
+    if calc_entropy is None:
+        calc_entropy = bool(tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False))
+    return _PackedHead(hidden, model_output["lm_head_weight"], model_output.get("lm_head_bias"),
+                       model_output.get("logit_softcap"), labels.reshape(-1)[:nnz],
+                       scalar_temperature(temperature), bool(calc_entropy))
+
+
+def fused_ppo_loss(config, model_output: dict, data, dp_group=None, *, backend: Optional[str] = None,
+                   chunk_size: Optional[int] = None):
+    """verl's ``ppo_loss(config, model_output, data, dp_group)`` from hidden states, one vocabulary sweep.
+
+    ``model_output`` holds, in verl's no-padding (packed) layout of ``data["input_ids"]``:
+
+    - ``"hidden_states"``: [nnz, H] final-normed hidden states (or a jagged nested [bsz, j1, H]);
+    - ``"lm_head_weight"`` [V, H], optional ``"lm_head_bias"`` [V] and ``"logit_softcap"``;
+    - ``"labels"``: [nnz] the next token at each packed position (verl's ``input_ids_rmpad_rolled``;
+      default: ``data["input_ids"]``'s values rolled by -1, as verl computes it);
+    - optional ``"temperature"`` (default ``data["temperature"]``) and ``"calculate_entropy"``
+      (default ``data``'s ``calculate_entropy``: verl adds the entropy term only then).
+
+    Returns ``(loss, metrics)`` as ``ppo_loss`` does (the loss's gradients reach ``hidden_states`` and the
+    head, produced in the forward), and stores detached ``"log_probs"`` / ``"entropy"`` nested tensors
+    over the packed sequence in ``model_output`` (values at the response positions, 0 elsewhere).
+    """
+    head = _packed_head(model_output, data)
+    options = config_to_options(config)
+    if not head.calc_entropy:
+        options["entropy_coef"] = 0.0
+    fields = ["response_mask", "old_log_probs", "advantages"]
+    fields += [k for k in ("rollout_is_weights", "ref_log_prob") if k in data]
+    padded = data.select(*fields).to_padded_tensor()
+    nnz = head.hidden.shape[0]
+    idx = response_index(data, nnz, head.hidden.device)
+    mask = padded["response_mask"].to(torch.bool) & (idx >= 0)
+    safe = idx.clamp(min=0)
+    h = head.hidden[safe]  # [B, T, H]: O(B T H), the vocabulary pass skips the masked rows
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    ref = padded["ref_log_prob"].to(dtype) if options.get("beta", 0.0) != 0.0 else None
+    isw = padded["rollout_is_weights"].to(dtype) if "rollout_is_weights" in fields else None
+    rng = torch.get_rng_state()  # clip_cov draws once; verl's metric pass below draws the same
+    loss, m = grpo_loss(
+        h, head.weight, head.labels[safe], padded["advantages"].to(dtype), mask, padded["old_log_probs"].to(dtype),
+        ref, bias=head.bias, importance_sampling_ratio=isw, num_items_in_batch=data["batch_num_tokens"],
+        num_sequences_in_batch=data["global_batch_size"], dp_size=int(data["dp_size"]),
+        temperature=head.temperature, logit_softcap=head.softcap, return_metrics=True,
+        backend=backend or SETTINGS.backend, chunk_size=chunk_size if chunk_size is not None else SETTINGS.chunk_size,
+        **options,
+    )
+    out = _packed_outputs(m, idx, mask, nnz, data["input_ids"], head.calc_entropy)
+    metrics = _verl_metrics(config, out, data, dp_group, rng)
+    model_output.update(out)
+    return loss, metrics
+
+
+def _packed_outputs(m, idx, mask, nnz: int, input_ids, calc_entropy: bool) -> dict:
+    """The fused pass's detached log-probs (and entropies) [B, T] back in verl's packed layout: nested
+    over ``input_ids``' offsets when it is nested, flat [nnz] otherwise; 0 off the responses."""
+    offsets = input_ids.offsets() if input_ids.is_nested else None
+    out = {}
+    for key, values, wanted in (("log_probs", m.logps, True), ("entropy", m.entropy, calc_entropy)):
+        if wanted:
+            packed = torch.zeros(nnz, dtype=values.dtype, device=values.device)
+            packed[idx[mask]] = values[mask]
+            out[key] = packed if offsets is None else torch.nested.nested_tensor_from_jagged(
+                packed, offsets.to(packed.device))
+    return out
+
+
+def _verl_metrics(config, out: dict, data, dp_group, rng: torch.Tensor) -> dict:
+    """verl's metrics: its own ``ppo_loss`` on the fused pass's detached log-probs, from the RNG state
+    the fused pass started with (so clip_cov's draw is the same); the RNG then continues as after
+    the fused pass."""
+    from verl.workers.utils import losses
+
+    after = torch.get_rng_state()
+    torch.set_rng_state(rng)
+    try:
+        with torch.no_grad():
+            _, metrics = losses.ppo_loss(config, dict(out), data, dp_group)
+    except Exception:
+        torch.set_rng_state(after)
+        raise
+    return metrics
