@@ -72,3 +72,55 @@ def test_no_private_name_imported_across_core_modules():
         for module, imported in _imports(path):
             private = [p for p in module.split(".") + [imported or ""] if p.startswith("_")]
             assert not private, f"{name} imports {module}.{imported or ''}"
+
+
+def test_no_import_cycle_anywhere():
+    graph = _graph()
+    for name in MODULES:
+        cycle = _cycle_from(graph, name)
+        assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def _module_aliases(tree) -> dict:
+    """local name -> grpo_kernels module, for every module imported under a name."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("grpo_kernels"):
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" in MODULES:
+                    aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("grpo_kernels") and alias.asname:
+                    aliases[alias.asname] = alias.name
+    return aliases
+
+
+def test_no_private_name_used_across_any_modules():
+    """Neither ``from grpo_kernels.x import _y`` nor ``x._y`` on an imported module, anywhere."""
+    for name, path in MODULES.items():
+        for module, imported in _imports(path):
+            private = [p for p in module.split(".") + [imported or ""] if p.startswith("_") and p != "__init__"]
+            assert not private, f"{name} imports {module}.{imported or ''}"
+        tree = ast.parse(path.read_text())
+        aliases = _module_aliases(tree)
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")):
+                raise AssertionError(f"{name}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+
+
+#: the float64 oracle is deliberately one naive, top-to-bottom function (it is what every fast path
+#: is tested against); every other function stays short
+LONG_FUNCTION_EXCEPTIONS = {"grpo_kernels.reference.reference_grpo_loss"}
+
+
+def test_functions_and_modules_stay_short():
+    for name, path in MODULES.items():
+        text = path.read_text()
+        assert len(text.splitlines()) <= 450, f"{name} has {len(text.splitlines())} lines (> 450)"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if f"{name}.{node.name}" not in LONG_FUNCTION_EXCEPTIONS:
+                    assert length <= 80, f"{name}.{node.name} has {length} lines (> 80)"
