@@ -73,3 +73,6 @@ def test_every_kernel_config_dtype_compiles_for_sm90_without_spills(tmp_path):
     assert {("stats", ("stride", "V")), ("grad", ("stride", "V")), ("fused", ("stride", "V")),
             ("fused", ("K", "B", "G")), ("fused", ("K",)), ("group_normalize", ("G",))} <= ones, sorted(ones)
     assert {r["kernel"] for r in records} == {"stats", "grad", "fused", "batch_std", "group_normalize"}
+    # and the fixed tiles: the default's smallest (64) and GRPO_KERNELS_TRITON_BLOCK_V's (16, 32)
+    assert {(16, "V1"), (32, "V1"), (64, "V1"), (16, "V301")} <= {(r["block"], r["spec"]) for r in records
+                                                                  if r["kernel"] == "fused"}
