@@ -13,8 +13,10 @@ What a launch can compile, and how it is reproduced here:
   16-byte divisibility of pointers and ints (``tt.divisibility``) and ints equal to 1 turned into
   constants (V = 1, a row stride of 1, one reward function K = 1, B = G = 1);
 - configs: each autotuner's configs that survive its own pruning at some V, and the fixed tiles
-  ``fixed_row_config(V)`` picks when autotuning is off, for V from 1 to 2^18 (launch options
-  that produce the same code, (BLOCK_V, num_warps, num_stages), are compiled once);
+  ``fixed_row_config(V)`` picks when autotuning is off, for V from 1 to 2^18, by default and with
+  each ``GRPO_KERNELS_TRITON_BLOCK_V`` up to the default's largest tile, 4096 (a larger forced
+  tile is the user's own choice, and spills in fp64); launch options that produce the same code,
+  (BLOCK_V, num_warps, num_stages), are compiled once;
 - dtypes: the logits in bf16, fp16, fp32, fp64 (the advantage kernels see the accumulation dtype
   only: the host converts rewards to fp32 / fp64 first);
 - spills from ptxas's own report (``-v``, which Triton always passes: "N bytes spill stores, M
@@ -50,6 +52,8 @@ V_SPECS = (("V301", 301, 303), ("V4096", 4096, 4096), ("V1", 1, 1))
 V_RANGE = sorted({1, 2, 3} | {2 ** k + d for k in range(1, 19) for d in (0, 1)})
 #: Triton's num_stages when a launch names none (CUDAOptions and triton.Config both default to 3)
 DEFAULT_STAGES = 3
+#: the GRPO_KERNELS_TRITON_BLOCK_V values whose fixed tiles are compiled (None: the default)
+FORCED_TILES = (None,) + tuple(2 ** k for k in range(4, 13))
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
 
@@ -66,9 +70,26 @@ def _row_configs(kind: str, v: int):
     tuned = {"stats": rk.row_stats_tuned, "grad": rk.row_grad_tuned, "fused": rk.row_fused_tuned}[kind]
     kept = tuned.early_config_prune(tuned.configs, {"V": v}) if tuned.early_config_prune else tuned.configs
     out = {(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages) for c in kept}
-    block, launch = common.fixed_row_config(v)
-    out.add((block, launch.get("num_warps", 4), launch.get("num_stages", DEFAULT_STAGES)))
+    for forced in FORCED_TILES:
+        with _forced_tile(forced):
+            block, launch = common.fixed_row_config(v)
+        out.add((block, launch.get("num_warps", 4), launch.get("num_stages", DEFAULT_STAGES)))
     return out
+
+
+@contextlib.contextmanager
+def _forced_tile(block):
+    """GRPO_KERNELS_TRITON_BLOCK_V set to ``block`` (unset for None) while fixed_row_config reads it."""
+    name = "GRPO_KERNELS_TRITON_BLOCK_V"
+    saved = os.environ.pop(name, None)
+    if block is not None:
+        os.environ[name] = str(block)
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if saved is not None:
+            os.environ[name] = saved
 
 
 def _configs_by_spec(kind: str):

@@ -72,8 +72,21 @@ def fixed_row_config(V: int):
         block = forced or INTERPRET_BLOCK_V
         return min(block, max(16, next_pow2(V))), {}
     block = forced or 4096
-    block = min(block, max(128, next_pow2(V)))
-    return block, {"num_warps": 8 if block >= 2048 else 4}
+    # the smallest tile is 64 columns, not 128: ptxas spilled 8 bytes for the fp64 fused kernel
+    # at V = 1 with a 128 tile on 4 warps, none with 64 (and none at 1 warp there, but at 1 warp
+    # the same kernel spilled 28-40 bytes for other small V); tests/test_triton_compile.py checks
+    # every tile this returns, with a GRPO_KERNELS_TRITON_BLOCK_V up to 4096 too
+    block = min(block, max(64, next_pow2(V)))
+    return block, {"num_warps": fixed_num_warps(block)}
+
+
+def fixed_num_warps(block: int) -> int:
+    """The warps of a fixed tile of ``block`` columns: 8 from 2048 columns on, 4 below, and 2 for
+    the tiles of 16 and 32 that only GRPO_KERNELS_TRITON_BLOCK_V asks for (on 4 warps the fp64
+    fused kernel spilled 4 bytes with them at V = 1; on 2, nothing spills)."""
+    if block <= 32:
+        return 2
+    return 8 if block >= 2048 else 4
 
 
 # ----------------------------------------------------------------------------- jit utilities

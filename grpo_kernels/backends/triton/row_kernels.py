@@ -258,12 +258,14 @@ ROW_CONFIGS = [
     triton.Config({"BLOCK_V": 8192}, num_warps=16, num_stages=2),
     triton.Config({"BLOCK_V": 4096}, num_warps=8, num_stages=3),
 ]
-# elementwise (row, tile) grid
+# elementwise (row, tile) grid. No 8192 tile: on a (row, tile) grid a larger tile only halves the
+# number of programs, each of which loads three scalars besides its tile, so 4096 loses little;
+# and 8192 needs 16 warps for 16 elements per thread, i.e. at most 128 registers per thread, with
+# which ptxas spilled (fp64: 84-184 bytes; bf16 / fp16: 8 when V is not a multiple of 16).
 GRAD_CONFIGS = [
     triton.Config({"BLOCK_V": 1024}, num_warps=4),
     triton.Config({"BLOCK_V": 2048}, num_warps=8),
     triton.Config({"BLOCK_V": 4096}, num_warps=8),
-    triton.Config({"BLOCK_V": 8192}, num_warps=16),
 ]
 
 if not INTERPRET:
