@@ -53,7 +53,8 @@ def _number(name: str, value, *, positive: bool = False, allow_none: bool = Fals
 def _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, teacher_logit_softcap) -> DivergenceSpec:
     beta = _number("beta", beta)
     if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1] (0: KL(teacher || student), 1: KL(student || teacher)), got {beta}")
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL of the teacher to the student, 1: reverse KL), "
+                         f"got {beta}")
     temperature = _number("temperature", temperature, positive=True)
     student = HeadTransform(_number("logit_scale", logit_scale),
                             _number("logit_softcap", logit_softcap, positive=True, allow_none=True), temperature)
