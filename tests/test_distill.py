@@ -9,6 +9,10 @@ invariance; bad inputs (``DISTILL_BAD``, which docs/errors.md lists: tests/test_
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -17,6 +21,7 @@ from grpo_kernels import DistillMetrics, distill_loss
 from grpo_kernels.backends import BackendUnavailable
 from grpo_kernels.reference import reference_distill_loss
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, T, H, H_T, V = 3, 4, 8, 6, 11  # the sizes docs/errors.md's messages show
 BETAS = [0.0, 0.3, 0.5, 1.0]
 
@@ -401,3 +406,34 @@ def test_bad_input_raises_naming_the_argument(case):
     _, overrides, exc, pattern = case
     with pytest.raises(exc, match=pattern):
         call_bad(overrides)
+
+
+# ---------------------------------------------------------------- memory
+
+_PROBE = """
+import os, sys, torch
+torch.set_num_threads(1)
+from grpo_kernels import distill_loss
+from grpo_kernels.memory import peak_memory_bytes
+N, V, H, H_t = 2048, 8192, 64, 96
+g = torch.Generator().manual_seed(0)
+h = torch.randn(1, N, H, generator=g).requires_grad_(True)
+w = (torch.randn(V, H, generator=g) * 0.1).requires_grad_(True)
+ht, wt = torch.randn(1, N, H_t, generator=g), torch.randn(V, H_t, generator=g) * 0.1
+mask = torch.ones(1, N, dtype=torch.bool)
+distill_loss(h[:, :2], w, ht[:, :2], wt, mask[:, :2], beta=0.5).backward()  # warm-up: imports, allocator
+h.grad = w.grad = None
+print(peak_memory_bytes(lambda: distill_loss(h, w, ht, wt, mask, beta=0.5).backward(), torch.device("cpu")))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS from /proc (Linux)")
+def test_peak_memory_is_one_chunk_of_both_heads_not_n_by_v():
+    """N=2048, V=8192 fp32: one head's [N, V] logits are 64 MiB. Under an 8 MiB chunk budget (both
+    heads' logits of a chunk) the call's peak beyond its inputs, its gradients included (2 MiB for
+    weight, 0.5 MiB for hidden), stays under 24 MiB: the chunk, the slab temporaries (~6 MiB), O(N)."""
+    env = dict(os.environ, GRPO_KERNELS_CHUNK_BYTES=str(8 * 2**20),
+               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, check=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak < 24 * 2**20, f"peak {peak / 2**20:.1f} MiB"
