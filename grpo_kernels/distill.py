@@ -7,6 +7,7 @@ float64-capable oracle ``reference.reference_distill_loss``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -205,8 +206,14 @@ def _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
-    loss, div, ent = DistillFunction.apply(hidden.reshape(B * T, -1), weight, bias, teacher[0].reshape(B * T, -1),
-                                           teacher[1], teacher[2], rows, denom, spec, execution, needs)
+    # each head runs in its own dtype: inside torch.autocast the sweep's matmuls would otherwise
+    # change the chunk's dtype under the row pass
+    device = hidden.device.type
+    autocast_off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+    with autocast_off:
+        loss, div, ent = DistillFunction.apply(hidden.reshape(B * T, -1), weight, bias,
+                                               teacher[0].reshape(B * T, -1), teacher[1], teacher[2], rows, denom,
+                                               spec, execution, needs)
     if not return_metrics:
         return loss
     ent = ent.view(B, T)

@@ -327,6 +327,14 @@ def test_batch_invariant_rows_are_bitwise_independent_of_the_batch():
     assert torch.equal(g_small[0][0, 1], g_full[0][4, 5])
 
 
+def test_autocast_leaves_each_head_in_its_own_dtype():
+    d = make(dtype=torch.float32, seed=20, V=64)
+    plain = run(distill_loss, d, beta=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = run(distill_loss, d, beta=0.5)
+    assert torch.equal(plain[0], under[0]) and all(torch.equal(a, b) for a, b in zip(plain[2], under[2]))
+
+
 def test_reference_backend_is_the_oracle():
     d = make(seed=19)
     got = run(distill_loss, d, beta=0.5, backend="reference")
