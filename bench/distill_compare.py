@@ -1,7 +1,8 @@
 """CPU comparison of ``distill_loss`` with TRL 1.16's ``_chunked_divergence_loss`` (its torch path
 on the CPU) and Liger's ``LigerFusedLinearJSDLoss`` (eager), forward + backward.
 
-Every (method, beta) runs in a fresh process: one warm-up call, then one timed call whose peak
+Every (method, beta) runs in a fresh process: one warm-up call, then one timed call (wall and
+CPU time: on a shared machine the CPU time is the steadier figure) whose peak
 resident memory beyond what existed before it (``grpo_kernels.memory.peak_memory_bytes``: the
 gradients it allocates included, the inputs not) is recorded.
 
@@ -53,9 +54,12 @@ def _step(method, beta, d):
     return loss
 
 
-def one(method, beta, n, h, ht, v):
+def one(method, beta, n, h, ht, v, threads=None):
     """Runs in the child process: warm-up, then the timed and measured call."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     from grpo_kernels.memory import peak_memory_bytes
 
@@ -68,12 +72,12 @@ def one(method, beta, n, h, ht, v):
     box = {}
 
     def timed():
-        t0 = time.perf_counter()
-        box["loss"] = float(_step(method, beta, d))
-        box["seconds"] = time.perf_counter() - t0
+        t0, c0 = time.perf_counter(), time.process_time()
+        box["loss"] = float(_step(method, beta, d).detach())
+        box["seconds"], box["cpu"] = time.perf_counter() - t0, time.process_time() - c0
 
     peak = peak_memory_bytes(timed, torch.device("cpu"))
-    return dict(method=method, beta=beta, seconds=box["seconds"], peak_mib=None if peak is None else peak / 2**20,
+    return dict(method=method, beta=beta, seconds=box["seconds"], cpu_seconds=box["cpu"], peak_mib=None if peak is None else peak / 2**20,
                 loss=box["loss"], threads=torch.get_num_threads())
 
 
@@ -85,23 +89,25 @@ def main(argv=None):
     p.add_argument("--v", type=int, default=32768)
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "BETA"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(one(a.one[0], float(a.one[1]), a.n, a.h, a.ht, a.v)))
+        print(json.dumps(one(a.one[0], float(a.one[1]), a.n, a.h, a.ht, a.v, a.threads)))
         return
     print(f"N={a.n} H={a.h} H_t={a.ht} V={a.v} fp32, forward+backward, fresh process per row")
     # the child imports this checkout's grpo_kernels, not whichever is installed
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    print(f"{'method':<8}{'beta':>6}{'seconds':>10}{'peak MiB':>10}{'loss':>14}")
+    print(f"{'method':<8}{'beta':>6}{'seconds':>10}{'CPU s':>10}{'peak MiB':>10}{'loss':>14}")
     for beta in a.betas:
         for method in a.methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(beta), "--n", str(a.n),
-                   "--h", str(a.h), "--ht", str(a.ht), "--v", str(a.v)]
+                   "--h", str(a.h), "--ht", str(a.ht), "--v", str(a.v), "--threads", str(a.threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
             r = json.loads(out)
-            print(f"{r['method']:<8}{r['beta']:>6}{r['seconds']:>10.2f}{r['peak_mib']:>10.0f}{r['loss']:>14.6g}",
+            print(f"{r['method']:<8}{r['beta']:>6}{r['seconds']:>10.2f}{r['cpu_seconds']:>10.2f}{r['peak_mib']:>10.0f}"
+                  f"{r['loss']:>14.6g}",
                   flush=True)
 
 

@@ -445,3 +445,11 @@ def test_peak_memory_is_one_chunk_of_both_heads_not_n_by_v():
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=env, check=True)
     peak = int(out.stdout.strip().splitlines()[-1])
     assert peak < 24 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_mask_values_do_not_weight():
+    """TRL counts positions where mask != 0; a float mask's values do not weight the divergence."""
+    d = make(seed=21)
+    weighted = dict(d, mask=d["mask"].double() * torch.rand(B, T, dtype=torch.float64).add_(0.5))
+    a, b = run(distill_loss, d, beta=0.5), run(distill_loss, weighted, beta=0.5)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[2], b[2]))
