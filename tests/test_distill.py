@@ -344,14 +344,10 @@ def test_reference_backend_is_the_oracle():
 # ---------------------------------------------------------------- bad inputs
 
 
-def inputs(dtype=torch.float32):
-    """The tiny CPU inputs the bad-input cases modify (docs/errors.md shows their sizes)."""
-    return make(dtype=dtype, seed=0)
-
-
 def call_bad(overrides):
-    """distill_loss on ``inputs()`` with ``overrides`` (tensors or keywords) applied."""
-    d = inputs()
+    """distill_loss on tiny fp32 CPU inputs (the sizes docs/errors.md shows) with ``overrides``
+    (tensors or keywords) applied."""
+    d = make(dtype=torch.float32)
     kw = dict(overrides)
     args = {k: kw.pop(k) if k in kw else d[k] for k in ("hidden", "weight", "teacher_hidden", "teacher_weight",
                                                          "mask")}
@@ -361,7 +357,7 @@ def call_bad(overrides):
                         args["mask"], **kw)
 
 
-_d = inputs()
+_d = make(dtype=torch.float32)
 # (case id, overrides of call_bad(), expected exception, regex the message must match)
 DISTILL_BAD = [
     ("beta_above_1", dict(beta=1.5), ValueError, r"^beta must be in \[0, 1\]"),
