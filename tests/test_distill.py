@@ -54,7 +54,7 @@ def run(fn, d, **kw):
 
 
 def as_double(d):
-    return {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in d.items()}
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in d.items()}
 
 
 def assert_close(got, ref, dtype, what=""):
@@ -145,9 +145,8 @@ def trl_loss():
 
 @pytest.fixture
 def trl_float64(monkeypatch, trl_loss):
-    """TRL's chunked divergence with its float32 buffers, projections and accumulators in float64
-    (its code unchanged otherwise). Its backward rounds dLoss/dD = 1/n to float32 (``.float()``),
-    so the tests pick counts that are powers of 2."""
+    """TRL's chunked divergence, its float32 buffers, projections and accumulators in float64. Its
+    backward rounds dLoss/dD = 1/n to float32 (``.float()``): the tests take powers of 2 for n."""
     import trl.kernels.chunked_divergence as cd
 
     class Float64Torch:
@@ -183,8 +182,7 @@ def trl_run(trl_loss, d, beta, num_items=None, temperature=1.0, logit_scale=1.0,
 
 def power_of_two_mask(d, n=8):
     """A mask with exactly ``n`` unmasked positions (row 1 still fully masked)."""
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    mask[0], mask[2] = True, True
+    mask = torch.tensor([[True] * T, [False] * T, [True] * T])
     assert int(mask.sum()) == n
     return dict(d, mask=mask)
 
@@ -337,8 +335,8 @@ def test_autocast_leaves_each_head_in_its_own_dtype():
 
 def test_reference_backend_is_the_oracle():
     d = make(seed=19)
-    got = run(distill_loss, d, beta=0.5, backend="reference")
-    assert_close(got, run(reference_distill_loss, d, beta=0.5), torch.float64)
+    assert_close(run(distill_loss, d, beta=0.5, backend="reference"), run(reference_distill_loss, d, beta=0.5),
+                 torch.float64)
 
 
 # ---------------------------------------------------------------- bad inputs
