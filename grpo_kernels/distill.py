@@ -198,7 +198,7 @@ def _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, k
     flat = keep.reshape(-1)
     n_valid = flat.sum()
     rows = None
-    if hidden.device.type == "meta" or not bool(flat.all()):
+    if hidden.device.type != "meta" and not bool(flat.all()):  # meta (shape-only runs): every row
         rows = torch.nonzero(flat).squeeze(1)  # padding rows are dropped before the vocabulary pass
     acc = accumulation_dtype(hidden.dtype)
     denom = n_valid.clamp(min=1).to(acc) if num_items is None else num_items.to(device=hidden.device, dtype=acc)

@@ -1,6 +1,6 @@
 """The documentation: README.md stays a short front door, every link in README.md and
-docs/*.md resolves, and docs/errors.md lists exactly the errors tests/test_bad_inputs.py (and tests/test_distill.py's
-``DISTILL_BAD``) check.
+docs/*.md resolves, and docs/errors.md lists exactly the errors tests/test_bad_inputs.py checks
+(and tests/test_distill_inputs.py's ``DISTILL_BAD``).
 
 The error check runs every case of test_bad_inputs.py's ``BAD`` / ``TL_BAD`` tables (tiny CPU
 tensors) and compares the messages they actually produce with the message column of the tables
@@ -26,7 +26,7 @@ README = os.path.join(REPO, "README.md")
 ERRORS = os.path.join(REPO, "docs", "errors.md")
 BAD_INPUTS = os.path.join(REPO, "tests", "test_bad_inputs.py")
 #: distill_loss's case table (``DISTILL_BAD``, run through its ``call_bad``), checked like BAD
-DISTILL_INPUTS = os.path.join(REPO, "tests", "test_distill.py")
+DISTILL_INPUTS = os.path.join(REPO, "tests", "test_distill_inputs.py")
 DOC_FILES = [README] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
 
 README_MAX_LINES = 250
