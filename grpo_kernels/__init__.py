@@ -2,6 +2,7 @@
 from grpo_kernels.advantage_kernels import group_advantages
 from grpo_kernels.advantages import kl_penalized_rewards, process_advantages
 from grpo_kernels.api import GRPOLoss, backend_for, grpo_loss, token_logprobs
+from grpo_kernels.distill import DistillMetrics, distill_loss
 from grpo_kernels.metrics import GRPOMetrics
 from grpo_kernels.options import ExecutionOptions, GRPOOptions
 
@@ -16,5 +17,7 @@ __all__ = [
     "group_advantages",
     "process_advantages",
     "kl_penalized_rewards",
+    "distill_loss",
+    "DistillMetrics",
 ]
 __version__ = "0.1.0"

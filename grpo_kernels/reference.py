@@ -202,3 +202,56 @@ def reference_grpo_loss(
     elif o.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (advantages > 0)).to(hidden.dtype))
     return loss, metrics
+
+
+# ---------------------------------------------------------------- distillation (TRL 1.16's DistillationTrainer)
+
+
+def _distill_logits(hidden, weight, bias, scale, softcap, temperature):
+    """One head's [..., V] logits as TRL's chunked divergence transforms them: scale, softcap, temperature."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature
+
+
+def reference_distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1.0, temperature=1.0,
+                           bias=None, teacher_bias=None, logit_scale=1.0, teacher_logit_scale=1.0,
+                           logit_softcap=None, teacher_logit_softcap=None, num_items_in_batch=None,
+                           return_metrics=False):
+    """TRL's ``_chunked_divergence_loss`` on materialized [B, T, V] logits, by the definitions:
+    the generalized JSD ``beta KL(q || m) + (1 - beta) KL(p || m)``, ``m = (1 - beta) p + beta q``
+    (p the student's distribution, q the teacher's), KL(q || p) at beta 0 and KL(p || q) at 1;
+    the masked sum over ``mask != 0`` / ``num_items_in_batch`` (None: the count, clamped at 1).
+    Gradients (autograd) reach the student only; runs in the inputs' dtype (tests: float64).
+    ``return_metrics``: also a dict of ``divergence``, ``entropy`` [B, T] (0 where masked),
+    ``entropy_sum`` and ``n_valid``."""
+    log_p = _distill_logits(hidden, weight, bias, logit_scale, logit_softcap, temperature)
+    log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)
+    with torch.no_grad():
+        log_q = _distill_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_logit_scale,
+                                teacher_logit_softcap, temperature).to(log_p.dtype)
+        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
+    p, q = log_p.exp(), log_q.exp()
+    if beta == 0.0:
+        divergence = (q * (log_q - log_p)).sum(-1)
+    elif beta == 1.0:
+        divergence = (p * (log_p - log_q)).sum(-1)
+    else:
+        log_m = torch.log((1 - beta) * p + beta * q)
+        divergence = beta * (q * (log_q - log_m)).sum(-1) + (1 - beta) * (p * (log_p - log_m)).sum(-1)
+    valid = mask != 0
+    n_valid = valid.sum()
+    loss = torch.where(valid, divergence, torch.zeros_like(divergence)).sum()
+    if num_items_in_batch is None:
+        loss = loss / n_valid.clamp(min=1)
+    else:
+        loss = loss / torch.as_tensor(num_items_in_batch).to(loss.dtype)
+    if not return_metrics:
+        return loss
+    entropy = torch.where(valid, -(p * log_p).sum(-1), torch.zeros_like(divergence)).detach()
+    return loss, {"divergence": torch.where(valid, divergence, torch.zeros_like(divergence)).detach(),
+                  "entropy": entropy, "entropy_sum": entropy.sum(), "n_valid": n_valid}

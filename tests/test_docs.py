@@ -1,5 +1,6 @@
 """The documentation: README.md stays a short front door, every link in README.md and
-docs/*.md resolves, and docs/errors.md lists exactly the errors tests/test_bad_inputs.py checks.
+docs/*.md resolves, and docs/errors.md lists exactly the errors tests/test_bad_inputs.py checks
+(and tests/test_distill_inputs.py's ``DISTILL_BAD``).
 
 The error check runs every case of test_bad_inputs.py's ``BAD`` / ``TL_BAD`` tables (tiny CPU
 tensors) and compares the messages they actually produce with the message column of the tables
@@ -24,6 +25,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(REPO, "README.md")
 ERRORS = os.path.join(REPO, "docs", "errors.md")
 BAD_INPUTS = os.path.join(REPO, "tests", "test_bad_inputs.py")
+#: distill_loss's case table (``DISTILL_BAD``, run through its ``call_bad``), checked like BAD
+DISTILL_INPUTS = os.path.join(REPO, "tests", "test_distill_inputs.py")
 DOC_FILES = [README] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
 
 README_MAX_LINES = 250
@@ -170,6 +173,10 @@ def bad_inputs():
     for table in ("BAD", "TL_BAD"):
         assert isinstance(getattr(mod, table, None), list), f"tests/test_bad_inputs.py has no case table {table}"
     mod.DEVICE = "cpu"  # the messages in the docs name the CPU
+    spec = importlib.util.spec_from_file_location("_test_docs_distill", DISTILL_INPUTS)
+    mod.DISTILL = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod.DISTILL)
+    mod.DISTILL_BAD = mod.DISTILL.DISTILL_BAD
     return mod
 
 
@@ -192,6 +199,8 @@ def produced(mod) -> dict:
         kw = make(b)
         args.update({k: kw.pop(k) for k in list(kw) if k in args})
         run(("TL_BAD", name), lambda: mod.token_logprobs(args["hidden"], args["weight"], args["targets"], **kw))
+    for name, overrides, _, _ in mod.DISTILL_BAD:
+        run(("DISTILL_BAD", name), lambda: mod.DISTILL.call_bad(overrides))
     return out
 
 
@@ -228,7 +237,7 @@ def test_every_documented_error_message_is_one_a_test_produces(bad_inputs):
 def test_every_tested_error_is_documented(bad_inputs):
     rows = documented_errors(read(ERRORS))
     missing = []
-    for table in ("BAD", "TL_BAD"):
+    for table in ("BAD", "TL_BAD", "DISTILL_BAD"):
         for name, _, exc, pattern in getattr(bad_inputs, table):
             types = [error for _, error, messages in rows if any(re.search(pattern, m) for m in messages)]
             if not any(exc.__name__ in error for error in types):

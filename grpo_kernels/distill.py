@@ -1,0 +1,220 @@
+"""``distill_loss``: on-policy distillation's loss from both models' hidden states and heads,
+TRL 1.16's ``_chunked_divergence_loss`` semantics, without materializing either [N, V] logits.
+
+The argument checks (each error names its argument; docs/errors.md lists them), then one call
+of ``distill_op.DistillFunction`` (the one-sweep torch path) or, for ``backend="reference"``, the
+float64-capable oracle ``reference.reference_distill_loss``.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from grpo_kernels import validation as check
+from grpo_kernels.backends import BackendUnavailable
+from grpo_kernels.backends.torch_divergence import DivergenceSpec, HeadTransform
+from grpo_kernels.distill_op import DistillFunction
+from grpo_kernels.epilogue import accumulation_dtype
+from grpo_kernels.options import ExecutionOptions
+
+#: the backends that run distillation today; the others (triton, cpp, cuda) have no divergence
+#: kernel yet and raise BackendUnavailable
+DISTILL_BACKENDS = ("auto", "torch", "reference")
+
+
+@dataclass
+class DistillMetrics:
+    """Detached diagnostics of a ``distill_loss`` call, as TRL's ``_chunked_divergence_loss``
+    returns them: ``divergence`` and ``entropy`` (the student's) [B, T] in the accumulation
+    dtype, 0 at masked positions; ``entropy_sum`` [] (over the unmasked positions) and
+    ``n_valid`` [] int64 (the unmasked positions of this call)."""
+
+    divergence: torch.Tensor
+    entropy: torch.Tensor
+    entropy_sum: torch.Tensor
+    n_valid: torch.Tensor
+
+
+def _number(name: str, value, *, positive: bool = False, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, teacher_logit_softcap) -> DivergenceSpec:
+    beta = _number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1] (0: forward KL of the teacher to the student, 1: reverse KL), "
+                         f"got {beta}")
+    temperature = _number("temperature", temperature, positive=True)
+    student = HeadTransform(_number("logit_scale", logit_scale),
+                            _number("logit_softcap", logit_softcap, positive=True, allow_none=True), temperature)
+    teacher = HeadTransform(_number("teacher_logit_scale", teacher_logit_scale),
+                            _number("teacher_logit_softcap", teacher_logit_softcap, positive=True, allow_none=True),
+                            temperature)
+    return DivergenceSpec(beta, student, teacher)
+
+
+def _execution(backend, chunk_size, deterministic, batch_invariant, process_group, vocab_start) -> ExecutionOptions:
+    for name, value in (("process_group", process_group), ("vocab_start", vocab_start)):
+        if value is not None:
+            raise NotImplementedError(f"{name}: distill_loss has no vocab-parallel form yet; pass {name}=None")
+    execution = ExecutionOptions(backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                                 batch_invariant=batch_invariant).validate()
+    if execution.backend not in DISTILL_BACKENDS:
+        raise BackendUnavailable(
+            f"backend {execution.backend!r} has no distillation kernels yet: distill_loss runs on "
+            "backend='torch' (or 'auto', which picks it; 'reference' for the oracle)")
+    return execution
+
+
+def _num_items(value) -> Optional[torch.Tensor]:
+    """num_items_in_batch as a float64 [] tensor, > 0 (TRL divides by it unclamped)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"num_items_in_batch must be a real number, got {value.dtype}")
+        value = value.detach().reshape(()).to(torch.float64)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"num_items_in_batch must be a number, got {type(value).__name__}")
+    else:
+        value = torch.tensor(float(value), dtype=torch.float64)
+    if check.value_checks_enabled(value) and not (bool(torch.isfinite(value)) and float(value) > 0):
+        raise ValueError(f"num_items_in_batch must be a finite number > 0, got {float(value)}")
+    return value
+
+
+def _teacher_head(hidden, teacher_hidden, teacher_weight, teacher_bias, weight) -> None:
+    """teacher_hidden [B, T, H_t], teacher_weight [V, H_t] (V the student's), teacher_bias [V]."""
+    check.tensor("teacher_hidden", teacher_hidden, ndim=(3,), floating=True)
+    check.same_device("teacher_hidden", teacher_hidden, hidden.device)
+    if teacher_hidden.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"teacher_hidden must be [B, T, H_t] with [B, T] = {tuple(hidden.shape[:2])} "
+                         f"(hidden's), got {tuple(teacher_hidden.shape)}")
+    check.tensor("teacher_weight", teacher_weight, ndim=(2,), floating=True)
+    check.same_device("teacher_weight", teacher_weight, hidden.device)
+    if teacher_weight.dtype != teacher_hidden.dtype:
+        raise TypeError(f"teacher_weight dtype {teacher_weight.dtype} must match teacher_hidden dtype "
+                        f"{teacher_hidden.dtype}")
+    if teacher_weight.shape[1] != teacher_hidden.shape[-1] or teacher_weight.shape[1] == 0:
+        raise ValueError(f"teacher_weight must be [V, H_t] with H_t = teacher_hidden.shape[-1] = "
+                         f"{teacher_hidden.shape[-1]} > 0, got {tuple(teacher_weight.shape)}")
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} rows but weight has V = {weight.shape[0]}: "
+                         "the student and the teacher must share one vocabulary")
+    if teacher_bias is not None:
+        check.tensor("teacher_bias", teacher_bias, ndim=(1,), floating=True)
+        check.same_device("teacher_bias", teacher_bias, hidden.device)
+        check.shape("teacher_bias", teacher_bias, (weight.shape[0],), " ([V])")
+        if teacher_bias.dtype != teacher_hidden.dtype:
+            raise TypeError(f"teacher_bias dtype {teacher_bias.dtype} must match teacher_hidden dtype "
+                            f"{teacher_hidden.dtype}")
+    for name, x in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
+                    ("teacher_hidden", teacher_hidden)):
+        if x is not None:
+            check.finite(name, x)
+
+
+def _mask(mask, shape, device) -> torch.Tensor:
+    """[B, T] bool of the positions that count (TRL: ``mask != 0``; the values do not weight)."""
+    check.tensor("mask", mask, ndim=(2,))
+    check.same_device("mask", mask, device)
+    check.shape("mask", mask, shape, " ([B, T])")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or real numeric, got {mask.dtype}")
+    if mask.dtype != torch.bool:
+        if torch.is_floating_point(mask):
+            check.finite("mask", mask)
+        check.nonnegative("mask", mask, " (a 0/1 completion mask)")
+    return mask != 0
+
+
+def distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1.0, temperature=1.0, bias=None,
+                 teacher_bias=None, logit_scale=1.0, teacher_logit_scale=1.0, logit_softcap=None,
+                 teacher_logit_softcap=None, num_items_in_batch=None, return_metrics=False, backend="auto",
+                 chunk_size=None, deterministic=False, batch_invariant=False, process_group=None, vocab_start=None):
+    """On-policy distillation loss (TRL 1.16 ``DistillationTrainer``'s ``_chunked_divergence_loss``).
+
+    hidden [B, T, H] and weight [V, H] (bias [V]): the student; teacher_hidden [B, T, H_t] and
+    teacher_weight [V, H_t] (teacher_bias [V]): the teacher, any hidden width, its own float dtype;
+    mask [B, T] (``!= 0`` counts). Per position, each head's logits are scaled (``logit_scale``),
+    softcapped (``logit_softcap``: ``c * tanh(z / c)``) and divided by ``temperature``; the
+    divergence is the generalized JSD with mixture ``(1 - beta) p_student + beta p_teacher``
+    (``beta=0``: KL(teacher || student), ``1``: KL(student || teacher)). The loss is the sum over
+    the unmasked positions divided by ``num_items_in_batch`` (None: their count, at least 1), in
+    fp32 (fp64 for fp64 hidden); gradients reach the student's hidden, weight and bias only.
+    ``return_metrics=True``: ``(loss, DistillMetrics)``. Execution settings as in ``grpo_loss``;
+    ``process_group`` / ``vocab_start`` (vocab parallelism) are not supported yet.
+    """
+    spec = _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, teacher_logit_softcap)
+    execution = _execution(backend, chunk_size, deterministic, batch_invariant, process_group, vocab_start)
+    if not isinstance(return_metrics, bool):
+        raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
+    num_items = _num_items(num_items_in_batch)
+    check.tensor("hidden", hidden, ndim=(3,), floating=True)
+    B, T, H = hidden.shape
+    if B * T == 0:
+        raise ValueError(f"hidden must have at least one token, got shape {tuple(hidden.shape)}")
+    check.lm_head(hidden, weight, bias)
+    _teacher_head(hidden, teacher_hidden, teacher_weight, teacher_bias, weight)
+    keep = _mask(mask, (B, T), hidden.device)
+    check.finite("hidden", hidden)
+    if execution.backend == "reference":
+        from grpo_kernels.reference import reference_distill_loss
+
+        out = reference_distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, bias=bias,
+                                     teacher_bias=teacher_bias, num_items_in_batch=num_items,
+                                     return_metrics=return_metrics, **_spec_kwargs(spec))
+        if not return_metrics:
+            return out
+        loss, m = out
+        return loss, DistillMetrics(m["divergence"], m["entropy"], m["entropy_sum"], m["n_valid"])
+    return _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, keep, spec, execution,
+                  num_items, return_metrics)
+
+
+def _spec_kwargs(spec: DivergenceSpec) -> dict:
+    s, t = spec.student, spec.teacher
+    return dict(beta=spec.beta, temperature=s.temperature, logit_scale=s.scale, teacher_logit_scale=t.scale,
+                logit_softcap=s.softcap, teacher_logit_softcap=t.softcap)
+
+
+def _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, keep, spec, execution, num_items,
+           return_metrics):
+    B, T, _ = hidden.shape
+    flat = keep.reshape(-1)
+    n_valid = flat.sum()
+    rows = None
+    if hidden.device.type != "meta" and not bool(flat.all()):  # meta (shape-only runs): every row
+        rows = torch.nonzero(flat).squeeze(1)  # padding rows are dropped before the vocabulary pass
+    acc = accumulation_dtype(hidden.dtype)
+    denom = n_valid.clamp(min=1).to(acc) if num_items is None else num_items.to(device=hidden.device, dtype=acc)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
+    # each head runs in its own dtype: inside torch.autocast the sweep's matmuls would otherwise
+    # change the chunk's dtype under the row pass
+    device = hidden.device.type
+    autocast_off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
+    with autocast_off:
+        loss, div, ent = DistillFunction.apply(hidden.reshape(B * T, -1), weight, bias,
+                                               teacher[0].reshape(B * T, -1), teacher[1], teacher[2], rows, denom,
+                                               spec, execution, needs)
+    if not return_metrics:
+        return loss
+    ent = ent.view(B, T)
+    return loss, DistillMetrics(div.view(B, T), ent, ent.sum(), n_valid)
