@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from grpo_kernels import plan as planning, sweep
+from grpo_kernels import autodiff, plan as planning, sweep
 from grpo_kernels.backends import get_backend
 from grpo_kernels.backends.torch_divergence import DivergenceSpec, divergence_rows_, temp_bytes
 from grpo_kernels.epilogue import accumulation_dtype
@@ -41,7 +41,7 @@ def divergence_plan(h: torch.Tensor, weight: torch.Tensor, teacher_dtype: torch.
         rows = planning.chunk_rule(h.device, h.dtype).rows(max(n, 1), per_row)
     bounds = tuple(planning.uniform_chunks(n, rows))
     return planning.Plan(
-        backend=get_backend("torch", h.device, h.dtype), backend_reason="distillation runs on the torch row pass",
+        backend=get_backend("torch", h.device, h.dtype),
         options=GRPOOptions(), execution=execution, rows=n, chunk_rows=rows, bounds=bounds,
         path="one_sweep" if any(needs) else "forward", entropy_sweep=False,
         grad_weight_dtype=planning.grad_weight_dtype(weight, len(bounds)) if needs[1] else None,
@@ -68,27 +68,6 @@ def divergence_sweep(h, weight, bias, ht, teacher_weight, teacher_bias, spec: Di
 
     gh, gw, gb = sweep.sweep(plan, h, weight, bias, row_work, needs)
     return div, ent, gh, gw, gb
-
-
-def _is_one(grad: torch.Tensor) -> bool:
-    """grad_output is a concrete 1 (``loss.backward()``)."""
-    if torch.compiler.is_compiling() or grad.numel() != 1:
-        return False
-    try:
-        return bool(grad == 1)
-    except RuntimeError:  # fake or meta tensors
-        return False
-
-
-def _graph_is_kept() -> bool:
-    """This backward keeps the graph (``retain_graph=True``); unknown -> True (a copy: safe)."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if probe is None or torch.compiler.is_compiling():
-        return True
-    try:
-        return bool(probe())
-    except RuntimeError:
-        return True
 
 
 class DistillFunction(torch.autograd.Function):
@@ -130,7 +109,7 @@ class DistillFunction(torch.autograd.Function):
         # the saved gradients are handed out as they are only when this backward frees them (then
         # .grad owns the only reference); otherwise a fresh product, so that zeroing .grad cannot
         # change what a later retained backward hands out
-        hand_out = _is_one(grad_loss) and not _graph_is_kept()
+        hand_out = autodiff.grad_is_one(grad_loss) and not autodiff.graph_is_kept()
 
         def scale(g, i):
             if g is None or not ctx.needs_input_grad[i]:

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from grpo_kernels import loss as loss_impl
+from grpo_kernels import autodiff, loss as loss_impl
 from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.epilogue import accumulation_dtype
 
@@ -171,29 +171,6 @@ def _loss_setup(ctx, inputs, output):
     ctx.has_bias = inputs[LossCall.NAMES.index("bias")] is not None
 
 
-def _is_one(grad_loss: Tensor) -> bool:
-    """True when grad_loss is a concrete 1 (loss.backward()). Costs one device sync, saves a
-    [V, H] multiply; under torch.compile the product is always taken."""
-    if torch.compiler.is_compiling() or grad_loss.numel() != 1:
-        return False
-    try:
-        return bool(grad_loss == 1)
-    except RuntimeError:  # fake or meta tensors
-        return False
-
-
-def _graph_is_kept() -> bool:
-    """Whether this backward keeps the graph (retain_graph=True, autograd.grad(...,
-    retain_graph=True)): the saved gradients then outlive it. Unknown -> True (safe)."""
-    probe = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    if probe is None or torch.compiler.is_compiling():
-        return True
-    try:
-        return bool(probe())
-    except RuntimeError:  # not inside an engine-driven backward
-        return True
-
-
 def _loss_backward(ctx, grad_loss, *_unused):
     n_inputs = len(LossCall.PARAMS)
     if grad_loss is None:
@@ -204,7 +181,7 @@ def _loss_backward(ctx, grad_loss, *_unused):
     # V=151936, H=4096 bf16) only when this backward frees them, i.e. .grad then owns the
     # only reference; a kept graph gets a fresh product each time, so that zeroing .grad
     # (even through .data) cannot change what the next backward hands out
-    hand_out = _is_one(grad_loss) and not _graph_is_kept()
+    hand_out = autodiff.grad_is_one(grad_loss) and not autodiff.graph_is_kept()
 
     def scale(g, i):
         if not (ctx.needs_input_grad[i] and g.numel()):
