@@ -11,7 +11,7 @@
 #include <string>
 #include <tuple>
 
-#include "row_pass.h"
+#include "row_sweep.h"
 
 namespace {
 
@@ -305,12 +305,22 @@ void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_gener
   run_cpu([&] { grpo::group_normalize_cpu(p, emulate_device); }, what);
 }
 
+// The CUDA row kernels' threads per row (row_sweep.h's row_threads), which the device emulation
+// uses as its lane count; dtype is a row_pass.h DType code.
+int64_t device_row_threads(int64_t V, int64_t dtype) {
+  TORCH_CHECK(V >= 0, "grpo_kernels row_threads: V must be >= 0, got ", V);
+  TORCH_CHECK(dtype >= grpo::kF32 && dtype <= grpo::kBF16, "grpo_kernels row_threads: unknown dtype code ", dtype);
+  return grpo::row_threads(V, (int)dtype);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "grpo_kernels compiled row pass (C++/OpenMP for CPU tensors, CUDA kernels when built with CUDA)";
   m.def("has_cuda", &built_with_cuda, "True when this build has the CUDA kernels");
+  m.def("row_threads", &device_row_threads, "the CUDA row kernels' threads per row for V and a dtype code",
+        py::arg("V"), py::arg("dtype"));
   m.def("row_stats", &row_stats, "per-row lse, entropy and target logit into the given [n] outputs",
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("target_logit"),
         py::arg("temperature"), py::arg("softcap"), py::arg("stream") = 0, py::arg("need_entropy") = true,

@@ -31,7 +31,7 @@ ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat1
 # loss kinds and scale modes: the enums of csrc/row_pass.h
 _KIND = {"grpo": 0, "bnpo": 0, "dr_grpo": 0, "dapo": 0, "luspo": 0, "cispo": 1, "sapo": 2}
 _SCALE_MODE = {"group": 0, "batch": 1, "none": 2}
-BINDINGS = {"has_cuda", "row_stats", "row_grad_", "row_fused_", "group_normalize"}
+BINDINGS = {"has_cuda", "row_stats", "row_grad_", "row_fused_", "group_normalize", "row_threads"}
 
 
 # -- direct calls of the bindings, outputs preallocated NaN-filled --------------------------
