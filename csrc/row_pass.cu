@@ -91,7 +91,7 @@ struct DevicePolicy {
   static __device__ __forceinline__ A tanh(A x) { return ::tanh(x); }
 
   // columns [c0, c0 + cnt): one 16-byte load when it is a whole aligned vector, else cnt scalar
-  // loads (the same values either way); kept raw until convert, to hold fewer registers
+  // loads (the same values either way); kept raw until used, to hold fewer registers
   using Raw = Vec<T>;
   static __device__ __forceinline__ void load(const T* row, int64_t c0, int cnt, Raw& x) {
     const T* p = row + c0;
@@ -104,10 +104,7 @@ struct DevicePolicy {
       }
     }
   }
-  static __device__ __forceinline__ void convert(const Raw& x, int cnt, A* z) {
-#pragma unroll
-    for (int k = 0; k < kWidth; ++k) z[k] = k < cnt ? to_acc(x.v[k]) : A(0);
-  }
+  static __device__ __forceinline__ A at(const Raw& x, int k) { return to_acc(x.v[k]); }
   static __device__ __forceinline__ void store(T* row, int64_t c0, int cnt, const A* g) {
     T* p = row + c0;
     if (cnt == kWidth && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {

@@ -9,8 +9,8 @@
 //   P::kWidth, P::kUnroll  columns per vector W, vectors loaded at once by one lane
 //   P::kSimd              whether the vector loops may be reordered by `omp simd` (host only)
 //   P::exp/log/tanh        the math (device: __expf in the hot loops; host: a polynomial exp)
-//   P::load/convert/store  a vector of W columns: its raw load, its values in P::A (zero past V),
-//                          the store of its gradient; P::load_one one column in P::A
+//   P::Raw, P::load/at/store  a vector of W columns: its raw load (P::Raw), column k of it in
+//                          P::A, the store of its gradient; P::load_one one column in P::A
 //   pol.reduce_lanes(f, empty, merge)  f(lane, L) on every lane, merged into one value that every
 //                          lane gets: the device's warp-shuffle tree then block merge, or an exact
 //                          host emulation of it, or (one lane) f(0, 1)
@@ -92,25 +92,35 @@ struct Xform {
     inv_cap = softcap ? A(1.0 / r.softcap) : A(0);
   }
   GRPO_HD A operator()(A z) const { return softcap ? P::tanh(z * inv_cap) * cap_over_t : z * inv_t; }
-  // a vector in place: u[k] = transform(z[k]) for k < cnt, -inf past it (neutral in the
-  // statistics); returns the vector's max (-inf when all are -inf; a NaN is never the max). The
-  // branch is outside the loops, so that the host vectorizes the plain one.
+  // u[k] = transform of column k of the raw vector x (P::at) for k < cnt, -inf past it (neutral in
+  // the statistics); returns the vector's max (-inf when all are -inf; a NaN is never the max). The
+  // branches are outside the loops, so that the host vectorizes the plain whole-vector one.
   template <int W>
-  GRPO_HD A apply(A* u, int cnt) const {
+  GRPO_HD A apply(const typename P::Raw& raw, int cnt, A* u) const {
+    const typename P::Raw x = raw;  // (a local copy: the host's loop then knows u does not alias it)
     A mx = grpo_neg_inf<A>();
+    const A it = inv_t;
     if (softcap) {
       GRPO_UNROLL
       for (int k = 0; k < W; ++k) {
-        u[k] = k < cnt ? P::tanh(u[k] * inv_cap) * cap_over_t : grpo_neg_inf<A>();
-        mx = u[k] > mx ? u[k] : mx;
+        const A v = k < cnt ? P::tanh(P::at(x, k) * inv_cap) * cap_over_t : grpo_neg_inf<A>();
+        u[k] = v;
+        mx = v > mx ? v : mx;
       }
-    } else {
-      const A it = inv_t;
+    } else if (cnt == W) {
       GRPO_PRAGMA_SIMD_MAX(mx)
       GRPO_UNROLL
       for (int k = 0; k < W; ++k) {
-        u[k] = k < cnt ? u[k] * it : grpo_neg_inf<A>();
-        mx = u[k] > mx ? u[k] : mx;
+        const A v = P::at(x, k) * it;
+        u[k] = v;
+        mx = v > mx ? v : mx;
+      }
+    } else {
+      GRPO_UNROLL
+      for (int k = 0; k < W; ++k) {
+        const A v = k < cnt ? P::at(x, k) * it : grpo_neg_inf<A>();
+        u[k] = v;
+        mx = v > mx ? v : mx;
       }
     }
     return mx;
@@ -232,12 +242,10 @@ GRPO_HD inline int vec_count(int64_t j, int64_t V) {
   return left < W ? (int)left : W;
 }
 
-// f(z, c0, cnt) on the vectors lane owns, in order: vector jq of columns [c0, c0 + cnt) in z[W]
-// (acc values, zero past cnt). The next P::kUnroll vectors' loads (P::Raw: the device's raw
-// 16 bytes) are issued before their conversion and f.
+// f(x, c0, cnt) on the vectors lane owns, in order: x (P::Raw) holds columns [c0, c0 + cnt) of
+// vector jq, read with P::at. The next P::kUnroll vectors' loads are issued before their f.
 template <class P, class F>
 GRPO_HD inline void sweep_lane(const typename P::Store* row, int64_t V, int lane, int L, F&& f) {
-  using A = typename P::A;
   constexpr int W = P::kWidth, U = P::kUnroll;
   const int64_t nvec = (V + W - 1) / W;
   for (int64_t j = lane; j < nvec; j += (int64_t)L * U) {
@@ -251,10 +259,7 @@ GRPO_HD inline void sweep_lane(const typename P::Store* row, int64_t V, int lane
     for (int q = 0; q < U; ++q) {
       const int64_t jq = j + (int64_t)q * L;
       if (jq >= nvec) break;
-      const int cnt = vec_count<W>(jq, V);
-      GRPO_HOST_ALIGN A z[W];
-      P::convert(raw[q], cnt, z);
-      f(z, jq * W, cnt);
+      f(raw[q], jq * W, vec_count<W>(jq, V));
     }
   }
 }
@@ -264,8 +269,9 @@ GRPO_HD inline Online<typename P::A> lane_partial(const typename P::Store* row, 
                                                   const Xform<P>& xf) {
   using A = typename P::A;
   Online<A> o = online_empty<A>();
-  sweep_lane<P>(row, V, lane, L, [&](A* u, int64_t, int cnt) {
-    const A cm = xf.template apply<P::kWidth>(u, cnt);
+  sweep_lane<P>(row, V, lane, L, [&](const typename P::Raw& x, int64_t, int cnt) {
+    GRPO_HOST_ALIGN A u[P::kWidth];
+    const A cm = xf.template apply<P::kWidth>(x, cnt, u);
     online_add<P, ENT>(o, u, cm);
   });
   return o;
@@ -324,28 +330,41 @@ GRPO_HD inline typename P::A grad_logit(typename P::A z, bool is_target, const X
   return g * du;
 }
 
-// the gradient of the vector z[0..W) at columns c0.. in place
+// the gradient g[0..cnt) of the raw vector x at columns c0.. (g past cnt: unspecified)
 template <class P>
-GRPO_HD inline void grad_vec(typename P::A* z, int64_t c0, int64_t tgt, const Xform<P>& xf,
-                             const GradCoef<typename P::A>& coef) {
+GRPO_HD inline void grad_vec(const typename P::Raw& raw, int64_t c0, int cnt, int64_t tgt, const Xform<P>& xf,
+                             const GradCoef<typename P::A>& coef, typename P::A* g) {
+  using A = typename P::A;
   constexpr int W = P::kWidth;
-  const GradCoef<typename P::A> c = coef;
-  // the target's index in this vector, -1 if elsewhere (an int compare vectorizes with the floats)
+  const GradCoef<A> c = coef;
+  const typename P::Raw x = raw;  // (a local copy: the host's loop then knows g does not alias it)
+  // the target's index in this vector, -1 if elsewhere
   const int tk = (tgt >= c0 && tgt < c0 + W) ? int(tgt - c0) : -1;
-  if (xf.softcap) {  // (tanh: no vector loop on the host anyway)
+  if (xf.softcap || cnt != W) {  // (tanh, or the last vector: no vector loop on the host anyway)
     GRPO_UNROLL
     for (int k = 0; k < W; ++k) {
-      z[k] = c.has_dent ? grad_logit<P, true, true>(z[k], k == tk, xf, c)
-                        : grad_logit<P, true, false>(z[k], k == tk, xf, c);
+      const A z = k < cnt ? P::at(x, k) : A(0);
+      g[k] = xf.softcap ? (c.has_dent ? grad_logit<P, true, true>(z, k == tk, xf, c)
+                                      : grad_logit<P, true, false>(z, k == tk, xf, c))
+                        : (c.has_dent ? grad_logit<P, false, true>(z, k == tk, xf, c)
+                                      : grad_logit<P, false, false>(z, k == tk, xf, c));
+    }
+  } else if constexpr (P::kSimd) {  // the host's wide vector: no per-element target test, the target redone
+    if (c.has_dent) {
+      GRPO_PRAGMA_SIMD
+      for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, true>(P::at(x, k), false, xf, c);
+      if (tk >= 0) g[tk] = grad_logit<P, false, true>(P::at(x, tk), true, xf, c);
+    } else {
+      GRPO_PRAGMA_SIMD
+      for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, false>(P::at(x, k), false, xf, c);
+      if (tk >= 0) g[tk] = grad_logit<P, false, false>(P::at(x, tk), true, xf, c);
     }
   } else if (c.has_dent) {
-    GRPO_PRAGMA_SIMD
     GRPO_UNROLL
-    for (int k = 0; k < W; ++k) z[k] = grad_logit<P, false, true>(z[k], k == tk, xf, c);
+    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, true>(P::at(x, k), k == tk, xf, c);
   } else {
-    GRPO_PRAGMA_SIMD
     GRPO_UNROLL
-    for (int k = 0; k < W; ++k) z[k] = grad_logit<P, false, false>(z[k], k == tk, xf, c);
+    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, false>(P::at(x, k), k == tk, xf, c);
   }
 }
 
@@ -357,9 +376,10 @@ struct LaneGrad {
   const Xform<P>* xf;
   GradCoef<A> c;
   GRPO_HD void operator()(int lane, int L) const {
-    sweep_lane<P>(row, V, lane, L, [&](A* z, int64_t c0, int cnt) {
-      grad_vec<P>(z, c0, tgt, *xf, c);
-      P::store(row, c0, cnt, z);
+    sweep_lane<P>(row, V, lane, L, [&](const typename P::Raw& x, int64_t c0, int cnt) {
+      GRPO_HOST_ALIGN A g[P::kWidth];
+      grad_vec<P>(x, c0, cnt, tgt, *xf, c, g);
+      P::store(row, c0, cnt, g);
     });
   }
 };
