@@ -308,21 +308,11 @@ struct GradCoef {
   bool has_dent;
 };
 
-// one logit's gradient. kCap: with the softcap; kDent = false: no entropy term (template
-// arguments, so that the host's loops have no branch and vectorize)
-template <class P, bool kCap, bool kDent>
-GRPO_HD inline typename P::A grad_logit(typename P::A z, bool is_target, const Xform<P>& xf,
+// one logit's gradient from u and du/dz; kDent = false: no entropy term
+template <class P, bool kDent>
+GRPO_HD inline typename P::A grad_logit(typename P::A u, typename P::A du, bool is_target,
                                         const GradCoef<typename P::A>& c) {
   using A = typename P::A;
-  A u, du;
-  if (kCap) {
-    const A th = P::tanh(z * xf.inv_cap);
-    u = th * xf.cap_over_t;
-    du = (A(1) - th * th) * xf.inv_t;
-  } else {
-    u = z * xf.inv_t;
-    du = xf.inv_t;
-  }
   const A p = P::exp(u - c.lse);
   A g = p * (-c.dl);
   g = is_target ? g + c.dl : g;
@@ -330,41 +320,59 @@ GRPO_HD inline typename P::A grad_logit(typename P::A z, bool is_target, const X
   return g * du;
 }
 
-// the gradient g[0..cnt) of the raw vector x at columns c0.. (g past cnt: unspecified)
-template <class P>
-GRPO_HD inline void grad_vec(const typename P::Raw& raw, int64_t c0, int cnt, int64_t tgt, const Xform<P>& xf,
-                             const GradCoef<typename P::A>& coef, typename P::A* g) {
+// g[k] = grad_logit(u[k], du[k]) for the whole vector; the host's wide vector does without the
+// per-column target test (vectorized) and redoes the target's column
+template <class P, bool kDent>
+GRPO_HD inline void grad_loop(const typename P::A* u, const typename P::A* du, int tk,
+                              const GradCoef<typename P::A>& c, typename P::A* g) {
   using A = typename P::A;
   constexpr int W = P::kWidth;
-  const GradCoef<A> c = coef;
-  const typename P::Raw x = raw;  // (a local copy: the host's loop then knows g does not alias it)
-  // the target's index in this vector, -1 if elsewhere
-  const int tk = (tgt >= c0 && tgt < c0 + W) ? int(tgt - c0) : -1;
-  if (xf.softcap || cnt != W) {  // (tanh, or the last vector: no vector loop on the host anyway)
-    GRPO_UNROLL
-    for (int k = 0; k < W; ++k) {
-      const A z = k < cnt ? P::at(x, k) : A(0);
-      g[k] = xf.softcap ? (c.has_dent ? grad_logit<P, true, true>(z, k == tk, xf, c)
-                                      : grad_logit<P, true, false>(z, k == tk, xf, c))
-                        : (c.has_dent ? grad_logit<P, false, true>(z, k == tk, xf, c)
-                                      : grad_logit<P, false, false>(z, k == tk, xf, c));
-    }
-  } else if constexpr (P::kSimd) {  // the host's wide vector: no per-element target test, the target redone
-    if (c.has_dent) {
-      GRPO_PRAGMA_SIMD
-      for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, true>(P::at(x, k), false, xf, c);
-      if (tk >= 0) g[tk] = grad_logit<P, false, true>(P::at(x, tk), true, xf, c);
-    } else {
-      GRPO_PRAGMA_SIMD
-      for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, false>(P::at(x, k), false, xf, c);
-      if (tk >= 0) g[tk] = grad_logit<P, false, false>(P::at(x, tk), true, xf, c);
-    }
-  } else if (c.has_dent) {
-    GRPO_UNROLL
-    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, true>(P::at(x, k), k == tk, xf, c);
+  if constexpr (P::kSimd) {
+    GRPO_PRAGMA_SIMD
+    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, kDent>(u[k], du[k], false, c);
+    if (tk >= 0) g[tk] = grad_logit<P, kDent>(u[tk], du[tk], true, c);
   } else {
     GRPO_UNROLL
-    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, false, false>(P::at(x, k), k == tk, xf, c);
+    for (int k = 0; k < W; ++k) g[k] = grad_logit<P, kDent>(u[k], du[k], k == tk, c);
+  }
+}
+
+// the gradient g[0..cnt) of the raw vector x at columns c0.. (g past cnt: unspecified): u and
+// du/dz first (tanh: no vector loop on the host), then the gradient's loop
+template <class P>
+GRPO_HD inline void grad_vec(const typename P::Raw& raw, int64_t c0, int cnt, int64_t tgt, const Xform<P>& xf,
+                             const GradCoef<typename P::A>& c, typename P::A* g) {
+  using A = typename P::A;
+  constexpr int W = P::kWidth;
+  const typename P::Raw x = raw;  // (a local copy: the host's loops then know u, du, g do not alias it)
+  GRPO_HOST_ALIGN A u[W];
+  GRPO_HOST_ALIGN A du[W];
+  if (xf.softcap) {
+    GRPO_UNROLL
+    for (int k = 0; k < W; ++k) {
+      const A th = P::tanh((k < cnt ? P::at(x, k) : A(0)) * xf.inv_cap);
+      u[k] = th * xf.cap_over_t;
+      du[k] = (A(1) - th * th) * xf.inv_t;
+    }
+  } else if (cnt == W) {
+    GRPO_PRAGMA_SIMD
+    GRPO_UNROLL
+    for (int k = 0; k < W; ++k) {
+      u[k] = P::at(x, k) * xf.inv_t;
+      du[k] = xf.inv_t;
+    }
+  } else {
+    GRPO_UNROLL
+    for (int k = 0; k < W; ++k) {
+      u[k] = (k < cnt ? P::at(x, k) : A(0)) * xf.inv_t;
+      du[k] = xf.inv_t;
+    }
+  }
+  const int tk = (tgt >= c0 && tgt < c0 + W) ? int(tgt - c0) : -1;  // the target's index here, or -1
+  if (c.has_dent) {
+    grad_loop<P, true>(u, du, tk, c, g);
+  } else {
+    grad_loop<P, false>(u, du, tk, c, g);
   }
 }
 
