@@ -11,7 +11,7 @@
 #include <string>
 #include <tuple>
 
-#include "row_sweep.h"
+#include "row_pass.h"
 
 namespace {
 
@@ -305,7 +305,7 @@ void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_gener
   run_cpu([&] { grpo::group_normalize_cpu(p, emulate_device); }, what);
 }
 
-// The CUDA row kernels' threads per row (row_sweep.h's row_threads), which the device emulation
+// The CUDA row kernels' threads per row (row_pass.h's row_threads), which the device emulation
 // uses as its lane count; dtype is a row_pass.h DType code.
 int64_t device_row_threads(int64_t V, int64_t dtype) {
   TORCH_CHECK(V >= 0, "grpo_kernels row_threads: V must be >= 0, got ", V);

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "group_sweep.h"
 #include "row_sweep.h"
 
 namespace grpo {

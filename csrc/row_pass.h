@@ -362,7 +362,7 @@ GRPO_HD inline void grpo_group_advantages(const A* x, A* out, int64_t G, int mod
 }
 
 // the advantage of sequence s from the rewards: normalize_groups of the combined rewards of its
-// group, dividing by batch_sigma (row_sweep.h's reward_batch_sigma) under kScaleBatch
+// group, dividing by batch_sigma (group_sweep.h's reward_batch_sigma) under kScaleBatch
 template <class A>
 GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_sigma) {
   const A* r = static_cast<const A*>(ra.rewards);
@@ -371,6 +371,20 @@ GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_
   A mean, sigma;
   grpo_group_mean_sigma<A>(CombinedRewards<A>{r, w, ra.K, start}, ra.G, ra.mode, batch_sigma, &mean, &sigma);
   return grpo_group_advantage<A>(grpo_combined_reward<A>(r, w, ra.K, s), ra.mode, mean, sigma, A(ra.eps));
+}
+
+// ---------------------------------------------------------------------------------
+// The CUDA row kernels' block size (threads = lanes per row), from V and the storage dtype only:
+// about 8 16-byte vectors per thread, between 128 and kMaxThreads. The device emulation uses it too.
+constexpr int kMaxThreads = 512;
+constexpr int kGroupThreads = 256;  // group_normalize's one block
+
+GRPO_HD inline int row_threads(int64_t V, int dtype) {
+  const int64_t elems_per_vec = (dtype == kF64) ? 2 : (dtype == kF32) ? 4 : 8;
+  const int64_t vecs = (V + elems_per_vec - 1) / elems_per_vec;
+  int64_t t = 128;
+  while (t < kMaxThreads && t * 8 < vecs) t *= 2;
+  return (int)t;
 }
 
 // ---------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "group_sweep.h"
 #include "row_sweep.h"
 
 namespace grpo {

@@ -1,8 +1,8 @@
 // The row sweep of grpo_kernels, written once for the CUDA kernels (row_pass.cu) and the CPU
 // row pass (row_pass_cpu.cpp): the logit transform, the online max / sum-exp / entropy
-// statistics with their merge and finish, the per-logit gradient, the fused row (statistics ->
-// token epilogue -> gradient) and the reward -> advantage block reductions. See row_pass.h for
-// the math and the parameter structs.
+// statistics with their merge and finish, the per-logit gradient and the fused row (statistics ->
+// token epilogue -> gradient). The reward -> advantage reductions over the same policies are
+// group_sweep.h. See row_pass.h for the math, the parameter structs and the launch's row_threads.
 //
 // Every function here is a template over an execution policy P, which supplies:
 //   P::Store, P::A        storage and accumulation types
@@ -48,19 +48,6 @@
 #endif
 
 namespace grpo {
-
-// The CUDA row kernels' block size (threads = lanes per row), from V and the storage dtype only:
-// about 8 16-byte vectors per thread, between 128 and kMaxThreads. The device emulation uses it too.
-constexpr int kMaxThreads = 512;
-constexpr int kGroupThreads = 256;  // group_normalize's one block
-
-GRPO_HD inline int row_threads(int64_t V, int dtype) {
-  const int64_t elems_per_vec = (dtype == kF64) ? 2 : (dtype == kF32) ? 4 : 8;
-  const int64_t vecs = (V + elems_per_vec - 1) / elems_per_vec;
-  int64_t t = 128;
-  while (t < kMaxThreads && t * 8 < vecs) t *= 2;
-  return (int)t;
-}
 
 // the accumulation type of a storage type: fp64 for fp64, else fp32
 template <class T>
@@ -212,11 +199,6 @@ struct OnlineMerge {
     }
     return r;
   }
-};
-
-template <class A>
-struct Plus {
-  GRPO_HD A operator()(A a, A b) const { return a + b; }
 };
 
 template <class P>
@@ -420,58 +402,6 @@ GRPO_HD inline void grad_row(const P& pol, const RowGradParams& p, int64_t r, co
   pol.for_lanes(LaneGrad<P>{row, p.row.V, p.row.targets[r], &xf, c});
 }
 
-// The nanstd of x(0..len) (row_pass.h's grpo_nan_mean_std_of) by lane sums merged over the lanes.
-template <class X, class A>
-struct LaneNanSum {
-  X x;
-  int64_t len;
-  bool count;  // false: the sum of the non-NaN values, true: their count
-  GRPO_HD A operator()(int lane, int L) const {
-    A s = A(0);
-    for (int64_t i = lane; i < len; i += L) {
-      const A v = x(i);
-      if (v == v) s += count ? A(1) : v;
-    }
-    return s;
-  }
-};
-
-template <class X, class A>
-struct LaneSqDev {
-  X x;
-  int64_t len;
-  A mean;
-  GRPO_HD A operator()(int lane, int L) const {
-    A q = A(0);
-    for (int64_t i = lane; i < len; i += L) {
-      const A v = x(i);
-      if (v == v) {
-        const A d = v - mean;
-        q += d * d;
-      }
-    }
-    return q;
-  }
-};
-
-template <class P, class X>
-GRPO_HD inline typename P::A block_nanstd(const P& pol, const X& x, int64_t len) {
-  using A = typename P::A;
-  const A s = pol.reduce_lanes(LaneNanSum<X, A>{x, len, false}, A(0), Plus<A>{});
-  const int64_t n = (int64_t)pol.reduce_lanes(LaneNanSum<X, A>{x, len, true}, A(0), Plus<A>{});
-  const A mean = s / A(n);
-  return grpo_nanstd_from<A>(pol.reduce_lanes(LaneSqDev<X, A>{x, len, mean}, A(0), Plus<A>{}), n);
-}
-
-// the std every group divides by under kScaleBatch (0 for one sequence; unused otherwise), once per launch
-template <class P>
-GRPO_HD inline typename P::A reward_batch_sigma(const P& pol, const RewardArgs& ra) {
-  using A = typename P::A;
-  if (ra.rewards == nullptr || ra.mode != kScaleBatch || ra.B <= 1) return A(0);
-  const CombinedRewards<A> x{static_cast<const A*>(ra.rewards), static_cast<const A*>(ra.weights), ra.K, 0};
-  return block_nanstd(pol, x, ra.B);
-}
-
 template <class A>
 GRPO_HD inline void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp, A adv, A* loss,
                                 A* dlogp) {
@@ -512,32 +442,6 @@ GRPO_HD inline void fused_row(const P& pol, const RowFusedParams& p, int64_t r, 
   // (every lane has read the target's element before any lane overwrites it)
   pol.broadcast(shared);
   pol.for_lanes(LaneGrad<P>{row, p.row.V, tgt, &xf, GradCoef<A>{shared[0], shared[1], shared[2], A(0), false}});
-}
-
-// Group-normalized advantages (advantages.normalize_groups): the batch std (scale "batch") by
-// lane reductions, then lane l normalizes groups l, l + L, ...
-template <class A>
-struct LaneGroups {
-  const GroupNormParams* p;
-  A batch_std;
-  GRPO_HD void operator()(int lane, int L) const {
-    const A* r = static_cast<const A*>(p->rewards);
-    A* out = static_cast<A*>(p->out);
-    const int64_t G = p->G;
-    for (int64_t g = lane; g < p->B / G; g += L) {
-      A mean, sigma;
-      grpo_group_mean_sigma<A>(PlainRewards<A>{r + g * G}, G, p->mode, batch_std, &mean, &sigma);
-      grpo_group_advantages<A>(r + g * G, out + g * G, G, p->mode, mean, sigma, A(p->eps));
-    }
-  }
-};
-
-template <class P>
-GRPO_HD inline void group_normalize_all(const P& pol, const GroupNormParams& p) {
-  using A = typename P::A;
-  A batch_std = A(0);
-  if (p.mode == kScaleBatch && p.B > 1) batch_std = block_nanstd(pol, PlainRewards<A>{static_cast<const A*>(p.rewards)}, p.B);
-  pol.for_lanes(LaneGroups<A>{&p, batch_std});
 }
 
 }  // namespace grpo

@@ -49,7 +49,7 @@ def _find_csrc() -> Path:
 _CSRC = _find_csrc()
 _CPP_SOURCES = ("row_pass_cpu.cpp", "bindings.cpp")
 _CUDA_SOURCES = ("row_pass.cu",)
-_HEADERS = ("row_pass.h", "row_sweep.h")
+_HEADERS = ("row_pass.h", "row_sweep.h", "group_sweep.h")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 if sys.platform == "win32":
