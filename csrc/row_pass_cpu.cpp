@@ -56,6 +56,26 @@ inline float vexp(float x) {
 }
 inline double vexp(double x) { return std::exp(x); }
 
+// g[0..cnt) rounded to the storage type
+template <class T, class A>
+void store_as(T* p, int cnt, const A* g) {
+#pragma omp simd
+  for (int k = 0; k < cnt; ++k) p[k] = static_cast<T>(g[k]);
+}
+
+// bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) without its branch, so that the loop
+// vectorizes; the same bits
+inline void store_as(c10::BFloat16* p, int cnt, const float* g) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(p);
+#pragma omp simd
+  for (int k = 0; k < cnt; ++k) {
+    uint32_t b;
+    std::memcpy(&b, &g[k], sizeof(b));
+    const uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    out[k] = g[k] != g[k] ? uint16_t(0x7fc0) : uint16_t(r);
+  }
+}
+
 // The device's block_reduce over the values of L lanes (L a multiple of 32): per warp, the
 // xor-shuffle tree (each lane merges its value with its partner's previous one), then warp 0 over
 // the warps' lane-0 results padded with `empty`. Returns what every lane gets.
@@ -97,11 +117,7 @@ struct HostPolicy {
   using Raw = const T*;
   static void load(const T* row, int64_t c0, int, Raw& p) { p = row + c0; }
   static A at(Raw p, int k) { return static_cast<A>(p[k]); }
-  static void store(T* row, int64_t c0, int cnt, const A* g) {
-    T* p = row + c0;
-#pragma omp simd
-    for (int k = 0; k < cnt; ++k) p[k] = static_cast<T>(g[k]);
-  }
+  static void store(T* row, int64_t c0, int cnt, const A* g) { store_as(row + c0, cnt, g); }
   static A load_one(const T* row, int64_t i) { return static_cast<A>(row[i]); }
 
   bool leader() const { return true; }
