@@ -59,8 +59,7 @@ inline double vexp(double x) { return std::exp(x); }
 // g[0..cnt) rounded to the storage type
 template <class T, class A>
 void store_as(T* p, int cnt, const A* g) {
-#pragma omp simd
-  for (int k = 0; k < cnt; ++k) p[k] = static_cast<T>(g[k]);
+  for (int k = 0; k < cnt; ++k) p[k] = static_cast<T>(g[k]);  // (fp16: `omp simd` here is slower)
 }
 
 // bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) without its branch, so that the loop
