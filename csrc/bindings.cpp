@@ -149,6 +149,12 @@ void check_cuda(cudaError_t err, const char* what) {
 cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<intptr_t>(stream)); }
 #endif
 
+// The device emulation runs the CUDA kernels' order on the host: CPU tensors only.
+void check_emulation(const Tensor& t, bool emulate_device, const char* what) {
+  TORCH_CHECK(!emulate_device || t.is_cpu(), "grpo_kernels ", what,
+              ": emulate_device=True runs on CPU tensors only, got a tensor on ", t.device());
+}
+
 template <class F>
 void run_cpu(F&& f, const char* what) {
   try {
@@ -160,23 +166,24 @@ void run_cpu(F&& f, const char* what) {
 
 void row_stats(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& entropy,
                const Tensor& target_logit, double temperature, std::optional<double> softcap, int64_t stream,
-               bool need_entropy) {
+               bool need_entropy, bool emulate_device) {
   const char* what = "row_stats";
   grpo::RowStatsParams p;
   p.row = row_args(logits, targets, temperature, softcap, what);
   p.need_entropy = need_entropy ? 1 : 0;
   const auto acc = acc_type(logits.scalar_type());
   p.out = stats_out(lse, entropy, target_logit, p.row.n, acc, logits.device(), what);
+  check_emulation(logits, emulate_device, what);
 #ifdef GRPO_WITH_CUDA
   if (logits.is_cuda()) return check_cuda(grpo::row_stats_cuda(p, logits.get_device(), as_stream(stream)), what);
 #endif
   (void)stream;
-  run_cpu([&] { grpo::row_stats_cpu(p); }, what);
+  run_cpu([&] { grpo::row_stats_cpu(p, emulate_device); }, what);
 }
 
 void row_grad_(const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& entropy,
                const Tensor& dlogp, const OptTensor& dentropy, double temperature, std::optional<double> softcap,
-               int64_t stream) {
+               int64_t stream, bool emulate_device) {
   const char* what = "row_grad_";
   grpo::RowGradParams p;
   p.row = row_args(logits, targets, temperature, softcap, what);
@@ -189,11 +196,12 @@ void row_grad_(const Tensor& logits, const Tensor& targets, const Tensor& lse, c
   p.entropy = entropy.data_ptr();
   p.dlogp = dlogp.data_ptr();
   p.dentropy = opt_ptr(dentropy, "dentropy", p.row.n, acc, dev, what);
+  check_emulation(logits, emulate_device, what);
 #ifdef GRPO_WITH_CUDA
   if (logits.is_cuda()) return check_cuda(grpo::row_grad_cuda(p, logits.get_device(), as_stream(stream)), what);
 #endif
   (void)stream;
-  run_cpu([&] { grpo::row_grad_cpu(p); }, what);
+  run_cpu([&] { grpo::row_grad_cpu(p, emulate_device); }, what);
 }
 
 // B rows in groups of num_generations, and a known scale mode (row_pass.h's ScaleMode)
@@ -245,7 +253,7 @@ void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& ol
                 std::optional<double> delta, double eps_high, double sapo_pos, double sapo_neg, double beta,
                 bool bias_correction_kl, int64_t stream, const OptTensor& rewards, const OptTensor& reward_weights,
                 const OptTensor& seq, const OptTensor& adv_out, int64_t num_generations, int64_t scale_mode,
-                double reward_eps) {
+                double reward_eps, bool emulate_device) {
   const char* what = "row_fused_";
   grpo::RowFusedParams p;
   p.row = row_args(logits, targets, temperature, softcap, what);
@@ -261,15 +269,16 @@ void row_fused_(const Tensor& logits, const Tensor& targets, const OptTensor& ol
   check_vec(dlogp, "dlogp", n, acc, dev, what);
   p.loss = loss.data_ptr();
   p.dlogp = dlogp.data_ptr();
+  check_emulation(logits, emulate_device, what);
 #ifdef GRPO_WITH_CUDA
   if (logits.is_cuda()) return check_cuda(grpo::row_fused_cuda(p, logits.get_device(), as_stream(stream)), what);
 #endif
   (void)stream;
-  run_cpu([&] { grpo::row_fused_cpu(p); }, what);
+  run_cpu([&] { grpo::row_fused_cpu(p, emulate_device); }, what);
 }
 
 void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_generations, int64_t mode, double eps,
-                     int64_t stream) {
+                     int64_t stream, bool emulate_device) {
   const char* what = "group_normalize";
   check_device_supported(rewards, what);
   const auto dt = rewards.scalar_type();
@@ -288,11 +297,20 @@ void group_normalize(const Tensor& rewards, const Tensor& out, int64_t num_gener
   p.dtype = dtype_code(dt);
   p.rewards = rewards.data_ptr();
   p.out = out.data_ptr();
+  check_emulation(rewards, emulate_device, what);
 #ifdef GRPO_WITH_CUDA
   if (rewards.is_cuda()) return check_cuda(grpo::group_normalize_cuda(p, rewards.get_device(), as_stream(stream)), what);
 #endif
   (void)stream;
-  run_cpu([&] { grpo::group_normalize_cpu(p); }, what);
+  run_cpu([&] { grpo::group_normalize_cpu(p, emulate_device); }, what);
+}
+
+// The CUDA row kernels' threads per row (row_pass.h's row_threads), which the device emulation
+// uses as its lane count; dtype is a row_pass.h DType code.
+int64_t device_row_threads(int64_t V, int64_t dtype) {
+  TORCH_CHECK(V >= 0, "grpo_kernels row_threads: V must be >= 0, got ", V);
+  TORCH_CHECK(dtype >= grpo::kF32 && dtype <= grpo::kBF16, "grpo_kernels row_threads: unknown dtype code ", dtype);
+  return grpo::row_threads(V, (int)dtype);
 }
 
 }  // namespace
@@ -301,12 +319,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "grpo_kernels compiled row pass (C++/OpenMP for CPU tensors, CUDA kernels when built with CUDA)";
   m.def("has_cuda", &built_with_cuda, "True when this build has the CUDA kernels");
+  m.def("row_threads", &device_row_threads, "the CUDA row kernels' threads per row for V and a dtype code",
+        py::arg("V"), py::arg("dtype"));
   m.def("row_stats", &row_stats, "per-row lse, entropy and target logit into the given [n] outputs",
         py::arg("logits"), py::arg("targets"), py::arg("lse"), py::arg("entropy"), py::arg("target_logit"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("stream") = 0, py::arg("need_entropy") = true);
+        py::arg("temperature"), py::arg("softcap"), py::arg("stream") = 0, py::arg("need_entropy") = true,
+        py::arg("emulate_device") = false);
   m.def("row_grad_", &row_grad_, "in-place gradient of the logits", py::arg("logits"), py::arg("targets"),
         py::arg("lse"), py::arg("entropy"), py::arg("dlogp"), py::arg("dentropy"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("stream") = 0);
+        py::arg("softcap"), py::arg("stream") = 0, py::arg("emulate_device") = false);
   m.def("row_fused_", &row_fused_, "stats + GRPO token epilogue + in-place gradient, one sweep",
         py::arg("logits"), py::arg("targets"), py::arg("old"), py::arg("adv"), py::arg("weight"), py::arg("ref"),
         py::arg("policy_scale"), py::arg("lse"), py::arg("entropy"), py::arg("target_logit"), py::arg("loss"),
@@ -314,7 +335,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("eps_high"), py::arg("sapo_pos"), py::arg("sapo_neg"), py::arg("beta"),
         py::arg("bias_correction_kl"), py::arg("stream") = 0, py::arg("rewards") = py::none(),
         py::arg("reward_weights") = py::none(), py::arg("seq") = py::none(), py::arg("adv_out") = py::none(),
-        py::arg("num_generations") = 1, py::arg("scale_mode") = 0, py::arg("reward_eps") = 1e-4);
+        py::arg("num_generations") = 1, py::arg("scale_mode") = 0, py::arg("reward_eps") = 1e-4,
+        py::arg("emulate_device") = false);
   m.def("group_normalize", &group_normalize, "group-normalized advantages into out", py::arg("rewards"),
-        py::arg("out"), py::arg("num_generations"), py::arg("mode"), py::arg("eps"), py::arg("stream") = 0);
+        py::arg("out"), py::arg("num_generations"), py::arg("mode"), py::arg("eps"), py::arg("stream") = 0,
+        py::arg("emulate_device") = false);
 }

@@ -1,66 +1,32 @@
-// CUDA kernels of the vocabulary row pass (see row_pass.h for the math).
-//
-// One block per row (grid-stride over rows): 16-byte vectorized loads/stores over the
-// aligned body of the row (a scalar head and tail take care of any alignment and any V),
-// online max / sum-exp / sum(p * (u - max)) with running-max rescaling, warp-shuffle
-// then shared-memory block reductions, int64 offsets throughout. CUDA headers only: the
-// torch binding (bindings.cpp) passes plain params structs and the stream.
+// CUDA kernels of the vocabulary row pass: the device policy of row_sweep.h (one block per row,
+// grid-stride over rows; lane = thread, L = blockDim.x = row_threads(V, dtype)) and the launchers.
+// The row work itself (transform, online statistics, gradient, epilogue, reward reductions) is
+// row_sweep.h's, shared with the CPU row pass and its device emulation. CUDA headers only: the torch
+// binding (bindings.cpp) passes plain params structs and the stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "row_pass.h"
+#include "group_sweep.h"
+#include "row_sweep.h"
 
 namespace grpo {
 namespace {
 
-constexpr int kMaxThreads = 512;  // row kernels: __launch_bounds__ caps registers at 128
-constexpr int kUnroll = 4;  // 16-byte vectors in flight per thread
-
 // ---------------------------------------------------------------------------------
 // storage <-> accumulation
-
-template <class T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
 
 __device__ __forceinline__ float to_acc(float x) { return x; }
 __device__ __forceinline__ double to_acc(double x) { return x; }
 __device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <class T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-// exp of a non-positive argument (up to rounding) in the hot loops: the SFU path in fp32
-__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
-__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return logf(x); }
-__device__ __forceinline__ double acc_log(double x) { return log(x); }
-__device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
-__device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
-
-template <class A>
-__device__ __forceinline__ A neg_inf();
-template <>
-__device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000u); }
-template <>
-__device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ull); }
+__device__ __forceinline__ void from_acc(float x, float* y) { *y = x; }
+__device__ __forceinline__ void from_acc(double x, double* y) { *y = x; }
+__device__ __forceinline__ void from_acc(float x, __half* y) { *y = __float2half_rn(x); }
+__device__ __forceinline__ void from_acc(float x, __nv_bfloat16* y) { *y = __float2bfloat16_rn(x); }
 
 template <class T>
 struct alignas(16) Vec {
@@ -68,419 +34,149 @@ struct alignas(16) Vec {
   T v[N];
 };
 
-// z -> u = softcap(z) / T
-template <class A>
-struct Xform {
-  A inv_t, cap_over_t, inv_cap;
-  bool softcap;
-  __device__ __forceinline__ A operator()(A z) const {
-    return softcap ? acc_tanh(z * inv_cap) * cap_over_t : z * inv_t;
-  }
-};
-
-template <class A>
-__device__ __forceinline__ Xform<A> make_xform(const RowArgs& r) {
-  Xform<A> x;
-  x.softcap = r.softcap > 0.0;
-  x.inv_t = A(1.0 / r.temperature);
-  x.cap_over_t = x.softcap ? A(r.softcap / r.temperature) : A(0);
-  x.inv_cap = x.softcap ? A(1.0 / r.softcap) : A(0);
-  return x;
-}
-
-// Row split into a scalar head (up to the first 16-byte boundary), a vector body and a
-// scalar tail.
-template <class T>
-struct RowSplit {
-  int64_t head, nvec, tail_start;
-  __device__ __forceinline__ RowSplit(const T* row, int64_t V) {
-    constexpr int N = Vec<T>::N;
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
-    int64_t h = (int64_t)(((16 - (addr & 15)) & 15) / sizeof(T));
-    if ((addr % sizeof(T)) != 0) h = V;  // not even element-aligned: all scalar
-    head = h < V ? h : V;
-    nvec = (V - head) / N;
-    tail_start = head + nvec * N;
-  }
-};
-
 // ---------------------------------------------------------------------------------
-// online softmax statistics: m = running max, s = sum exp(u - m), t = sum exp(u - m) (u - m)
+// block reductions: the warp's xor-shuffle tree (offsets 16..1), then warp 0 merges the warps'
+// results (scratch[lane] for lane < nwarps, else the empty value) by the same tree. Every thread
+// of the block calls it and gets the result. row_pass_cpu.cpp's emulation reproduces this order.
 
+__device__ __forceinline__ float shfl_xor(float v, int off) { return __shfl_xor_sync(0xffffffffu, v, off); }
+__device__ __forceinline__ double shfl_xor(double v, int off) { return __shfl_xor_sync(0xffffffffu, v, off); }
 template <class A>
-struct Online {
-  A m, s, t;
-};
-
-template <class A>
-__device__ __forceinline__ void online_init(Online<A>& o) {
-  o.m = neg_inf<A>();
-  o.s = A(0);
-  o.t = A(0);
+__device__ __forceinline__ Online<A> shfl_xor(const Online<A>& o, int off) {
+  return Online<A>{shfl_xor(o.m, off), shfl_xor(o.s, off), shfl_xor(o.t, off)};
 }
 
-// ENT = false throughout: the log-prob-only pass, without the entropy's sum t (left 0)
-template <class A, bool ENT = true>
-__device__ __forceinline__ void online_rescale(Online<A>& o, A new_max) {
-  if (o.s != A(0)) {  // (a NaN sum stays NaN)
-    const A delta = o.m - new_max;
-    const A a = fast_exp(delta);
-    if constexpr (ENT) o.t = a * (o.t + delta * o.s);
-    o.s *= a;
-  }
-  o.m = new_max;
-}
-
-template <class A, int K, bool ENT = true>
-__device__ __forceinline__ void online_add(Online<A>& o, const A (&u)[K]) {
-  A cm = u[0];
+template <class V, class M>
+__device__ __forceinline__ V warp_reduce(V v, const M& merge) {
 #pragma unroll
-  for (int k = 1; k < K; ++k) cm = u[k] > cm ? u[k] : cm;
-  if (cm == neg_inf<A>()) {  // all -inf: nothing to add, unless a NaN hid behind the max
-    bool nan = false;
-#pragma unroll
-    for (int k = 0; k < K; ++k) nan |= u[k] != u[k];
-    if (nan) o.s = grpo_nan<A>();
-    return;
-  }
-  if (cm > o.m) online_rescale<A, ENT>(o, cm);  // a NaN element reaches the sums below
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const A d = u[k] - o.m;
-    const A e = fast_exp(d);
-    o.s += e;
-    if constexpr (ENT) o.t += e > A(0) ? e * d : A(0);
-  }
+  for (int off = 16; off > 0; off >>= 1) v = merge(v, shfl_xor(v, off));
+  return v;
 }
 
-template <class A, bool ENT = true>
-__device__ __forceinline__ Online<A> online_merge(const Online<A>& a, const Online<A>& b) {
-  Online<A> r;
-  r.m = a.m > b.m ? a.m : b.m;
-  r.s = A(0);
-  r.t = A(0);
-  // s == 0: an empty (all -inf) partial; NaN partials propagate
-  if (a.s != A(0)) {
-    const A d = a.m - r.m;
-    const A e = fast_exp(d);
-    r.s += e * a.s;
-    if constexpr (ENT) r.t += e * (a.t + d * a.s);
-  }
-  if (b.s != A(0)) {
-    const A d = b.m - r.m;
-    const A e = fast_exp(d);
-    r.s += e * b.s;
-    if constexpr (ENT) r.t += e * (b.t + d * b.s);
-  }
-  return r;
-}
-
-// Warp-wide merge: every lane of the warp gets the merge of the warp's 32 partials.
-template <class A, bool ENT>
-__device__ __forceinline__ Online<A> warp_merge(Online<A> o) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    Online<A> other;
-    other.m = __shfl_xor_sync(0xffffffffu, o.m, off);
-    other.s = __shfl_xor_sync(0xffffffffu, o.s, off);
-    other.t = ENT ? __shfl_xor_sync(0xffffffffu, o.t, off) : A(0);
-    o = online_merge<A, ENT>(o, other);
-  }
-  return o;
-}
-
-// Block-wide merge; every thread gets the result. `scratch` holds 32 entries.
-template <class A, bool ENT = true>
-__device__ __forceinline__ Online<A> block_merge(Online<A> o, Online<A>* scratch) {
-  o = warp_merge<A, ENT>(o);
+template <class V, class M>
+__device__ __forceinline__ V block_reduce(V v, const V& empty, const M& merge, V* scratch) {
+  v = warp_reduce(v, merge);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int nwarps = (blockDim.x + 31) >> 5;
-  __syncthreads();  // scratch may still be read from a previous row
-  if (lane == 0) scratch[warp] = o;
-  __syncthreads();
-  if (warp == 0) {
-    Online<A> v;
-    if (lane < nwarps) {
-      v = scratch[lane];
-    } else {
-      online_init(v);
-    }
-    v = warp_merge<A, ENT>(v);
-    if (lane == 0) scratch[0] = v;
-  }
-  __syncthreads();
-  return scratch[0];
-}
-
-// The statistics sweep of one row: every thread of the block returns the row's Online.
-template <class T, class A, bool ENT = true>
-__device__ __forceinline__ Online<A> row_online(const T* row, int64_t V, const Xform<A>& xf, Online<A>* scratch) {
-  constexpr int N = Vec<T>::N;
-  const RowSplit<T> sp(row, V);
-  const int64_t tid = threadIdx.x, bd = blockDim.x;
-  Online<A> o;
-  online_init(o);
-  for (int64_t i = tid; i < sp.head; i += bd) {
-    A u[1] = {xf(to_acc(row[i]))};
-    online_add<A, 1, ENT>(o, u);
-  }
-  const Vec<T>* body = reinterpret_cast<const Vec<T>*>(row + sp.head);
-  int64_t j = tid;
-  for (; j + (kUnroll - 1) * bd < sp.nvec; j += kUnroll * bd) {
-    Vec<T> x[kUnroll];
-#pragma unroll
-    for (int q = 0; q < kUnroll; ++q) x[q] = body[j + q * bd];
-#pragma unroll
-    for (int q = 0; q < kUnroll; ++q) {
-      A u[N];
-#pragma unroll
-      for (int k = 0; k < N; ++k) u[k] = xf(to_acc(x[q].v[k]));
-      online_add<A, N, ENT>(o, u);
-    }
-  }
-  for (; j < sp.nvec; j += bd) {
-    const Vec<T> x = body[j];
-    A u[N];
-#pragma unroll
-    for (int k = 0; k < N; ++k) u[k] = xf(to_acc(x.v[k]));
-    online_add<A, N, ENT>(o, u);
-  }
-  for (int64_t i = sp.tail_start + tid; i < V; i += bd) {
-    A u[1] = {xf(to_acc(row[i]))};
-    online_add<A, 1, ENT>(o, u);
-  }
-  return block_merge<A, ENT>(o, scratch);
-}
-
-template <class A>
-__device__ __forceinline__ void finish_stats(const Online<A>& o, A* lse, A* entropy) {
-  if (o.s == A(0)) {  // every logit -inf: logsumexp is -inf, and no finite term enters the entropy
-    *lse = neg_inf<A>();
-    *entropy = neg_inf<A>();
-  } else {  // (NaN logits give NaN)
-    const A ls = acc_log(o.s);
-    *lse = o.m + ls;
-    *entropy = ls - o.t / o.s;
-  }
-}
-
-template <class T, class A>
-__device__ __forceinline__ A target_value(const T* row, int64_t V, int64_t tgt, const Xform<A>& xf) {
-  return (tgt >= 0 && tgt < V) ? xf(to_acc(row[tgt])) : A(0);
-}
-
-// The gradient sweep of one row (in place).
-template <class T, class A>
-__device__ __forceinline__ void row_grad_sweep(T* row, int64_t V, int64_t tgt, const Xform<A>& xf, A lse, A ent,
-                                               A dl, A dent, bool has_dent) {
-  constexpr int N = Vec<T>::N;
-  const RowSplit<T> sp(row, V);
-  const int64_t tid = threadIdx.x, bd = blockDim.x;
-  auto grad = [&](A z, int64_t idx) -> A {
-    A u, dcap;
-    if (xf.softcap) {
-      const A th = acc_tanh(z * xf.inv_cap);
-      u = th * xf.cap_over_t;
-      dcap = (A(1) - th * th) * xf.inv_t;
-    } else {
-      u = z * xf.inv_t;
-      dcap = xf.inv_t;
-    }
-    const A p = fast_exp(u - lse);
-    A g = p * (-dl);
-    if (idx == tgt) g += dl;
-    if (has_dent) {
-      const A et = p > A(0) ? p * (u - lse + ent) : A(0);
-      g -= et * dent;
-    }
-    return g * dcap;
-  };
-  for (int64_t i = tid; i < sp.head; i += bd) row[i] = from_acc<T>(grad(to_acc(row[i]), i));
-  Vec<T>* body = reinterpret_cast<Vec<T>*>(row + sp.head);
-  int64_t j = tid;
-  for (; j + (kUnroll - 1) * bd < sp.nvec; j += kUnroll * bd) {
-    Vec<T> x[kUnroll];
-#pragma unroll
-    for (int q = 0; q < kUnroll; ++q) x[q] = body[j + q * bd];
-#pragma unroll
-    for (int q = 0; q < kUnroll; ++q) {
-      const int64_t base = sp.head + (j + q * bd) * N;
-#pragma unroll
-      for (int k = 0; k < N; ++k) x[q].v[k] = from_acc<T>(grad(to_acc(x[q].v[k]), base + k));
-      body[j + q * bd] = x[q];
-    }
-  }
-  for (; j < sp.nvec; j += bd) {
-    Vec<T> x = body[j];
-    const int64_t base = sp.head + j * N;
-#pragma unroll
-    for (int k = 0; k < N; ++k) x.v[k] = from_acc<T>(grad(to_acc(x.v[k]), base + k));
-    body[j] = x;
-  }
-  for (int64_t i = sp.tail_start + tid; i < V; i += bd) row[i] = from_acc<T>(grad(to_acc(row[i]), i));
-}
-
-// ---------------------------------------------------------------------------------
-// kernels
-
-template <class T, bool ENT>
-__global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_stats_kernel(RowStatsParams p) {
-  using A = typename AccOf<T>::type;
-  __shared__ Online<A> scratch[32];
-  const Xform<A> xf = make_xform<A>(p.row);
-  const T* base = static_cast<const T*>(p.row.logits);
-  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) {
-    const T* row = base + r * p.row.ld;
-    const Online<A> o = row_online<T, A, ENT>(row, p.row.V, xf, scratch);
-    if (threadIdx.x == 0) {
-      A lse, ent;
-      finish_stats(o, &lse, &ent);
-      static_cast<A*>(p.out.lse)[r] = lse;
-      static_cast<A*>(p.out.entropy)[r] = ENT ? ent : A(0);
-      static_cast<A*>(p.out.target_logit)[r] = target_value(row, p.row.V, p.row.targets[r], xf);
-    }
-  }
-}
-
-template <class T>
-__global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_grad_kernel(RowGradParams p) {
-  using A = typename AccOf<T>::type;
-  const Xform<A> xf = make_xform<A>(p.row);
-  T* base = static_cast<T*>(p.row.logits);
-  const bool has_dent = p.dentropy != nullptr;
-  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) {
-    const A lse = static_cast<const A*>(p.lse)[r];
-    const A ent = static_cast<const A*>(p.entropy)[r];
-    const A dl = static_cast<const A*>(p.dlogp)[r];
-    const A dent = has_dent ? static_cast<const A*>(p.dentropy)[r] : A(0);
-    row_grad_sweep<T, A>(base + r * p.row.ld, p.row.V, p.row.targets[r], xf, lse, ent, dl, dent, has_dent);
-  }
-}
-
-template <class A>
-__device__ __forceinline__ void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp,
-                                            A adv, A* loss, A* dlogp) {
-  const A* old = tk.old ? static_cast<const A*>(tk.old) + i : nullptr;
-  const A* ref = (opt.beta != 0.0) ? static_cast<const A*>(tk.ref) + i : nullptr;
-  const A* scale = tk.policy_scale ? static_cast<const A*>(tk.policy_scale) + i : nullptr;
-  token_epilogue_one<A>(logp, old, adv, static_cast<const A*>(tk.weight)[i], ref, scale, opt, loss, dlogp);
-}
-
-template <class A>
-__device__ __forceinline__ A block_sum(A v, A* scratch);
-template <class A, class X>
-__device__ A block_nanstd(const X& x, int64_t len, A* scratch);
-
-template <class T>
-__global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2) row_fused_kernel(RowFusedParams p) {
-  using A = typename AccOf<T>::type;
-  __shared__ Online<A> scratch[32];
-  __shared__ A bcast[3];
-  __shared__ A rscratch[32];
-  const Xform<A> xf = make_xform<A>(p.row);
-  T* base = static_cast<T*>(p.row.logits);
-  const bool rewards = p.rew.rewards != nullptr;
-  // the batch's std (scale "batch"), once per block by the whole block (block-uniform branch);
-  // each row's group statistics in its epilogue (row_pass.h's grpo_reward_advantage)
-  A batch_sigma = A(0);
-  if (rewards && p.rew.mode == kScaleBatch && p.rew.B > 1) {
-    const CombinedRewards<A> x{static_cast<const A*>(p.rew.rewards), static_cast<const A*>(p.rew.weights), p.rew.K,
-                               0};
-    batch_sigma = block_nanstd<A>(x, p.rew.B, rscratch);
-  }
-  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) {
-    T* row = base + r * p.row.ld;
-    const int64_t tgt = p.row.targets[r];
-    const Online<A> o = row_online<T, A>(row, p.row.V, xf, scratch);
-    if (threadIdx.x == 0) {
-      A lse, ent, loss, dl, adv;
-      finish_stats(o, &lse, &ent);
-      const A tl = target_value(row, p.row.V, tgt, xf);
-      if (rewards) {
-        adv = grpo_reward_advantage<A>(p.rew, p.rew.seq[r], batch_sigma);
-        static_cast<A*>(p.adv_out)[r] = adv;
-      } else {
-        adv = static_cast<const A*>(p.tok.adv)[r];
-      }
-      epilogue_at<A>(p.tok, p.opt, r, tl - lse, adv, &loss, &dl);
-      static_cast<A*>(p.out.lse)[r] = lse;
-      static_cast<A*>(p.out.entropy)[r] = ent;
-      static_cast<A*>(p.out.target_logit)[r] = tl;
-      static_cast<A*>(p.loss)[r] = loss;
-      static_cast<A*>(p.dlogp)[r] = dl;
-      bcast[0] = lse;
-      bcast[1] = ent;
-      bcast[2] = dl;
-    }
-    __syncthreads();
-    const A lse = bcast[0], ent = bcast[1], dl = bcast[2];
-    // every thread has read target_value's element before any thread overwrites it
-    row_grad_sweep<T, A>(row, p.row.V, tgt, xf, lse, ent, dl, A(0), false);
-    // bcast is rewritten only after block_merge's barriers of the next row
-  }
-}
-
-template <class A>
-__device__ __forceinline__ A block_sum(A v, A* scratch) {
-  // (every thread of the block calls it: the reductions synchronize)
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  __syncthreads();
+  __syncthreads();  // scratch may still be read from a previous reduction
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    A x = lane < nwarps ? scratch[lane] : A(0);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+    V x = lane < nwarps ? scratch[lane] : empty;
+    x = warp_reduce(x, merge);
     if (lane == 0) scratch[0] = x;
   }
   __syncthreads();
   return scratch[0];
 }
 
-// The nanstd of x(0..len) (row_pass.h's grpo_nan_mean_std_of) by block reductions: every thread of
-// the block calls it and gets the result.
-template <class A, class X>
-__device__ A block_nanstd(const X& x, int64_t len, A* scratch) {
-  A s = A(0), c = A(0);
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    const A v = x(i);
-    if (v == v) {
-      s += v;
-      c += A(1);
+// ---------------------------------------------------------------------------------
+// the device policy of row_sweep.h
+
+template <class T>
+struct DevicePolicy {
+  using Store = T;
+  using A = typename AccOf<T>::type;
+  static constexpr int kWidth = Vec<T>::N;  // one 16-byte vector
+  static constexpr int kUnroll = sizeof(T) == 2 ? 2 : 4;  // vectors in flight per thread
+  static constexpr bool kSimd = false;
+
+  Online<A>* scratch;  // [32] in shared memory (also holds 32 A for the sums)
+  A* bcast;            // [3] in shared memory
+
+  // exp of a non-positive argument (up to rounding) in the hot loops: the SFU path in fp32
+  static __device__ __forceinline__ A exp(A x) {
+    if constexpr (sizeof(A) == 4) return __expf(x); else return ::exp(x);
+  }
+  static __device__ __forceinline__ A log(A x) { return ::log(x); }
+  static __device__ __forceinline__ A tanh(A x) { return ::tanh(x); }
+
+  // columns [c0, c0 + cnt): one 16-byte load when it is a whole aligned vector, else cnt scalar
+  // loads (the same values either way); kept raw until used, to hold fewer registers
+  using Raw = Vec<T>;
+  static __device__ __forceinline__ void load(const T* row, int64_t c0, int cnt, Raw& x) {
+    const T* p = row + c0;
+    if (cnt == kWidth && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+      x = *reinterpret_cast<const Vec<T>*>(p);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        if (k < cnt) x.v[k] = p[k];
+      }
     }
   }
-  s = block_sum(s, scratch);
-  const int64_t n = (int64_t)block_sum(c, scratch);
-  const A mean = s / A(n);
-  A q = A(0);
-  for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-    const A v = x(i);
-    if (v == v) {
-      const A d = v - mean;
-      q += d * d;
+  static __device__ __forceinline__ A at(const Raw& x, int k) { return to_acc(x.v[k]); }
+  static __device__ __forceinline__ void store(T* row, int64_t c0, int cnt, const A* g) {
+    T* p = row + c0;
+    if (cnt == kWidth && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+      Vec<T> x;
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) from_acc(g[k], &x.v[k]);
+      *reinterpret_cast<Vec<T>*>(p) = x;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        if (k < cnt) from_acc(g[k], &p[k]);
+      }
     }
   }
-  return grpo_nanstd_from<A>(block_sum(q, scratch), n);
+  static __device__ __forceinline__ A load_one(const T* row, int64_t i) { return to_acc(row[i]); }
+
+  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+  template <class F, class V, class M>
+  __device__ __forceinline__ V reduce_lanes(const F& f, const V& empty, const M& merge) const {
+    return block_reduce<V>(f((int)threadIdx.x, (int)blockDim.x), empty, merge, reinterpret_cast<V*>(scratch));
+  }
+  template <class F>
+  __device__ __forceinline__ void for_lanes(const F& f) const { f((int)threadIdx.x, (int)blockDim.x); }
+  // thread 0's values to every thread; bcast is rewritten only after the next row's reductions
+  __device__ __forceinline__ void broadcast(A (&v)[3]) const {
+    if (leader()) {
+      for (int k = 0; k < 3; ++k) bcast[k] = v[k];
+    }
+    __syncthreads();
+    for (int k = 0; k < 3; ++k) v[k] = bcast[k];
+  }
+};
+
+// ---------------------------------------------------------------------------------
+// kernels: grid-stride over rows, one block per row
+
+#define GRPO_ROW_KERNEL(T) __global__ void __launch_bounds__(kMaxThreads, sizeof(T) == 8 ? 1 : 2)
+#define GRPO_DEVICE_POLICY(T)                            \
+  using Pol = DevicePolicy<T>;                           \
+  using A = typename Pol::A;                             \
+  __shared__ Online<A> scratch[32];                      \
+  __shared__ A bcast[3];                                 \
+  const Pol pol{scratch, bcast}
+
+template <class T, bool ENT>
+GRPO_ROW_KERNEL(T) row_stats_kernel(RowStatsParams p) {
+  GRPO_DEVICE_POLICY(T);
+  const Xform<Pol> xf(p.row);
+  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) stats_row<Pol, ENT>(pol, p, r, xf);
 }
 
-// Group-normalized advantages (advantages.normalize_groups): one block; the batch std
-// (scale "batch") by block reductions, then one thread per group.
-template <class A>
+template <class T>
+GRPO_ROW_KERNEL(T) row_grad_kernel(RowGradParams p) {
+  GRPO_DEVICE_POLICY(T);
+  const Xform<Pol> xf(p.row);
+  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) grad_row<Pol>(pol, p, r, xf);
+}
+
+template <class T>
+GRPO_ROW_KERNEL(T) row_fused_kernel(RowFusedParams p) {
+  GRPO_DEVICE_POLICY(T);
+  const Xform<Pol> xf(p.row);
+  // the batch's std (scale "batch") once per block by the whole block (block-uniform branch)
+  const A batch_sigma = reward_batch_sigma(pol, p.rew);
+  for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) fused_row<Pol>(pol, p, r, xf, batch_sigma);
+}
+
+template <class R>
 __global__ void group_normalize_kernel(GroupNormParams p) {
-  __shared__ A scratch[32];
-  const A* r = static_cast<const A*>(p.rewards);
-  A* out = static_cast<A*>(p.out);
-  const int64_t B = p.B, G = p.G;
-  A batch_std = A(0);
-  if (p.mode == kScaleBatch && B > 1) batch_std = block_nanstd<A>(PlainRewards<A>{r}, B, scratch);
-  for (int64_t g = threadIdx.x; g < B / G; g += blockDim.x) {
-    A mean, sigma;
-    grpo_group_mean_sigma<A>(PlainRewards<A>{r + g * G}, G, p.mode, batch_std, &mean, &sigma);
-    grpo_group_advantages<A>(r + g * G, out + g * G, G, p.mode, mean, sigma, A(p.eps));
-  }
+  GRPO_DEVICE_POLICY(R);
+  group_normalize_all(pol, p);
 }
 
 // ---------------------------------------------------------------------------------
@@ -498,15 +194,6 @@ struct DeviceGuard {
     if (prev >= 0 && cudaGetDevice(&cur) == cudaSuccess && cur != prev) cudaSetDevice(prev);
   }
 };
-
-int row_threads(int64_t V, int dtype) {
-  const int64_t elems_per_vec = (dtype == kF64) ? 2 : (dtype == kF32) ? 4 : 8;
-  const int64_t vecs = (V + elems_per_vec - 1) / elems_per_vec;
-  // about 8 vectors per thread, between 128 and kMaxThreads threads
-  int64_t t = 128;
-  while (t < kMaxThreads && t * 8 < vecs) t *= 2;
-  return (int)t;
-}
 
 unsigned row_blocks(int64_t n) {
   const int64_t cap = 2147483647;  // gridDim.x limit; rows beyond it are grid-strided
@@ -571,7 +258,7 @@ cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStrea
   if (p.G <= 0 || p.B % p.G != 0) return cudaErrorInvalidValue;
   DeviceGuard guard(device);
   if (guard.err != cudaSuccess) return guard.err;
-  const int threads = 256;
+  const int threads = kGroupThreads;
   if (p.dtype == kF32) {
     group_normalize_kernel<float><<<1, threads, 0, stream>>>(p);
   } else if (p.dtype == kF64) {

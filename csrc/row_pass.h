@@ -1,5 +1,6 @@
 // The vocabulary row pass of grpo_kernels: parameter structs, the per-token GRPO
-// epilogue (shared by the CPU and CUDA code) and the launcher declarations.
+// epilogue, the reward -> advantage helpers and the launcher declarations. The row sweep
+// itself, written once for the CUDA kernels and the CPU row pass, is row_sweep.h.
 //
 // No torch here: the CUDA kernels (row_pass.cu) include CUDA headers only, the
 // C++/OpenMP implementation (row_pass_cpu.cpp) and the bindings (bindings.cpp)
@@ -360,18 +361,8 @@ GRPO_HD inline void grpo_group_advantages(const A* x, A* out, int64_t G, int mod
   for (int64_t k = 0; k < G; ++k) out[k] = grpo_group_advantage<A>(x[k], mode, mean, sigma, eps);
 }
 
-// the std every group divides by under kScaleBatch (0 for one sequence; unused otherwise)
-template <class A>
-GRPO_HD inline A grpo_batch_sigma(const RewardArgs& ra) {
-  if (ra.mode != kScaleBatch || ra.B <= 1) return A(0);
-  A mean, sigma;
-  const CombinedRewards<A> x{static_cast<const A*>(ra.rewards), static_cast<const A*>(ra.weights), ra.K, 0};
-  grpo_nan_mean_std_of<A>(x, ra.B, &mean, &sigma);
-  return sigma;
-}
-
 // the advantage of sequence s from the rewards: normalize_groups of the combined rewards of its
-// group, dividing by batch_sigma (grpo_batch_sigma) under kScaleBatch
+// group, dividing by batch_sigma (group_sweep.h's reward_batch_sigma) under kScaleBatch
 template <class A>
 GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_sigma) {
   const A* r = static_cast<const A*>(ra.rewards);
@@ -383,12 +374,28 @@ GRPO_HD inline A grpo_reward_advantage(const RewardArgs& ra, int64_t s, A batch_
 }
 
 // ---------------------------------------------------------------------------------
-// CPU implementation (row_pass_cpu.cpp); throws std::invalid_argument on a bad dtype.
+// The CUDA row kernels' block size (threads = lanes per row), from V and the storage dtype only:
+// about 8 16-byte vectors per thread, between 128 and kMaxThreads. The device emulation uses it too.
+constexpr int kMaxThreads = 512;
+constexpr int kGroupThreads = 256;  // group_normalize's one block
 
-void row_stats_cpu(const RowStatsParams& p);
-void row_grad_cpu(const RowGradParams& p);
-void row_fused_cpu(const RowFusedParams& p);
-void group_normalize_cpu(const GroupNormParams& p);
+GRPO_HD inline int row_threads(int64_t V, int dtype) {
+  const int64_t elems_per_vec = (dtype == kF64) ? 2 : (dtype == kF32) ? 4 : 8;
+  const int64_t vecs = (V + elems_per_vec - 1) / elems_per_vec;
+  int64_t t = 128;
+  while (t < kMaxThreads && t * 8 < vecs) t *= 2;
+  return (int)t;
+}
+
+// ---------------------------------------------------------------------------------
+// CPU implementation (row_pass_cpu.cpp); throws std::invalid_argument on a bad dtype.
+// emulate_device: run the CUDA kernels' launch on the host (their lanes, column split and
+// reduction tree), for testing without a GPU; else the production CPU path.
+
+void row_stats_cpu(const RowStatsParams& p, bool emulate_device);
+void row_grad_cpu(const RowGradParams& p, bool emulate_device);
+void row_fused_cpu(const RowFusedParams& p, bool emulate_device);
+void group_normalize_cpu(const GroupNormParams& p, bool emulate_device);
 
 }  // namespace grpo
 

@@ -1,10 +1,15 @@
-// C++ row pass for CPU tensors (see row_pass.h for the math).
+// The row pass on CPU tensors: two host policies of row_sweep.h.
 //
-// Rows are spread over threads with at::parallel_for (OpenMP in the torch wheels); each
-// row is swept once for its statistics (online max / sum-exp / sum(p * (u - max)) with
-// running-max rescaling, block by block so that the inner loops vectorize) and once
-// more to write the gradient in place. Storage float / double / at::Half / at::BFloat16,
-// accumulation fp32 (fp64 for double).
+// - Production (the `cpp` backend): one lane per row, 256-column vectors whose loops `omp simd`
+//   vectorizes (a polynomial exp), rows spread over threads with at::parallel_for.
+// - Device emulation (`emulate_device`): the CUDA launch reproduced on the host, row by row: the
+//   kernel's lane count row_threads(V, dtype), its 16-byte vectors and their owners, its
+//   element-by-element sums, the warp xor-shuffle tree and the block merge (row_pass.cu's
+//   block_reduce). It runs the kernels' code in their summation order, so that the CPU suite checks
+//   what only a GPU would otherwise run; its exp is the libm one (the device's __expf differs in
+//   the last bits, the order does not).
+//
+// Storage float / double / at::Half / at::BFloat16, accumulation fp32 (fp64 for double).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -13,25 +18,16 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 
-#include "row_pass.h"
+#include "group_sweep.h"
+#include "row_sweep.h"
 
 namespace grpo {
 namespace {
 
-constexpr int64_t kBlock = 256;  // elements converted and reduced per inner loop
-
-template <class T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
+constexpr int kHostWidth = 256;  // production: columns converted and reduced per inner loop
 
 // exp for the hot loops: branch-free so that `omp simd` loops vectorize. fp32: Cody-Waite
 // range reduction and a degree-6 polynomial (about 1 ulp on [-87, 88]; 0 below -87,
@@ -60,265 +56,133 @@ inline float vexp(float x) {
 }
 inline double vexp(double x) { return std::exp(x); }
 
-template <class A>
-inline A neg_inf() {
-  return -std::numeric_limits<A>::infinity();
+// g[0..cnt) rounded to the storage type
+template <class T, class A>
+void store_as(T* p, int cnt, const A* g) {
+  for (int k = 0; k < cnt; ++k) p[k] = static_cast<T>(g[k]);  // (fp16: `omp simd` here is slower)
 }
 
-template <class T>
-inline typename AccOf<T>::type load(const T* p, int64_t i) {
-  return static_cast<typename AccOf<T>::type>(p[i]);
-}
-
-template <class T>
-inline void store(T* p, int64_t i, typename AccOf<T>::type v) {
-  p[i] = static_cast<T>(v);
-}
-
-template <class A>
-struct Xform {
-  A inv_t, cap_over_t, inv_cap;
-  bool softcap;
-  explicit Xform(const RowArgs& r) {
-    softcap = r.softcap > 0.0;
-    inv_t = A(1.0 / r.temperature);
-    cap_over_t = softcap ? A(r.softcap / r.temperature) : A(0);
-    inv_cap = softcap ? A(1.0 / r.softcap) : A(0);
+// bfloat16: c10's round-to-nearest-even (NaN -> 0x7fc0) without its branch, so that the loop
+// vectorizes; the same bits
+inline void store_as(c10::BFloat16* p, int cnt, const float* g) {
+  uint16_t* out = reinterpret_cast<uint16_t*>(p);
+#pragma omp simd
+  for (int k = 0; k < cnt; ++k) {
+    uint32_t b;
+    std::memcpy(&b, &g[k], sizeof(b));
+    const uint32_t r = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+    out[k] = g[k] != g[k] ? uint16_t(0x7fc0) : uint16_t(r);
   }
+}
+
+// The device's block_reduce over the values of L lanes (L a multiple of 32): per warp, the
+// xor-shuffle tree (each lane merges its value with its partner's previous one), then warp 0 over
+// the warps' lane-0 results padded with `empty`. Returns what every lane gets.
+template <class V, class M>
+void emulate_warp_tree(V* v, const M& merge) {
+  V prev[32];
+  for (int off = 16; off > 0; off >>= 1) {
+    std::copy(v, v + 32, prev);
+    for (int lane = 0; lane < 32; ++lane) v[lane] = merge(prev[lane], prev[lane ^ off]);
+  }
+}
+
+template <class V, class M>
+V emulate_block_reduce(V* vals, int L, const V& empty, const M& merge) {
+  const int nwarps = (L + 31) / 32;
+  V warp0[32];
+  for (int w = 0; w < nwarps; ++w) emulate_warp_tree(vals + 32 * w, merge);
+  for (int lane = 0; lane < 32; ++lane) warp0[lane] = lane < nwarps ? vals[32 * lane] : empty;
+  emulate_warp_tree(warp0, merge);
+  return warp0[0];
+}
+
+// kEmulate: the device emulation (W = 16 bytes, L lanes); else production (W = kHostWidth, 1 lane)
+template <class T, bool kEmulate>
+struct HostPolicy {
+  using Store = T;
+  using A = typename AccOf<T>::type;
+  static constexpr int kWidth = kEmulate ? int(16 / sizeof(T)) : kHostWidth;
+  static constexpr int kUnroll = 1;
+  static constexpr bool kSimd = !kEmulate;
+
+  int lanes;  // 1 in production
+
+  static A exp(A x) { return kEmulate ? std::exp(x) : vexp(x); }
+  static A log(A x) { return std::log(x); }
+  static A tanh(A x) { return std::tanh(x); }
+
+  // the host reads the columns where they are used: no loads to put in flight
+  using Raw = const T*;
+  static void load(const T* row, int64_t c0, int, Raw& p) { p = row + c0; }
+  static A at(Raw p, int k) { return static_cast<A>(p[k]); }
+  static void store(T* row, int64_t c0, int cnt, const A* g) { store_as(row + c0, cnt, g); }
+  static A load_one(const T* row, int64_t i) { return static_cast<A>(row[i]); }
+
+  bool leader() const { return true; }
+  template <class F, class V, class M>
+  V reduce_lanes(const F& f, const V& empty, const M& merge) const {
+    if (!kEmulate) return f(0, 1);
+    V vals[kMaxThreads];
+    for (int lane = 0; lane < lanes; ++lane) vals[lane] = f(lane, lanes);
+    return emulate_block_reduce(vals, lanes, empty, merge);
+  }
+  template <class F>
+  void for_lanes(const F& f) const {
+    for (int lane = 0; lane < lanes; ++lane) f(lane, lanes);
+  }
+  void broadcast(A (&)[3]) const {}  // one thread runs every lane of a row
 };
 
-// u = softcap(z) / T for z[0..cnt) into buf; returns the block's max.
-template <class T, class A>
-inline A transform_block(const T* z, int64_t cnt, const Xform<A>& xf, A* buf) {
-  A mx = neg_inf<A>();
-  if (xf.softcap) {
-    for (int64_t k = 0; k < cnt; ++k) {
-      const A u = std::tanh(load(z, k) * xf.inv_cap) * xf.cap_over_t;
-      buf[k] = u;
-      mx = u > mx ? u : mx;
-    }
-  } else {
-    const A it = xf.inv_t;
-#pragma omp simd reduction(max : mx)
-    for (int64_t k = 0; k < cnt; ++k) {
-      const A u = load(z, k) * it;
-      buf[k] = u;
-      mx = u > mx ? u : mx;
-    }
-  }
-  return mx;
-}
-
-template <class A>
-struct RowResult {
-  A lse, entropy, target_logit;
-};
-
-// kEnt = false: the log-prob-only pass, without the entropy's sum (entropy written as 0)
-template <class T, class A, bool kEnt = true>
-RowResult<A> row_stats_one(const T* row, int64_t V, int64_t tgt, const Xform<A>& xf) {
-  alignas(64) A buf[kBlock];
-  A m = neg_inf<A>(), s = A(0), t = A(0);
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-    const int64_t cnt = std::min<int64_t>(kBlock, V - j0);
-    const A cm = transform_block(row + j0, cnt, xf, buf);
-    if (cm == neg_inf<A>()) {  // every element -inf (or NaN: then the sums become NaN)
-      for (int64_t k = 0; k < cnt; ++k) {
-        if (buf[k] != buf[k]) s = buf[k];
-      }
-      continue;
-    }
-    if (cm > m) {  // (a NaN element is not the max, but it reaches the sums below)
-      if (s != A(0)) {
-        const A delta = m - cm;
-        const A a = vexp(delta);
-        t = a * (t + delta * s);
-        s *= a;
-      }
-      m = cm;
-    }
-    A bs = A(0), bt = A(0);
-    const A mm = m;
-    if constexpr (kEnt) {
-#pragma omp simd reduction(+ : bs, bt)
-      for (int64_t k = 0; k < cnt; ++k) {
-        const A d = buf[k] - mm;
-        const A e = vexp(d);
-        bs += e;
-        bt += e > A(0) ? e * d : A(0);
-      }
-    } else {
-#pragma omp simd reduction(+ : bs)
-      for (int64_t k = 0; k < cnt; ++k) bs += vexp(buf[k] - mm);
-    }
-    s += bs;
-    t += bt;
-  }
-  RowResult<A> r;
-  if (s == A(0)) {  // every logit -inf
-    r.lse = neg_inf<A>();
-    r.entropy = neg_inf<A>();
-  } else {  // (NaN logits give NaN)
-    const A ls = std::log(s);
-    r.lse = m + ls;
-    r.entropy = ls - t / s;
-  }
-  if constexpr (!kEnt) r.entropy = A(0);
-  if (tgt >= 0 && tgt < V) {
-    const A z = load(row, tgt);
-    r.target_logit = xf.softcap ? std::tanh(z * xf.inv_cap) * xf.cap_over_t : z * xf.inv_t;
-  } else {
-    r.target_logit = A(0);
-  }
-  return r;
-}
-
-template <class T, class A>
-void row_grad_one(T* row, int64_t V, int64_t tgt, const Xform<A>& xf, A lse, A ent, A dl, A dent, bool has_dent) {
-  alignas(64) A buf[kBlock];
-  alignas(64) A dcap[kBlock];
-  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
-    const int64_t cnt = std::min<int64_t>(kBlock, V - j0);
-    T* z = row + j0;
-    if (xf.softcap) {
-      for (int64_t k = 0; k < cnt; ++k) {
-        const A th = std::tanh(load(z, k) * xf.inv_cap);
-        buf[k] = th * xf.cap_over_t;
-        dcap[k] = (A(1) - th * th) * xf.inv_t;
-      }
-    } else {
-      const A it = xf.inv_t;
-#pragma omp simd
-      for (int64_t k = 0; k < cnt; ++k) {
-        buf[k] = load(z, k) * it;
-        dcap[k] = it;
-      }
-    }
-    // every element as if it were not the target (vectorizes), then the target redone
-    const int64_t tk = tgt - j0;
-    const A u_t = (tk >= 0 && tk < cnt) ? buf[tk] : A(0);
-    if (has_dent) {
-#pragma omp simd
-      for (int64_t k = 0; k < cnt; ++k) {
-        const A u = buf[k];
-        const A p = vexp(u - lse);
-        const A et = p > A(0) ? p * (u - lse + ent) : A(0);
-        buf[k] = (p * (-dl) - et * dent) * dcap[k];
-      }
-    } else {
-#pragma omp simd
-      for (int64_t k = 0; k < cnt; ++k) buf[k] = vexp(buf[k] - lse) * (-dl) * dcap[k];
-    }
-    if (tk >= 0 && tk < cnt) {
-      const A p = vexp(u_t - lse);
-      A g = p * (-dl) + dl;
-      if (has_dent) g -= (p > A(0) ? p * (u_t - lse + ent) : A(0)) * dent;
-      buf[tk] = g * dcap[tk];
-    }
-    for (int64_t k = 0; k < cnt; ++k) store(z, k, buf[k]);
-  }
+template <class T, bool kEmulate>
+HostPolicy<T, kEmulate> row_policy(const RowArgs& r) {
+  return HostPolicy<T, kEmulate>{kEmulate ? row_threads(r.V, r.dtype) : 1};
 }
 
 int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
-template <class T>
+// f(r) for every row, the rows spread over threads (each row is independent: the same bits
+// whatever the thread count)
+template <class F>
+void each_row(const RowArgs& r, const F& f) {
+  at::parallel_for(0, r.n, grain_rows(r.V), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
+template <class T, bool kEmulate>
 void row_stats_t(const RowStatsParams& p) {
-  using A = typename AccOf<T>::type;
-  const Xform<A> xf(p.row);
-  const T* base = static_cast<const T*>(p.row.logits);
-  A* lse = static_cast<A*>(p.out.lse);
-  A* ent = static_cast<A*>(p.out.entropy);
-  A* tl = static_cast<A*>(p.out.target_logit);
-  const bool need_entropy = p.need_entropy != 0;
-  at::parallel_for(0, p.row.n, grain_rows(p.row.V), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* row = base + r * p.row.ld;
-      const RowResult<A> st = need_entropy ? row_stats_one<T, A, true>(row, p.row.V, p.row.targets[r], xf)
-                                           : row_stats_one<T, A, false>(row, p.row.V, p.row.targets[r], xf);
-      lse[r] = st.lse;
-      ent[r] = st.entropy;
-      tl[r] = st.target_logit;
-    }
-  });
+  using P = HostPolicy<T, kEmulate>;
+  const P pol = row_policy<T, kEmulate>(p.row);
+  const Xform<P> xf(p.row);
+  if (p.need_entropy) {
+    each_row(p.row, [&](int64_t r) { stats_row<P, true>(pol, p, r, xf); });
+  } else {
+    each_row(p.row, [&](int64_t r) { stats_row<P, false>(pol, p, r, xf); });
+  }
 }
 
-template <class T>
+template <class T, bool kEmulate>
 void row_grad_t(const RowGradParams& p) {
-  using A = typename AccOf<T>::type;
-  const Xform<A> xf(p.row);
-  T* base = static_cast<T*>(p.row.logits);
-  const A* lse = static_cast<const A*>(p.lse);
-  const A* ent = static_cast<const A*>(p.entropy);
-  const A* dl = static_cast<const A*>(p.dlogp);
-  const A* dent = static_cast<const A*>(p.dentropy);
-  at::parallel_for(0, p.row.n, grain_rows(p.row.V), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      row_grad_one<T, A>(base + r * p.row.ld, p.row.V, p.row.targets[r], xf, lse[r], ent[r], dl[r],
-                         dent ? dent[r] : A(0), dent != nullptr);
-    }
-  });
+  using P = HostPolicy<T, kEmulate>;
+  const P pol = row_policy<T, kEmulate>(p.row);
+  const Xform<P> xf(p.row);
+  each_row(p.row, [&](int64_t r) { grad_row<P>(pol, p, r, xf); });
 }
 
-template <class A>
-inline void epilogue_at(const TokenArgs& tk, const EpilogueOptions& opt, int64_t i, A logp, A adv, A* loss,
-                        A* dlogp) {
-  const A* old = tk.old ? static_cast<const A*>(tk.old) + i : nullptr;
-  const A* ref = (opt.beta != 0.0) ? static_cast<const A*>(tk.ref) + i : nullptr;
-  const A* scale = tk.policy_scale ? static_cast<const A*>(tk.policy_scale) + i : nullptr;
-  token_epilogue_one<A>(logp, old, adv, static_cast<const A*>(tk.weight)[i], ref, scale, opt, loss, dlogp);
-}
-
-template <class T>
+template <class T, bool kEmulate>
 void row_fused_t(const RowFusedParams& p) {
-  using A = typename AccOf<T>::type;
-  const Xform<A> xf(p.row);
-  T* base = static_cast<T*>(p.row.logits);
-  A* lse = static_cast<A*>(p.out.lse);
-  A* ent = static_cast<A*>(p.out.entropy);
-  A* tl = static_cast<A*>(p.out.target_logit);
-  A* loss = static_cast<A*>(p.loss);
-  A* dlogp = static_cast<A*>(p.dlogp);
-  const bool rewards = p.rew.rewards != nullptr;
-  // the batch's std (scale "batch") once per launch; each row's group statistics in its epilogue
-  const A batch_sigma = rewards ? grpo_batch_sigma<A>(p.rew) : A(0);
-  at::parallel_for(0, p.row.n, grain_rows(p.row.V), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      T* row = base + r * p.row.ld;
-      const int64_t tgt = p.row.targets[r];
-      const RowResult<A> st = row_stats_one<T, A>(row, p.row.V, tgt, xf);
-      A l, d, adv;
-      if (rewards) {
-        adv = grpo_reward_advantage<A>(p.rew, p.rew.seq[r], batch_sigma);
-        static_cast<A*>(p.adv_out)[r] = adv;
-      } else {
-        adv = static_cast<const A*>(p.tok.adv)[r];
-      }
-      epilogue_at<A>(p.tok, p.opt, r, st.target_logit - st.lse, adv, &l, &d);
-      lse[r] = st.lse;
-      ent[r] = st.entropy;
-      tl[r] = st.target_logit;
-      loss[r] = l;
-      dlogp[r] = d;
-      row_grad_one<T, A>(row, p.row.V, tgt, xf, st.lse, st.entropy, d, A(0), false);
-    }
-  });
+  using P = HostPolicy<T, kEmulate>;
+  const P pol = row_policy<T, kEmulate>(p.row);
+  const Xform<P> xf(p.row);
+  // the batch's std (scale "batch") once per launch, as each device block computes it
+  const typename P::A batch_sigma = reward_batch_sigma(pol, p.rew);
+  each_row(p.row, [&](int64_t r) { fused_row<P>(pol, p, r, xf, batch_sigma); });
 }
 
-template <class A>
+template <class A, bool kEmulate>
 void group_normalize_t(const GroupNormParams& p) {
-  const A* r = static_cast<const A*>(p.rewards);
-  A* out = static_cast<A*>(p.out);
-  const int64_t B = p.B, G = p.G;
-  A batch_std = A(0);
-  if (p.mode == kScaleBatch && B > 1) {
-    A batch_mean;
-    grpo_nan_mean_std<A>(r, B, &batch_mean, &batch_std);
-  }
-  for (int64_t g = 0; g < B / G; ++g) {
-    A mean, sigma;
-    grpo_group_mean_sigma<A>(PlainRewards<A>{r + g * G}, G, p.mode, batch_std, &mean, &sigma);
-    grpo_group_advantages<A>(r + g * G, out + g * G, G, p.mode, mean, sigma, A(p.eps));
-  }
+  group_normalize_all(HostPolicy<A, kEmulate>{kEmulate ? kGroupThreads : 1}, p);
 }
 
 [[noreturn]] void bad_dtype(const char* what, int dtype) {
@@ -326,47 +190,54 @@ void group_normalize_t(const GroupNormParams& p) {
                               std::to_string(dtype));
 }
 
-template <class P, class F32, class F64, class F16, class BF16>
-void dispatch(const P& p, int dtype, const char* what, F32 f32, F64 f64, F16 f16, BF16 bf16) {
-  switch (dtype) {
+// F<T, kEmulate>::run(p) for the row dtype
+template <template <class, bool> class F, class Params>
+void dispatch(const Params& p, bool emulate, const char* what) {
+  if (p.row.n <= 0) return;
+  switch (p.row.dtype) {
     case kF32:
-      return f32(p);
+      return emulate ? F<float, true>::run(p) : F<float, false>::run(p);
     case kF64:
-      return f64(p);
+      return emulate ? F<double, true>::run(p) : F<double, false>::run(p);
     case kF16:
-      return f16(p);
+      return emulate ? F<c10::Half, true>::run(p) : F<c10::Half, false>::run(p);
     case kBF16:
-      return bf16(p);
+      return emulate ? F<c10::BFloat16, true>::run(p) : F<c10::BFloat16, false>::run(p);
     default:
-      bad_dtype(what, dtype);
+      bad_dtype(what, p.row.dtype);
   }
 }
 
+template <class T, bool E>
+struct Stats {
+  static void run(const RowStatsParams& p) { row_stats_t<T, E>(p); }
+};
+template <class T, bool E>
+struct Grad {
+  static void run(const RowGradParams& p) { row_grad_t<T, E>(p); }
+};
+template <class T, bool E>
+struct Fused {
+  static void run(const RowFusedParams& p) { row_fused_t<T, E>(p); }
+};
+
 }  // namespace
 
-void row_stats_cpu(const RowStatsParams& p) {
-  if (p.row.n <= 0) return;
-  dispatch(p, p.row.dtype, "row_stats", row_stats_t<float>, row_stats_t<double>, row_stats_t<c10::Half>,
-           row_stats_t<c10::BFloat16>);
+void row_stats_cpu(const RowStatsParams& p, bool emulate_device) {
+  dispatch<Stats>(p, emulate_device, "row_stats");
 }
 
-void row_grad_cpu(const RowGradParams& p) {
-  if (p.row.n <= 0) return;
-  dispatch(p, p.row.dtype, "row_grad_", row_grad_t<float>, row_grad_t<double>, row_grad_t<c10::Half>,
-           row_grad_t<c10::BFloat16>);
+void row_grad_cpu(const RowGradParams& p, bool emulate_device) { dispatch<Grad>(p, emulate_device, "row_grad_"); }
+
+void row_fused_cpu(const RowFusedParams& p, bool emulate_device) {
+  dispatch<Fused>(p, emulate_device, "row_fused_");
 }
 
-void row_fused_cpu(const RowFusedParams& p) {
-  if (p.row.n <= 0) return;
-  dispatch(p, p.row.dtype, "row_fused_", row_fused_t<float>, row_fused_t<double>, row_fused_t<c10::Half>,
-           row_fused_t<c10::BFloat16>);
-}
-
-void group_normalize_cpu(const GroupNormParams& p) {
+void group_normalize_cpu(const GroupNormParams& p, bool emulate_device) {
   if (p.B <= 0) return;
   if (p.G <= 0 || p.B % p.G != 0) throw std::invalid_argument("grpo_kernels group_normalize: B % G != 0");
-  if (p.dtype == kF32) return group_normalize_t<float>(p);
-  if (p.dtype == kF64) return group_normalize_t<double>(p);
+  if (p.dtype == kF32) return emulate_device ? group_normalize_t<float, true>(p) : group_normalize_t<float, false>(p);
+  if (p.dtype == kF64) return emulate_device ? group_normalize_t<double, true>(p) : group_normalize_t<double, false>(p);
   bad_dtype("group_normalize", p.dtype);
 }
 

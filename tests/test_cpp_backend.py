@@ -29,7 +29,7 @@ import test_row_pass_contract as contract  # noqa: E402
 
 ACC = {torch.float64: torch.float64, torch.float32: torch.float32, torch.bfloat16: torch.float32,
        torch.float16: torch.float32}
-BINDINGS = {"has_cuda", "row_stats", "row_grad_", "row_fused_", "group_normalize"}
+BINDINGS = {"has_cuda", "row_stats", "row_grad_", "row_fused_", "group_normalize", "row_threads"}
 
 
 # -- direct calls of the bindings, outputs preallocated NaN-filled --------------------------

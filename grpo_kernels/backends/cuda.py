@@ -51,7 +51,7 @@ def _find_csrc() -> Path:
 _CSRC = _find_csrc()
 _CPP_SOURCES = ("row_pass_cpu.cpp", "bindings.cpp")
 _CUDA_SOURCES = ("row_pass.cu",)
-_HEADERS = ("row_pass.h",)
+_HEADERS = ("row_pass.h", "row_sweep.h", "group_sweep.h")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 if sys.platform == "win32":
@@ -304,13 +304,27 @@ def _token_args(token_inputs, acc: torch.dtype, device, beta: float) -> dict:
 
 
 class CppRowBackend(RowBackend):
-    """The csrc extension: one fused kernel per chunk, no [n, V] temporaries."""
+    """The csrc extension: one fused kernel per chunk, no [n, V] temporaries.
+
+    ``emulate_device=True`` (CPU tensors only; for tests) runs the CUDA kernels' launch on the
+    host instead of the production CPU path: the kernels' lane count, column split, summation
+    order and block reductions, so that the CPU suite checks the code that a GPU runs.
+    """
 
     name = "cpp"
     temp_bytes_per_elem = 0
     #: fixed reduction order: one block (CUDA; its size depends on V and the dtype only) or
     #: one thread (CPU) per row, the same sequence of partial sums on every run
     deterministic = True
+
+    def __init__(self, emulate_device: bool = False):
+        self.emulate_device = bool(emulate_device)
+
+    def _emulation(self, t: torch.Tensor) -> dict:
+        """The bindings' ``emulate_device`` argument, checked against the tensor's device."""
+        if self.emulate_device and t.device.type != "cpu":
+            raise ValueError(f"emulate_device=True runs on CPU tensors only, got a tensor on {t.device}")
+        return dict(emulate_device=self.emulate_device)
 
     def supports(self, device, dtype):
         device = torch.device(device)
@@ -348,7 +362,7 @@ class CppRowBackend(RowBackend):
         acc = accumulation_dtype(logits.dtype)
         out = [torch.empty(n, dtype=acc, device=logits.device) for _ in range(3)]
         ext.row_stats(logits, _vec(targets, torch.int64, logits.device), *out, **_head_args(options),
-                      stream=_stream(logits), need_entropy=bool(need_entropy))
+                      stream=_stream(logits), need_entropy=bool(need_entropy), **self._emulation(logits))
         return RowStats(lse=out[0], entropy=out[1], target_logit=out[2])
 
     def row_grad_(self, logits, targets, stats, dlogp, dentropy, options, execution):
@@ -358,6 +372,7 @@ class CppRowBackend(RowBackend):
         ext.row_grad_(
             logits, _vec(targets, torch.int64, dev), _vec(stats.lse, acc, dev), _vec(stats.entropy, acc, dev),
             _vec(dlogp, acc, dev), _vec(dentropy, acc, dev), **_head_args(options), stream=_stream(logits),
+            **self._emulation(logits),
         )
 
     def row_fused_(self, logits, targets, token_inputs, options, execution):
@@ -374,6 +389,7 @@ class CppRowBackend(RowBackend):
             **_token_args(token_inputs, acc, dev, options.beta),
             lse=lse, entropy=ent, target_logit=tl, loss=loss, dlogp=dlogp,
             **_head_args(options), **_option_args(options), stream=_stream(logits), **rewards,
+            **self._emulation(logits),
         )
         return (RowStats(lse=lse, entropy=ent, target_logit=tl),
                 TokenEpilogue(loss, dlogp, rewards["adv_out"] if rewards else None))
@@ -384,7 +400,8 @@ class CppRowBackend(RowBackend):
         ext = load_extension()
         r = rewards.detach().to(accumulation_dtype(rewards.dtype)).contiguous()
         out = torch.empty_like(r)
-        ext.group_normalize(r, out, int(num_generations), SCALE_MODE_CODES[scale_rewards], float(eps), stream=_stream(r))
+        ext.group_normalize(r, out, int(num_generations), SCALE_MODE_CODES[scale_rewards], float(eps), stream=_stream(r),
+                            **self._emulation(r))
         return out
 
 
