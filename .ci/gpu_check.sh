@@ -97,8 +97,8 @@ build_ext() {
   python3 -c "
 import time
 t = time.time()
-from grpo_kernels.backends import cuda
-module = cuda.load_extension()
+from grpo_kernels.backends import cpp
+module = cpp.load_extension()
 assert module.has_cuda(), 'the extension was built without its CUDA kernels'
 print(f'cpp extension with CUDA kernels ready in {time.time() - t:.0f} s')"
 }

@@ -201,7 +201,7 @@ def cheap_skip_reason(case: Case, device: torch.device) -> Optional[str]:
 # ============================================================================================
 # grpo_kernels INTERNALS: the only place bench/ reaches past the public API (grpo_loss,
 # token_logprobs, reference, memory). Stable names: grpo_kernels.backends.get_backend /
-# BackendUnavailable, grpo_kernels.backends.cuda.load_extension / prebuilt_available.
+# BackendUnavailable, grpo_kernels.backends.cpp.load_extension / prebuilt_available.
 # sequence_chunks (grpo_kernels.plan, formerly vocab_pass) may move: the case using it then skips.
 # ============================================================================================
 
@@ -218,7 +218,7 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype,
 
         get_backend(name, device, dtype)
         if name == "cpp":
-            from grpo_kernels.backends import cuda as cpp
+            from grpo_kernels.backends import cpp
 
             if not (ALLOW_BUILD if build is None else build) and not cpp.prebuilt_available():
                 return "cpp extension not prebuilt (this mode does not JIT-build it)"

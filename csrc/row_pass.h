@@ -131,7 +131,7 @@ struct GroupNormParams {
 };
 
 // ---------------------------------------------------------------------------------
-// The per-token GRPO epilogue: objective.token_epilogue for one token, same op order
+// The per-token GRPO epilogue: epilogue.token_epilogue for one token, same op order
 // (saturating exp, zero-wins scaling).
 
 template <class A>
@@ -144,7 +144,7 @@ GRPO_HD inline double grpo_exp<double>(double x) { return ::exp(x); }
 template <class A>
 GRPO_HD inline bool grpo_isnan(A x) { return x != x; }
 
-// objective._exp_sat: exp with its argument clamped at floor(log(finfo.max) * 1000) / 1000,
+// epilogue.exp_sat: exp with its argument clamped at floor(log(finfo.max) * 1000) / 1000,
 // so that a huge log-ratio saturates at a finite value instead of overflowing to inf
 template <class A>
 GRPO_HD inline A grpo_exp_cap();
@@ -159,7 +159,7 @@ GRPO_HD inline A grpo_exp_sat(A x) {
   return grpo_exp<A>(x > cap ? cap : x);  // torch.clamp(max=): NaN passes through
 }
 
-// objective._scale: x * s, exactly 0 where s == 0 (even for an infinite x)
+// epilogue.scale: x * s, exactly 0 where s == 0 (even for an infinite x)
 template <class A>
 GRPO_HD inline A grpo_scale(A x, A s) {
   return s == A(0) ? A(0) : x * s;

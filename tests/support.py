@@ -30,9 +30,9 @@ def unavailable_reason(name: str, device: str = "cpu", dtype: torch.dtype = torc
     try:
         get_backend(name, torch.device(device), dtype)
         if name in ("cpp", "cuda"):  # the extension is JIT-built on first use: build it now
-            from grpo_kernels.backends import cuda
+            from grpo_kernels.backends import cpp
 
-            cuda.load_extension()
+            cpp.load_extension()
     except Exception as exc:  # noqa: BLE001 - any failure to load is a reason to skip
         return f"{name}: {type(exc).__name__}: {exc}"
     return None

@@ -68,7 +68,7 @@ def check_bindings_match_the_backend(ext, device, dtype, seed=0):
     """Each binding, called directly with NaN-filled outputs, writes every element, and gives
     bitwise what the CppRowBackend wrapper gives (the wrapper's argument plumbing: options,
     dtypes, optional inputs)."""
-    from grpo_kernels.backends.cuda import BACKEND
+    from grpo_kernels.backends.cpp import BACKEND
 
     n, V = 6, 1003
     options = GRPOOptions(loss_type="dapo", beta=0.04, delta=1.1, temperature=0.9, logit_softcap=20.0).validate()
@@ -111,12 +111,12 @@ def check_bindings_match_the_backend(ext, device, dtype, seed=0):
 
 @pytest.fixture(scope="module")
 def ext():
-    from grpo_kernels.backends import cuda
+    from grpo_kernels.backends import cpp
 
-    reason = cuda.BACKEND.supports(torch.device("cpu"), torch.float32)
+    reason = cpp.BACKEND.supports(torch.device("cpu"), torch.float32)
     if reason is not None:
         pytest.skip(f"backend 'cpp' unavailable: {reason}")
-    return cuda.load_extension()
+    return cpp.load_extension()
 
 
 def test_bindings(ext):
@@ -177,18 +177,18 @@ def test_bad_inputs_raise(ext):
 
 
 def test_supports_and_prebuilt(ext):
-    from grpo_kernels.backends import cuda, get_backend
+    from grpo_kernels.backends import cpp, get_backend
 
-    assert cuda.BACKEND.name == "cpp"
-    assert get_backend("cpp", torch.device("cpu"), torch.float32) is cuda.BACKEND
+    assert cpp.BACKEND.name == "cpp"
+    assert get_backend("cpp", torch.device("cpu"), torch.float32) is cpp.BACKEND
     for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        assert cuda.BACKEND.supports(torch.device("cpu"), dt) is None
-    assert "not supported" in cuda.BACKEND.supports(torch.device("cpu"), torch.int32)
-    assert "not supported" in cuda.BACKEND.supports(torch.device("meta"), torch.float32)
-    assert cuda.BACKEND.temp_bytes_per_elem == 0 and cuda.BACKEND.deterministic
-    assert cuda.prebuilt_available()  # loaded (and cached on disk) by the fixture
+        assert cpp.BACKEND.supports(torch.device("cpu"), dt) is None
+    assert "not supported" in cpp.BACKEND.supports(torch.device("cpu"), torch.int32)
+    assert "not supported" in cpp.BACKEND.supports(torch.device("meta"), torch.float32)
+    assert cpp.BACKEND.temp_bytes_per_elem == 0 and cpp.BACKEND.deterministic
+    assert cpp.prebuilt_available()  # loaded (and cached on disk) by the fixture
     if not torch.cuda.is_available():
-        assert cuda.BACKEND.supports(torch.device("cuda"), torch.float32) == "CUDA is not available"
+        assert cpp.BACKEND.supports(torch.device("cuda"), torch.float32) == "CUDA is not available"
 
 
 _NEVER_COMPILES = textwrap.dedent(
@@ -197,9 +197,9 @@ _NEVER_COMPILES = textwrap.dedent(
     import torch
     import grpo_kernels
     from grpo_kernels.backends import choose_backend_by_name, cuda, get_backend
-    assert cuda._ext is None, "importing loaded the extension"
-    prebuilt = cuda.prebuilt_available()
-    assert prebuilt or cuda._ext is None
+    assert cpp._ext is None, "importing loaded the extension"
+    prebuilt = cpp.prebuilt_available()
+    assert prebuilt or cpp._ext is None
     backend, why = choose_backend_by_name("auto", torch.device("cpu"), torch.float32)
     assert get_backend("auto", torch.device("cpu"), torch.float32) is backend
     print(prebuilt, backend.name, why, sep="|")
@@ -211,7 +211,7 @@ def test_import_prebuilt_available_and_auto_without_build_never_compile(tmp_path
     """With an empty build cache and GRPO_KERNELS_AUTO_BUILD=0: importing builds nothing,
     prebuilt_available() builds nothing, and auto runs the torch backend (no prebuilt extension)
     or the prebuilt one (an installed grpo_kernels._C), without compiling either way."""
-    from grpo_kernels.backends.cuda import _prebuilt_module_exists
+    from grpo_kernels.backends.cpp import _prebuilt_module_exists
 
     cache = tmp_path / "cache"
     env = dict(os.environ, GRPO_KERNELS_BUILD_DIR=str(cache), GRPO_KERNELS_AUTO_BUILD="0")

@@ -35,21 +35,21 @@ QWEN_V = 151936
 
 @pytest.fixture(scope="module")
 def ext():
-    from grpo_kernels.backends import cuda
+    from grpo_kernels.backends import cpp
 
-    reason = cuda.BACKEND.supports(torch.device("cuda"), torch.bfloat16)
+    reason = cpp.BACKEND.supports(torch.device("cuda"), torch.bfloat16)
     if reason is not None:  # a failure where the backend is required (GRPO_KERNELS_REQUIRE_BACKENDS)
         skip_or_fail("cpp", f"backend 'cuda' unavailable: {reason}")
-    module = cuda.load_extension()
+    module = cpp.load_extension()
     assert module.has_cuda(), "nvcc and CUDA torch are here, yet the loaded extension has no CUDA kernels"
     return module
 
 
 @pytest.fixture(scope="module")
 def backend(ext):
-    from grpo_kernels.backends import cuda
+    from grpo_kernels.backends import cpp
 
-    return cuda.BACKEND
+    return cpp.BACKEND
 
 
 @pytest.mark.parametrize("case", ["grpo-beta", "dapo-asym-delta", "sapo-off_policy", "cispo-off_policy"])
@@ -130,11 +130,11 @@ def test_non_default_stream(backend):
 
 
 def test_auto_and_names(backend):
-    from grpo_kernels.backends import cuda, get_backend
+    from grpo_kernels.backends import cpp, get_backend
 
-    assert get_backend("cuda", torch.device("cuda"), torch.bfloat16) is backend is cuda.BACKEND
+    assert get_backend("cuda", torch.device("cuda"), torch.bfloat16) is backend is cpp.BACKEND
     assert get_backend("cpp", torch.device("cuda"), torch.float32) is backend
-    assert cuda.prebuilt_available()
+    assert cpp.prebuilt_available()
 
 
 def test_bad_device_mix_raises(ext):

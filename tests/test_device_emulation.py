@@ -52,14 +52,14 @@ FUSED = {"fp32": ["dapo-delta-beta-scale", "cispo-beta-biaskl-scale", "sapo-beta
 @pytest.fixture(scope="module")
 def emu():
     require("cpp", "cpu", torch.float32)
-    from grpo_kernels.backends.cuda import CppRowBackend
+    from grpo_kernels.backends.cpp import CppRowBackend
 
     return CppRowBackend(emulate_device=True)
 
 
 @pytest.fixture(scope="module")
 def ext(emu):
-    from grpo_kernels.backends.cuda import load_extension
+    from grpo_kernels.backends.cpp import load_extension
 
     return load_extension()
 
@@ -219,7 +219,7 @@ def test_nan_and_inf_rows_stay_in_their_row(emu, dtype):
     """A NaN logit makes its row's statistics and gradient NaN; an all -inf row has lse = entropy =
     -inf; a +inf logit gives a non-finite lse. The finite rows beside them keep their bits, and each
     special row gives what the production CPU path gives (the same semantics)."""
-    from grpo_kernels.backends.cuda import CppRowBackend
+    from grpo_kernels.backends.cpp import CppRowBackend
 
     n, V = 6, 37
     z, t = contract.make_logits(n, V, dtype, "cpu", 21, masked=False)
@@ -283,7 +283,7 @@ def test_each_block_size(emu, ext, dtype, lanes):
 
 
 def test_emulation_needs_cpu_tensors(emu):
-    from grpo_kernels.backends.cuda import CppRowBackend
+    from grpo_kernels.backends.cpp import CppRowBackend
 
     assert not CppRowBackend().emulate_device and emu.emulate_device
     if not torch.cuda.is_available():

@@ -77,9 +77,9 @@ def _backend_missing(name):
 
     try:
         if name == "cpp":
-            from grpo_kernels.backends import cuda
+            from grpo_kernels.backends import cpp
 
-            if not cuda.prebuilt_available():  # never JIT-build the extension inside a distributed worker
+            if not cpp.prebuilt_available():  # never JIT-build the extension inside a distributed worker
                 return "the cpp extension is not built"
         get_backend(name, torch.device("cpu"), torch.float64)
     except Exception as exc:  # noqa: BLE001 - any failure to load is a reason to skip

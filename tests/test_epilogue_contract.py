@@ -103,14 +103,14 @@ def test_triton_constants_come_from_the_tables():
 
 
 def test_cpp_glue_uses_the_tables():
-    from grpo_kernels.backends import cuda
+    from grpo_kernels.backends import cpp
 
     for lt in TOKEN_LOSS_TYPES:
-        assert cuda._option_args(GRPOOptions(loss_type=lt))["kind"] == epilogue.loss_kind_code(lt)
+        assert cpp._option_args(GRPOOptions(loss_type=lt))["kind"] == epilogue.loss_kind_code(lt)
     o = GRPOOptions(num_generations=2, scale_rewards="batch")
     ti = epilogue.TokenInputs(old=None, adv=None, weight=torch.ones(4), rewards=torch.arange(4.0),
                               seq=torch.arange(4))
-    args = cuda._reward_args(ti, o, torch.float32, "cpu")
+    args = cpp._reward_args(ti, o, torch.float32, "cpu")
     assert args["scale_mode"] == epilogue.SCALE_MODE_CODES["batch"]
     assert args["rewards"].shape == (4, 1) and torch.equal(args["reward_weights"], torch.ones(1))
 
@@ -130,9 +130,9 @@ def test_ref_required_when_beta_nonzero(prepare):
 
             objective_kernel.token_vectors(ti, (3,), torch.float32, "cpu", o.beta)
         else:
-            from grpo_kernels.backends import cuda
+            from grpo_kernels.backends import cpp
 
-            cuda._token_args(ti, torch.float32, "cpu", o.beta)
+            cpp._token_args(ti, torch.float32, "cpu", o.beta)
 
 
 def test_reward_matrix_defaults():

@@ -117,9 +117,9 @@ class Recorder:
 
             monkeypatch.setattr(row_kernels, "_launch", launch)
         if backend_name == "cpp":
-            from grpo_kernels.backends import cuda
+            from grpo_kernels.backends import cpp
 
-            ext = cuda.load_extension()
+            ext = cpp.load_extension()
 
             class Spy:
                 def __getattr__(_, name):
@@ -132,7 +132,7 @@ class Recorder:
 
                     return spy
 
-            monkeypatch.setattr(cuda, "load_extension", lambda allow_build=True: Spy())
+            monkeypatch.setattr(cpp, "load_extension", lambda allow_build=True: Spy())
 
     def _wrap(self, prim, fn):
         def wrapped(logits, targets, *args, **kwargs):

@@ -57,10 +57,10 @@ def test_installed_package_builds_from_its_own_sources(unpacked_wheel, tmp_path)
         """
         import sys
         import grpo_kernels
-        from grpo_kernels.backends import cuda
+        from grpo_kernels.backends import cpp
         print(grpo_kernels.__file__)
-        print(cuda._CSRC)
-        print(cuda._build_name(False))
+        print(cpp._CSRC)
+        print(cpp._build_name(False))
         """
     )
     env = dict(os.environ, PYTHONPATH=str(unpacked_wheel))
@@ -70,7 +70,7 @@ def test_installed_package_builds_from_its_own_sources(unpacked_wheel, tmp_path)
     module_file, csrc, build_name = res.stdout.split()
     assert module_file.startswith(str(unpacked_wheel)), module_file
     assert csrc == str(unpacked_wheel / "grpo_kernels" / "_csrc")
-    from grpo_kernels.backends import cuda
+    from grpo_kernels.backends import cpp
 
-    assert cuda._CSRC == cuda.Path(REPO) / "csrc"
-    assert build_name == cuda._build_name(False) != "None"
+    assert cpp._CSRC == cpp.Path(REPO) / "csrc"
+    assert build_name == cpp._build_name(False) != "None"

@@ -174,9 +174,9 @@ class Launches:
 
             monkeypatch.setattr(backend, "group_normalize", group_normalize)
         else:
-            from grpo_kernels.backends import cuda
+            from grpo_kernels.backends import cpp
 
-            ext = cuda.load_extension()
+            ext = cpp.load_extension()
             log = self.log
 
             class Spy:
@@ -190,7 +190,7 @@ class Launches:
 
                     return spy
 
-            monkeypatch.setattr(cuda, "load_extension", lambda allow_build=True: Spy())
+            monkeypatch.setattr(cpp, "load_extension", lambda allow_build=True: Spy())
 
     def take(self):
         out, self.log[:] = list(self.log), []

@@ -29,8 +29,8 @@ from grpo_kernels.backends.base import RowBackend
 REGISTRY: Dict[str, str] = {
     "torch": "grpo_kernels.backends.torch_chunked",
     "triton": "grpo_kernels.backends.triton",
-    "cpp": "grpo_kernels.backends.cuda",
-    "cuda": "grpo_kernels.backends.cuda",
+    "cpp": "grpo_kernels.backends.cpp",
+    "cuda": "grpo_kernels.backends.cpp",
 }
 
 
@@ -92,7 +92,7 @@ _AUTO_BUILD_FAILED: Dict[str, str] = {}
 def _auto_build_cpp(device: torch.device, dtype: torch.dtype) -> Optional[str]:
     """Build the C++ extension for ``auto`` on the CPU (once per process); None on success,
     else why it is not used."""
-    from grpo_kernels.backends import cuda as cpp
+    from grpo_kernels.backends import cpp
 
     if "cpu" in _AUTO_BUILD_FAILED:
         return _AUTO_BUILD_FAILED["cpu"]
@@ -122,7 +122,7 @@ def choose_backend_by_name(name: str, device, dtype: torch.dtype) -> Tuple[RowBa
         return get_backend(name, device, dtype), "requested"
     if device.type == "cuda" and unavailable_reason("triton", device, dtype) is None:
         return _load("triton")[0], "auto: Triton kernels on CUDA"
-    from grpo_kernels.backends import cuda as cpp
+    from grpo_kernels.backends import cpp
 
     if cpp.prebuilt_available() and cpp.BACKEND.supports(device, dtype) is None:
         return cpp.BACKEND, f"auto: the compiled C++ {'CUDA' if device.type == 'cuda' else 'CPU'} kernels"
