@@ -196,7 +196,7 @@ _NEVER_COMPILES = textwrap.dedent(
     import sys
     import torch
     import grpo_kernels
-    from grpo_kernels.backends import choose_backend_by_name, cuda, get_backend
+    from grpo_kernels.backends import choose_backend_by_name, cpp, get_backend
     assert cpp._ext is None, "importing loaded the extension"
     prebuilt = cpp.prebuilt_available()
     assert prebuilt or cpp._ext is None
