@@ -201,7 +201,9 @@ def cheap_skip_reason(case: Case, device: torch.device) -> Optional[str]:
 # ============================================================================================
 # grpo_kernels INTERNALS: the only place bench/ reaches past the public API (grpo_loss,
 # token_logprobs, reference, memory). Stable names: grpo_kernels.backends.get_backend /
-# BackendUnavailable, grpo_kernels.backends.cpp.load_extension / prebuilt_available.
+# BackendUnavailable / REGISTRY, the cpp backend module's load_extension / prebuilt_available (found
+# through REGISTRY["cpp"]: its module was renamed backends/cuda.py -> backends/cpp.py, and a before:*
+# checkout may have either).
 # sequence_chunks (grpo_kernels.plan, formerly vocab_pass) may move: the case using it then skips.
 # ============================================================================================
 
@@ -214,11 +216,13 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype,
     For ``cpp``, the extension is loaded, and JIT-built if need be when ``build`` (default
     ``ALLOW_BUILD``)."""
     try:
-        from grpo_kernels.backends import BackendUnavailable, get_backend
+        import importlib
+
+        from grpo_kernels.backends import REGISTRY, BackendUnavailable, get_backend
 
         get_backend(name, device, dtype)
         if name == "cpp":
-            from grpo_kernels.backends import cpp
+            cpp = importlib.import_module(REGISTRY["cpp"])
 
             if not (ALLOW_BUILD if build is None else build) and not cpp.prebuilt_available():
                 return "cpp extension not prebuilt (this mode does not JIT-build it)"
