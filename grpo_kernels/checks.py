@@ -52,6 +52,20 @@ def check_real(name: str, value, minimum: Optional[float] = None) -> float:
     return value
 
 
+def finite_number(name: str, value, *, positive: bool = False, allow_none: bool = False) -> Optional[float]:
+    """``value`` (an int or float, not a bool) as a finite float, > 0 when ``positive``; None passes
+    when ``allow_none``. The messages show the value as given."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
 def check_num_generations(num_generations, batch: int, rewards_name: str) -> int:
     """G >= 1 dividing the ``batch`` rows of ``rewards_name``."""
     num_generations = check_int("num_generations", num_generations, 1)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from grpo_kernels import validation as check
+from grpo_kernels import checks, validation as check
 from grpo_kernels.backends import BackendUnavailable
 from grpo_kernels.backends.torch_divergence import DivergenceSpec, HeadTransform
 from grpo_kernels.distill_op import DistillFunction
@@ -38,29 +38,17 @@ class DistillMetrics:
     n_valid: torch.Tensor
 
 
-def _number(name: str, value, *, positive: bool = False, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    return value
-
-
 def _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, teacher_logit_softcap) -> DivergenceSpec:
-    beta = _number("beta", beta)
+    beta = checks.finite_number("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1] (0: forward KL of the teacher to the student, 1: reverse KL), "
                          f"got {beta}")
-    temperature = _number("temperature", temperature, positive=True)
-    student = HeadTransform(_number("logit_scale", logit_scale),
-                            _number("logit_softcap", logit_softcap, positive=True, allow_none=True), temperature)
-    teacher = HeadTransform(_number("teacher_logit_scale", teacher_logit_scale),
-                            _number("teacher_logit_softcap", teacher_logit_softcap, positive=True, allow_none=True),
+    number = checks.finite_number
+    temperature = number("temperature", temperature, positive=True)
+    student = HeadTransform(number("logit_scale", logit_scale),
+                            number("logit_softcap", logit_softcap, positive=True, allow_none=True), temperature)
+    teacher = HeadTransform(number("teacher_logit_scale", teacher_logit_scale),
+                            number("teacher_logit_softcap", teacher_logit_softcap, positive=True, allow_none=True),
                             temperature)
     return DivergenceSpec(beta, student, teacher)
 

@@ -12,7 +12,6 @@ per-batch values (``num_items_in_batch``, the importance-sampling ratio) are cal
 """
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import dataclass, fields, replace
 from typing import Optional
@@ -34,17 +33,6 @@ KL_ESTIMATORS = ("k3", "k1", "abs", "k2", "low_var_kl", "k3+", "k1+", "abs+", "l
 BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 IS_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "reference")
-
-
-def _finite_number(name: str, value, *, positive: bool = False, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _choice(name: str, value, allowed, allow_none: bool = False) -> None:
@@ -149,15 +137,15 @@ class GRPOOptions(_Options):
             raise ValueError(
                 f"importance_sampling_level must be one of {IS_LEVELS}, got {self.importance_sampling_level!r}"
             )
-        _finite_number("beta", self.beta)
-        _finite_number("epsilon_low", self.epsilon_low)
-        _finite_number("epsilon_high", self.epsilon_high, allow_none=True)
-        _finite_number("delta", self.delta, positive=True, allow_none=True)
-        _finite_number("temperature", self.temperature, positive=True)
-        _finite_number("logit_softcap", self.logit_softcap, positive=True, allow_none=True)
-        _finite_number("sapo_temperature_pos", self.sapo_temperature_pos, positive=True)
-        _finite_number("sapo_temperature_neg", self.sapo_temperature_neg, positive=True)
-        _finite_number("top_entropy_quantile", self.top_entropy_quantile)
+        checks.finite_number("beta", self.beta)
+        checks.finite_number("epsilon_low", self.epsilon_low)
+        checks.finite_number("epsilon_high", self.epsilon_high, allow_none=True)
+        checks.finite_number("delta", self.delta, positive=True, allow_none=True)
+        checks.finite_number("temperature", self.temperature, positive=True)
+        checks.finite_number("logit_softcap", self.logit_softcap, positive=True, allow_none=True)
+        checks.finite_number("sapo_temperature_pos", self.sapo_temperature_pos, positive=True)
+        checks.finite_number("sapo_temperature_neg", self.sapo_temperature_neg, positive=True)
+        checks.finite_number("top_entropy_quantile", self.top_entropy_quantile)
         if self.epsilon_low < 0 or self.eps_high < 0:
             raise ValueError("epsilon_low and epsilon_high must be >= 0")
         if self.loss_type in CLIPPED_LOSS_TYPES and self.epsilon_low >= 1 and not self.verl_style:
@@ -190,11 +178,11 @@ class GRPOOptions(_Options):
         self._validate_rewards()
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "entropy_coef",
                      "clip_ratio_c", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef"):
-            _finite_number(name, getattr(self, name))
-        _finite_number("rollout_is_threshold", self.rollout_is_threshold, positive=True)
+            checks.finite_number(name, getattr(self, name))
+        checks.finite_number("rollout_is_threshold", self.rollout_is_threshold, positive=True)
         for name in ("off_policy_mask_threshold", "dro_beta", "rollout_is_threshold_lower"):
-            _finite_number(name, getattr(self, name), allow_none=True)
-        _finite_number("loss_scale_factor", self.loss_scale_factor, positive=True, allow_none=True)
+            checks.finite_number(name, getattr(self, name), allow_none=True)
+        checks.finite_number("loss_scale_factor", self.loss_scale_factor, positive=True, allow_none=True)
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES, allow_none=True)
         _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES, allow_none=True)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
