@@ -29,6 +29,13 @@ def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
+def slab_bounds(n: int, vocab: int, elems: Optional[int]):
+    """[start, end) row ranges of slabs of about ``elems`` logits each over n rows of ``vocab``
+    (at least one row a slab; ``elems`` None: the whole chunk is one slab)."""
+    rows = max(1, n if elems is None else elems // max(vocab, 1))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+
+
 class TorchRowBackend(RowBackend):
     name = "torch"
     #: logits per slab: on the CPU, row_stats and row_grad_ work through a chunk in slabs of
@@ -56,10 +63,7 @@ class TorchRowBackend(RowBackend):
 
     def _slabs(self, logits):
         """[start, end) row ranges of the slabs of one chunk."""
-        n, vocab = logits.shape
-        per = self.slab_elems.get(logits.device.type)
-        rows = max(1, n if per is None else per // max(vocab, 1))
-        return [(s, min(n, s + rows)) for s in range(0, n, rows)]
+        return slab_bounds(logits.shape[0], logits.shape[1], self.slab_elems.get(logits.device.type))
 
     def row_stats(self, logits, targets, options, execution, need_entropy=True):
         out = RowStats.empty(logits.shape[0], logits.dtype, logits.device)

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from grpo_kernels.backends.torch_chunked import slab_bounds
 from grpo_kernels.epilogue import accumulation_dtype
 
 #: logits per slab on the CPU (8 rows at V=32768): each slab's temporaries (both heads'
@@ -82,12 +83,6 @@ def temp_bytes(device) -> int:
     return 0 if torch.device(device).type in SLAB_ELEMS else TEMP_BYTES_PER_ELEM
 
 
-def _slabs(n: int, vocab: int, device: torch.device):
-    per = SLAB_ELEMS.get(device.type)
-    rows = max(1, n if per is None else per // max(vocab, 1))
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
-
-
 def divergence_rows_(zs: torch.Tensor, zt: torch.Tensor, spec: DivergenceSpec,
                      coef: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence and student entropy, [n] each in the accumulation dtype, of the
@@ -100,7 +95,7 @@ def divergence_rows_(zs: torch.Tensor, zt: torch.Tensor, spec: DivergenceSpec,
     n = zs.shape[0]
     div = torch.empty(n, dtype=acc, device=zs.device)
     ent = torch.empty(n, dtype=acc, device=zs.device)
-    for s, e in _slabs(n, zs.shape[1], zs.device):
+    for s, e in slab_bounds(n, zs.shape[1], SLAB_ELEMS.get(zs.device.type)):
         d, h = _slab_(zs[s:e], zt[s:e], spec, None if coef is None else (coef if coef.dim() == 0 else coef[s:e]))
         div[s:e], ent[s:e] = d, h
     return div, ent
