@@ -34,11 +34,8 @@ def divergence_plan(h: torch.Tensor, weight: torch.Tensor, teacher_dtype: torch.
     deterministic run makes the same chunks every time."""
     n, vocab = h.shape[0], weight.shape[0]
     size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
-    if execution.chunk_size is not None:
-        rows = max(1, min(execution.chunk_size, max(n, 1)))
-    else:
-        per_row = max(1, vocab * (size(h.dtype) + size(teacher_dtype) + temp_bytes(h.device)))
-        rows = planning.chunk_rule(h.device, h.dtype).rows(max(n, 1), per_row)
+    rows = planning.chunk_rows(n, vocab, h.dtype, None, execution.chunk_size, h.device,
+                               bytes_per_logit=size(h.dtype) + size(teacher_dtype) + temp_bytes(h.device))
     bounds = tuple(planning.uniform_chunks(n, rows))
     return planning.Plan(
         backend=get_backend("torch", h.device, h.dtype),

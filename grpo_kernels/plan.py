@@ -118,15 +118,18 @@ def chunk_budget(device=None, dtype: Optional[torch.dtype] = None) -> int:
     return rule.max_bytes or rule.target_bytes
 
 
-def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: RowBackend, chunk_size: Optional[int],
-               device=None) -> int:
+def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: Optional[RowBackend], chunk_size: Optional[int],
+               device=None, bytes_per_logit: Optional[int] = None) -> int:
     """Rows per chunk: ``chunk_size`` if given; else, under GRPO_KERNELS_CHUNK_BYTES, as many as
-    fit that many bytes; else the device's ``ChunkRule``."""
+    fit that many bytes; else the device's ``ChunkRule``. A row costs ``vocab`` times
+    ``bytes_per_logit``: by default a logit of ``dtype`` plus ``backend``'s temporaries (a
+    distillation chunk passes both heads' logits and its own row pass's temporaries)."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
-    temps = backend.temp_bytes(device if device is not None else "cpu")
-    per_row = max(1, vocab * (torch.empty((), dtype=dtype).element_size() + temps))
-    return chunk_rule(device, dtype).rows(max(n, 1), per_row)
+    if bytes_per_logit is None:
+        temps = backend.temp_bytes(device if device is not None else "cpu")
+        bytes_per_logit = torch.empty((), dtype=dtype).element_size() + temps
+    return chunk_rule(device, dtype).rows(max(n, 1), max(1, vocab * bytes_per_logit))
 
 
 def grad_weight_dtype(weight: torch.Tensor, n_chunks: int) -> torch.dtype:
