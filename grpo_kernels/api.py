@@ -296,8 +296,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         return loss
     computed = None if inputs.rewards is None else computed
     adv = inputs.adv if computed is None else computed.unsqueeze(1)
-    metrics = compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old,
-                                        ref=inputs.ref)
+    metrics = compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old, ref=inputs.ref)
     if computed is not None:
         metrics = dataclasses.replace(metrics, advantages=computed)
     return loss, metrics
