@@ -14,15 +14,10 @@ from typing import Optional
 import torch
 
 from grpo_kernels import checks, validation as check
-from grpo_kernels.backends import BackendUnavailable
-from grpo_kernels.backends.torch_divergence import DivergenceSpec, HeadTransform
+from grpo_kernels.divergence import DivergenceSpec, HeadTransform
 from grpo_kernels.distill_op import DistillFunction
 from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import ExecutionOptions
-
-#: the backends that run distillation today; the others (triton, cpp, cuda) have no divergence
-#: kernel yet and raise BackendUnavailable
-DISTILL_BACKENDS = ("auto", "torch", "reference")
 
 
 @dataclass
@@ -57,13 +52,9 @@ def _execution(backend, chunk_size, deterministic, batch_invariant, process_grou
     for name, value in (("process_group", process_group), ("vocab_start", vocab_start)):
         if value is not None:
             raise NotImplementedError(f"{name}: distill_loss has no vocab-parallel form yet; pass {name}=None")
-    execution = ExecutionOptions(backend=backend, chunk_size=chunk_size, deterministic=deterministic,
-                                 batch_invariant=batch_invariant).validate()
-    if execution.backend not in DISTILL_BACKENDS:
-        raise BackendUnavailable(
-            f"backend {execution.backend!r} has no distillation kernels yet: distill_loss runs on "
-            "backend='torch' (or 'auto', which picks it; 'reference' for the oracle)")
-    return execution
+    # a backend without a divergence row pass raises BackendUnavailable when the plan is made
+    return ExecutionOptions(backend=backend, chunk_size=chunk_size, deterministic=deterministic,
+                            batch_invariant=batch_invariant).validate()
 
 
 def _num_items(value) -> Optional[torch.Tensor]:

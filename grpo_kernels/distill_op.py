@@ -20,25 +20,26 @@ from typing import Optional, Tuple
 import torch
 
 from grpo_kernels import autodiff, plan as planning, sweep
-from grpo_kernels.backends import get_backend
-from grpo_kernels.backends.torch_divergence import DivergenceSpec, divergence_rows_, temp_bytes
+from grpo_kernels.backends import divergence_backend
+from grpo_kernels.divergence import DivergenceSpec
 from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions
 
 
 def divergence_plan(h: torch.Tensor, weight: torch.Tensor, teacher_dtype: torch.dtype, execution: ExecutionOptions,
                     needs: Tuple[bool, bool, bool]) -> planning.Plan:
-    """The plan of one divergence sweep over the real rows ``h`` [n, H]: the torch row backend,
-    rows per chunk from the device's chunk rule counting both heads' logits (``chunk_size``
+    """The plan of one divergence sweep over the real rows ``h`` [n, H]: the row backend with a
+    divergence row pass (``backends.divergence_backend``), rows per chunk from the device's chunk rule counting both heads' logits (``chunk_size``
     when given), grad_weight's accumulation dtype. Depends on shapes and options alone, so a
     deterministic run makes the same chunks every time."""
     n, vocab = h.shape[0], weight.shape[0]
+    backend, _why = divergence_backend(execution, h.device, h.dtype)
     size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
     rows = planning.chunk_rows(n, vocab, h.dtype, None, execution.chunk_size, h.device,
-                               bytes_per_logit=size(h.dtype) + size(teacher_dtype) + temp_bytes(h.device))
+                               bytes_per_logit=size(h.dtype) + size(teacher_dtype) + backend.divergence_temp_bytes(h.device))
     bounds = tuple(planning.uniform_chunks(n, rows))
     return planning.Plan(
-        backend=get_backend("torch", h.device, h.dtype),
+        backend=backend,
         options=GRPOOptions(), execution=execution, rows=n, chunk_rows=rows, bounds=bounds,
         path="one_sweep" if any(needs) else "forward", entropy_sweep=False,
         grad_weight_dtype=planning.grad_weight_dtype(weight, len(bounds)) if needs[1] else None,
@@ -61,7 +62,7 @@ def divergence_sweep(h, weight, bias, ht, teacher_weight, teacher_bias, spec: Di
     def row_work(s, e, z):
         with torch.no_grad():  # the teacher is a constant: never a graph, never a gradient
             zt = sweep.logits(ht[s:e], teacher_weight, teacher_bias, tile)
-        div[s:e], ent[s:e] = divergence_rows_(z, zt, spec, coef if want else None)
+        div[s:e], ent[s:e] = plan.backend.divergence_rows_(z, zt, spec, coef if want else None, execution)
 
     gh, gw, gb = sweep.sweep(plan, h, weight, bias, row_work, needs)
     return div, ent, gh, gw, gb

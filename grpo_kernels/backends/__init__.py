@@ -145,3 +145,16 @@ def choose_backend(execution, device, dtype: torch.dtype) -> Tuple[RowBackend, s
             "use backend='torch' (or 'cpp'/'triton') with deterministic=True"
         )
     return backend, reason
+
+
+def divergence_backend(execution, device, dtype: torch.dtype) -> Tuple[RowBackend, str]:
+    """(backend, why) of a divergence row pass (distillation, GRPO's exact KL): ``choose_backend``'s
+    pick when it has ``divergence_rows_``; under ``auto`` else the torch row pass, and a named
+    backend without one raises BackendUnavailable."""
+    backend, why = choose_backend(execution, device, dtype)
+    if backend.divergence_rows_ is not None:
+        return backend, why
+    if execution.backend != "auto":
+        raise BackendUnavailable(f"backend {backend.name!r} has no divergence row pass "
+                                 "(use backend='torch', or 'auto')")
+    return _load("torch")[0], f"auto: portable torch ops ({backend.name} has no divergence row pass)"

@@ -20,6 +20,8 @@ float dtype, rows contiguous). With ``s = c * tanh(z / c)`` for ``options.logit_
   sampling. Returns ``(RowStats, epilogue.TokenEpilogue)``.
 - ``group_normalize(rewards, num_generations, scale_rewards, eps)`` (optional):
   ``advantages.normalize_groups`` in a kernel.
+- ``divergence_rows_(zs, zt, spec, coef, execution, out=None)`` (optional): the divergence row
+  pass of distillation and of GRPO's exact KL; its contract is ``grpo_kernels.divergence``.
 
 What crosses the fused boundary, the codes the kernels take and the accumulation dtype are the
 epilogue contract: ``grpo_kernels.epilogue``.
@@ -73,10 +75,16 @@ class RowBackend:
     #: the optional primitives; None where a backend has no kernel for them
     row_fused_: Optional[Callable] = None
     group_normalize: Optional[Callable] = None
+    divergence_rows_: Optional[Callable] = None
 
     def temp_bytes(self, device) -> int:
         """``temp_bytes_per_elem`` on ``device`` (a backend whose temporaries depend on it overrides this)."""
         return self.temp_bytes_per_elem
+
+    def divergence_temp_bytes(self, device) -> int:
+        """Bytes of temporaries per logit of a chunk that ``divergence_rows_`` needs on ``device``
+        beyond both heads' logits (a fused kernel: none)."""
+        return 0
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None if this backend can run on (device, dtype), else the reason it cannot."""
@@ -87,3 +95,10 @@ class RowBackend:
 
     def row_grad_(self, logits, targets, stats: RowStats, dlogp, dentropy, options, execution) -> None:
         raise NotImplementedError
+
+
+def slab_bounds(n: int, vocab: int, elems: Optional[int]):
+    """[start, end) row ranges of slabs of about ``elems`` logits each over n rows of ``vocab``
+    (at least one row a slab; ``elems`` None: the whole chunk is one slab)."""
+    rows = max(1, n if elems is None else elems // max(vocab, 1))
+    return [(s, min(n, s + rows)) for s in range(0, n, rows)]

@@ -11,7 +11,8 @@ from typing import Optional
 
 import torch
 
-from grpo_kernels.backends.base import RowBackend, RowStats
+from grpo_kernels.backends import torch_divergence
+from grpo_kernels.backends.base import RowBackend, RowStats, slab_bounds
 from grpo_kernels.epilogue import accumulation_dtype
 
 
@@ -27,13 +28,6 @@ def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     valid = targets >= 0
     picked = u.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.where(valid, picked, torch.zeros_like(picked))
-
-
-def slab_bounds(n: int, vocab: int, elems: Optional[int]):
-    """[start, end) row ranges of slabs of about ``elems`` logits each over n rows of ``vocab``
-    (at least one row a slab; ``elems`` None: the whole chunk is one slab)."""
-    rows = max(1, n if elems is None else elems // max(vocab, 1))
-    return [(s, min(n, s + rows)) for s in range(0, n, rows)]
 
 
 class TorchRowBackend(RowBackend):
@@ -55,6 +49,12 @@ class TorchRowBackend(RowBackend):
 
     def temp_bytes(self, device) -> int:
         return 0 if torch.device(device).type in self.slab_elems else self.temp_bytes_per_elem
+
+    def divergence_temp_bytes(self, device) -> int:
+        return torch_divergence.temp_bytes(device)
+
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
+        return torch_divergence.divergence_rows_(zs, zt, spec, coef, execution, out)
 
     def supports(self, device, dtype):
         if not torch.empty((), dtype=dtype).is_floating_point():
