@@ -25,8 +25,9 @@ from typing import ClassVar, List, Optional, Sequence, Tuple
 from torch import Tensor
 
 from grpo_kernels import objective
-from grpo_kernels.options import (OPTION_OP_PARAMS, ExecutionOptions, GRPOOptions, VocabParallel, option_op_args,
-                                  options_from_op_args)
+from grpo_kernels.divergence import DivergenceSpec, HeadTransform
+from grpo_kernels.options import (EXECUTION_OP_PARAMS, OPTION_OP_PARAMS, ExecutionOptions, GRPOOptions, VocabParallel,
+                                  execution_from_op_args, execution_op_args, option_op_args, options_from_op_args)
 
 Params = Tuple[Tuple[str, object], ...]
 
@@ -140,3 +141,55 @@ class LogprobsGradCall:
         a = dict(zip(cls.NAMES, args))
         return cls(**{name: a[name] for name in _names(HEAD_PARAMS + LOGPROBS_GRAD_PARAMS)},
                    **options_from_op_args(a), needs=tuple(a["needs"]))
+
+
+#: the divergence (``divergence.DivergenceSpec``) as op arguments
+DIVERGENCE_PARAMS: Params = (("beta", float), ("temperature", float), ("logit_scale", float),
+                             ("logit_softcap", Optional[float]), ("teacher_logit_scale", float),
+                             ("teacher_logit_softcap", Optional[float]))
+
+
+@dataclass(frozen=True)
+class DistillCall:
+    """A ``grpo_kernels::distill_loss`` call. hidden [N, H], weight [V, H], bias [V] or None: the
+    student; teacher_hidden [N, H_t], teacher_weight [V, H_t], teacher_bias [V] or None: the
+    teacher (V: this rank's rows under vocab parallelism, alike for both heads); ``keep`` [N]
+    bool, the positions that count; ``num_items`` a float64 [] divisor or None (the count of
+    ``keep``, at least 1); the divergence, the execution settings, and ``needs``: the gradients
+    wanted for (hidden, weight, bias)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    teacher_hidden: Tensor
+    teacher_weight: Tensor
+    teacher_bias: Optional[Tensor]
+    keep: Tensor
+    num_items: Optional[Tensor]
+    spec: DivergenceSpec
+    execution: ExecutionOptions
+    vocab_parallel: VocabParallel
+    needs: Tuple[bool, bool, bool]
+
+    TENSORS: ClassVar[Tuple[str, ...]] = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
+                                          "teacher_bias", "keep", "num_items")
+    PARAMS: ClassVar[Params] = ((("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]),
+                                 ("teacher_hidden", Tensor), ("teacher_weight", Tensor),
+                                 ("teacher_bias", Optional[Tensor]), ("keep", Tensor), ("num_items", Optional[Tensor]))
+                                + DIVERGENCE_PARAMS + EXECUTION_OP_PARAMS + (("needs", List[bool]),))
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+
+    def to_op_args(self) -> tuple:
+        s, t = self.spec.student, self.spec.teacher
+        spec = (float(self.spec.beta), float(s.temperature), float(s.scale), s.softcap, float(t.scale), t.softcap)
+        return (*(getattr(self, name) for name in self.TENSORS), *spec,
+                *execution_op_args(self.execution, self.vocab_parallel), list(self.needs))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "DistillCall":
+        a = dict(zip(cls.NAMES, args))
+        temperature = a["temperature"]
+        spec = DivergenceSpec(a["beta"], HeadTransform(a["logit_scale"], a["logit_softcap"], temperature),
+                              HeadTransform(a["teacher_logit_scale"], a["teacher_logit_softcap"], temperature))
+        return cls(**{name: a[name] for name in cls.TENSORS}, spec=spec, **execution_from_op_args(a),
+                   needs=tuple(a["needs"]))

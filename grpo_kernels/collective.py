@@ -89,6 +89,21 @@ class VocabGroup:
         local = targets.to(torch.int64) - self.vocab_start
         return torch.where((local >= 0) & (local < self.vocab_local), local, torch.full_like(local, -1))
 
+    def logsumexp(self, lse_local: torch.Tensor) -> torch.Tensor:
+        """The logsumexp over every rank's slice from each rank's own (any shape; two all-reduces:
+        MAX for the shift, then SUM)."""
+        shift = lse_local.clone()
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=self.group)
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        total = torch.exp(lse_local - shift)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        return shift + torch.log(total)
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, in place (every rank's partial sums over its slice)."""
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return x
+
     def finish_grad_hidden(self, grad_hidden: Optional[torch.Tensor]) -> None:
         if grad_hidden is not None and self.reduce_grad_hidden:
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=self.group)

@@ -2,7 +2,8 @@
 TRL 1.16's ``_chunked_divergence_loss`` semantics, without materializing either [N, V] logits.
 
 The argument checks (each error names its argument; docs/errors.md lists them), then one call
-of ``distill_op.DistillFunction`` (the one-sweep torch path) or, for ``backend="reference"``, the
+of the ``grpo_kernels::distill_loss`` custom op (``ops.distill_loss_op``: one sweep, gradients in
+the forward; opaque to ``torch.compile``, so ``fullgraph=True`` holds) or, for ``backend="reference"``, the
 float64-capable oracle ``reference.reference_distill_loss``.
 """
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Optional
 
 import torch
 
-from grpo_kernels import checks, validation as check
+from grpo_kernels import checks, collective, ops, validation as check
+from grpo_kernels.calls import DistillCall
 from grpo_kernels.divergence import DivergenceSpec, HeadTransform
-from grpo_kernels.distill_op import DistillFunction
-from grpo_kernels.epilogue import accumulation_dtype
-from grpo_kernels.options import ExecutionOptions
+from grpo_kernels.options import ExecutionOptions, VocabParallel
 
 
 @dataclass
@@ -48,13 +48,22 @@ def _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, te
     return DivergenceSpec(beta, student, teacher)
 
 
-def _execution(backend, chunk_size, deterministic, batch_invariant, process_group, vocab_start) -> ExecutionOptions:
-    for name, value in (("process_group", process_group), ("vocab_start", vocab_start)):
-        if value is not None:
-            raise NotImplementedError(f"{name}: distill_loss has no vocab-parallel form yet; pass {name}=None")
+def _execution(backend, chunk_size, deterministic, batch_invariant) -> ExecutionOptions:
     # a backend without a divergence row pass raises BackendUnavailable when the plan is made
     return ExecutionOptions(backend=backend, chunk_size=chunk_size, deterministic=deterministic,
                             batch_invariant=batch_invariant).validate()
+
+
+def _vocab_parallel(process_group, vocab_start, execution: ExecutionOptions) -> VocabParallel:
+    """Vocab parallelism from ``process_group`` / ``vocab_start`` (``vocab_start`` alone: an error;
+    its value is checked collectively, every rank raising alike, when the plan is made)."""
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is given without a process_group (vocab parallelism)")
+        return VocabParallel()
+    if execution.backend == "reference":
+        raise ValueError("backend='reference' has no vocab-parallel form (it materializes the whole vocabulary)")
+    return VocabParallel(group_name=collective.group_name(process_group), vocab_start=vocab_start).validate()
 
 
 def _num_items(value) -> Optional[torch.Tensor]:
@@ -136,10 +145,13 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1
     the unmasked positions divided by ``num_items_in_batch`` (None: their count, at least 1), in
     fp32 (fp64 for fp64 hidden); gradients reach the student's hidden, weight and bias only.
     ``return_metrics=True``: ``(loss, DistillMetrics)``. Execution settings as in ``grpo_loss``;
-    ``process_group`` / ``vocab_start`` (vocab parallelism) are not supported yet.
+    ``process_group`` / ``vocab_start``: vocab parallelism, as in ``grpo_loss`` (both heads' weights are
+    this rank's rows ``[vocab_start, vocab_start + V_local)`` of the vocabulary, the same rows for
+    both; hidden states, mask and teacher_hidden the same on every rank; docs/distributed.md).
     """
     spec = _spec(beta, temperature, logit_scale, teacher_logit_scale, logit_softcap, teacher_logit_softcap)
-    execution = _execution(backend, chunk_size, deterministic, batch_invariant, process_group, vocab_start)
+    execution = _execution(backend, chunk_size, deterministic, batch_invariant)
+    vocab_parallel = _vocab_parallel(process_group, vocab_start, execution)
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
     num_items = _num_items(num_items_in_batch)
@@ -162,7 +174,7 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1
         loss, m = out
         return loss, DistillMetrics(m["divergence"], m["entropy"], m["entropy_sum"], m["n_valid"])
     return _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, keep, spec, execution,
-                  num_items, return_metrics)
+                  vocab_parallel, num_items, return_metrics)
 
 
 def _spec_kwargs(spec: DivergenceSpec) -> dict:
@@ -171,29 +183,23 @@ def _spec_kwargs(spec: DivergenceSpec) -> dict:
                 logit_softcap=s.softcap, teacher_logit_softcap=t.softcap)
 
 
-def _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, keep, spec, execution, num_items,
-           return_metrics):
+def _fused(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, keep, spec, execution, vocab_parallel,
+           num_items, return_metrics):
     B, T, _ = hidden.shape
-    flat = keep.reshape(-1)
-    n_valid = flat.sum()
-    rows = None
-    if hidden.device.type != "meta" and not bool(flat.all()):  # meta (shape-only runs): every row
-        rows = torch.nonzero(flat).squeeze(1)  # padding rows are dropped before the vocabulary pass
-    acc = accumulation_dtype(hidden.dtype)
-    denom = n_valid.clamp(min=1).to(acc) if num_items is None else num_items.to(device=hidden.device, dtype=acc)
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     teacher = [None if t is None else t.detach() for t in (teacher_hidden, teacher_weight, teacher_bias)]
+    flat = keep.reshape(-1)
+    call = DistillCall(hidden.reshape(B * T, -1), weight, bias, teacher[0].reshape(B * T, -1), teacher[1], teacher[2],
+                       flat, num_items, spec, execution, vocab_parallel, needs)
     # each head runs in its own dtype: inside torch.autocast the sweep's matmuls would otherwise
     # change the chunk's dtype under the row pass
     device = hidden.device.type
     autocast_off = torch.autocast(device, enabled=False) if device in ("cpu", "cuda") else contextlib.nullcontext()
     with autocast_off:
-        loss, div, ent = DistillFunction.apply(hidden.reshape(B * T, -1), weight, bias,
-                                               teacher[0].reshape(B * T, -1), teacher[1], teacher[2], rows, denom,
-                                               spec, execution, needs)
+        loss, div, ent = ops.distill_loss_op(call)[:3]
     if not return_metrics:
         return loss
     ent = ent.view(B, T)
-    return loss, DistillMetrics(div.view(B, T), ent, ent.sum(), n_valid)
+    return loss, DistillMetrics(div.view(B, T), ent, ent.sum(), flat.sum())

@@ -19,8 +19,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from grpo_kernels import autodiff, loss as loss_impl
-from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
+from grpo_kernels import autodiff, distill_op, loss as loss_impl
+from grpo_kernels.calls import DistillCall, LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.epilogue import accumulation_dtype
 
 _EMPTY = (0,)
@@ -161,38 +161,48 @@ _loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, 
                    _loss_impl, _loss_fake)
 
 
-def _loss_setup(ctx, inputs, output):
-    _, logp, ent, gh, gw, gb, adv = output
-    # the gradients are results, not functions of the inputs: without this autograd would
-    # allocate a zero [V, H] "gradient" for the unused gw output before every backward
-    ctx.mark_non_differentiable(logp, ent, gh, gw, gb, adv)
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(gh, gw, gb)
-    ctx.has_bias = inputs[LossCall.NAMES.index("bias")] is not None
+def _saved_grads_setup(call_class):
+    """setup_context of an op whose outputs are (loss, per-row results..., gh, gw, gb[, more]) with
+    the gradients computed in its forward (positions given by ``call_class``)."""
+
+    def setup(ctx, inputs, output):
+        # the gradients are results, not functions of the inputs: without this autograd would
+        # allocate a zero [V, H] "gradient" for the unused gw output before every backward
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*output[3:6])
+        ctx.has_bias = inputs[call_class.NAMES.index("bias")] is not None
+
+    return setup
 
 
-def _loss_backward(ctx, grad_loss, *_unused):
-    n_inputs = len(LossCall.PARAMS)
-    if grad_loss is None:
-        return (None,) * n_inputs
-    _no_double_backward("grpo_loss")  # its gradients come from the forward: nothing to differentiate
-    gh, gw, gb = ctx.saved_tensors
-    # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
-    # V=151936, H=4096 bf16) only when this backward frees them, i.e. .grad then owns the
-    # only reference; a kept graph gets a fresh product each time, so that zeroing .grad
-    # (even through .data) cannot change what the next backward hands out
-    hand_out = autodiff.grad_is_one(grad_loss) and not autodiff.graph_is_kept()
+def _saved_grads_backward(call_class, what: str):
+    """The backward of such an op: the saved gradients times ``grad_loss``, for (hidden, weight, bias)."""
+    n_inputs = len(call_class.PARAMS)
 
-    def scale(g, i):
-        if not (ctx.needs_input_grad[i] and g.numel()):
-            return None
-        return g if hand_out else g * grad_loss.to(g.dtype)
+    def backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:
+            return (None,) * n_inputs
+        _no_double_backward(what)  # its gradients come from the forward: nothing to differentiate
+        gh, gw, gb = ctx.saved_tensors
+        # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
+        # V=151936, H=4096 bf16) only when this backward frees them, i.e. .grad then owns the
+        # only reference; a kept graph gets a fresh product each time, so that zeroing .grad
+        # (even through .data) cannot change what the next backward hands out
+        hand_out = autodiff.grad_is_one(grad_loss) and not autodiff.graph_is_kept()
 
-    grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
-    return grads + (None,) * (n_inputs - 3)
+        def scale(g, i):
+            if not (ctx.needs_input_grad[i] and g.numel()):
+                return None
+            return g if hand_out else g * grad_loss.to(g.dtype)
+
+        grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
+        return grads + (None,) * (n_inputs - 3)
+
+    return backward
 
 
-_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
+_loss_op.register_autograd(_saved_grads_backward(LossCall, "grpo_loss"), setup_context=_saved_grads_setup(LossCall))
 
 
 def loss_op(call: LossCall) -> Tuple[Tensor, ...]:
@@ -200,3 +210,32 @@ def loss_op(call: LossCall) -> Tuple[Tensor, ...]:
     ``LossCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor, and so do
     the advantages [B] unless ``call.inputs.rewards`` gave them."""
     return _loss_op(*call.to_op_args())
+
+
+# ---------------------------------------------------------------- distillation
+
+
+def _distill_impl(call: DistillCall):
+    loss, div, ent, gh, gw, gb = distill_op.distill_forward(call)
+    hidden = call.hidden
+    return loss, div, ent, _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
+
+
+def _distill_fake(call: DistillCall):
+    hidden = call.hidden
+    acc = accumulation_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
+            *_fake_grads(hidden, call.weight, call.bias, call.needs))
+
+
+_distill_op = _define("distill_loss", DistillCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+                      _distill_impl, _distill_fake)
+_distill_op.register_autograd(_saved_grads_backward(DistillCall, "distill_loss"),
+                              setup_context=_saved_grads_setup(DistillCall))
+
+
+def distill_loss_op(call: DistillCall) -> Tuple[Tensor, ...]:
+    """(loss [], divergence [N], entropy [N], grad_hidden, grad_weight, grad_bias) of a
+    ``DistillCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor."""
+    return _distill_op(*call.to_op_args())

@@ -333,5 +333,21 @@ def options_from_op_args(named) -> dict:
     ``dict(options=GRPOOptions, execution=ExecutionOptions, vocab_parallel=VocabParallel)`` (already
     validated by the caller)."""
     return dict(options=GRPOOptions(**{n: named[f"GRPOOptions_{n}"] for n in LOSS_FIELDS}),
-                execution=ExecutionOptions(**{n: named[f"ExecutionOptions_{n}"] for n in EXECUTION_FIELDS}),
+                **execution_from_op_args(named))
+
+
+#: (op argument name, type) of the execution settings and vocab parallelism alone: the ops that
+#: take no GRPO options (``grpo_kernels::distill_loss``)
+EXECUTION_OP_PARAMS = tuple(p for p in OPTION_OP_PARAMS if not p[0].startswith("GRPOOptions_"))
+
+
+def execution_op_args(execution: ExecutionOptions, vocab_parallel: VocabParallel) -> tuple:
+    """The execution settings and vocab parallelism as op arguments, in ``EXECUTION_OP_PARAMS`` order."""
+    return tuple(getattr(execution, n) for n in EXECUTION_FIELDS) + \
+        tuple(getattr(vocab_parallel, n) for n in VOCAB_PARALLEL_FIELDS)
+
+
+def execution_from_op_args(named) -> dict:
+    """Inverse of ``execution_op_args``: ``dict(execution=..., vocab_parallel=...)``."""
+    return dict(execution=ExecutionOptions(**{n: named[f"ExecutionOptions_{n}"] for n in EXECUTION_FIELDS}),
                 vocab_parallel=VocabParallel(**{n: named[f"VocabParallel_{n}"] for n in VOCAB_PARALLEL_FIELDS}))

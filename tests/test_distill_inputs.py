@@ -1,5 +1,5 @@
 """``distill_loss``'s inputs: every bad input raises a TypeError/ValueError (or, for what is not
-built yet, BackendUnavailable / NotImplementedError) naming the argument, from the table
+built, BackendUnavailable) naming the argument, from the table
 ``DISTILL_BAD``, which docs/errors.md lists (tests/test_docs.py holds the two together); and
 unusual valid inputs (weighted masks, meta tensors)."""
 from __future__ import annotations
@@ -43,8 +43,11 @@ DISTILL_BAD = [
     ("return_metrics_str", dict(return_metrics="yes"), TypeError, r"^return_metrics must be a bool"),
     ("backend_cuda_on_cpu", dict(backend="cuda"), BackendUnavailable, r"^backend 'cuda' cannot run on cpu"),
     ("backend_unknown", dict(backend="cudnn"), ValueError, r"^backend must be one of"),
-    ("process_group", dict(process_group=object()), NotImplementedError, r"^process_group: distill_loss has no"),
-    ("vocab_start", dict(vocab_start=0), NotImplementedError, r"^vocab_start: distill_loss has no"),
+    ("process_group_without_distributed", dict(process_group=object()), RuntimeError,
+     r"^vocab-parallel losses need an initialized torch.distributed process group"),
+    ("process_group_reference", dict(process_group=object(), backend="reference"), ValueError,
+     r"^backend='reference' has no vocab-parallel form"),
+    ("vocab_start_without_group", dict(vocab_start=0), ValueError, r"^vocab_start is given without a process_group"),
     ("hidden_2d", dict(hidden=_d["hidden"][0]), ValueError, r"^hidden must be 3-D"),
     ("hidden_int", dict(hidden=_d["hidden"].long()), TypeError, r"^hidden must be a floating tensor"),
     ("weight_wrong_h", dict(weight=_d["weight"][:, :5]), ValueError, r"^weight must be \[V, H\]"),

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import grpo_kernels as gk
+from grpo_kernels.reference import reference_distill_loss
 from support import make_batch, rel_err
 
 WORLD = 2
@@ -381,7 +382,33 @@ SCENARIOS = {
     **{f"ddp/{k}": (lambda r, k=k: _ddp_case(r, k)) for k in DP_CASES},
     **{f"fsdp2/{k}": (lambda r, k=k: _fsdp_case(r, k)) for k in FSDP_CASES},
     "global_num_items": _global_num_items,
+    **{f"vocab_parallel_distill/beta_{b}": (lambda r, b=b: _vp_distill(r, b)) for b in (0.0, 0.5, 1.0)},
 }
+
+
+def _vp_distill(rank, beta):
+    """distill_loss with both heads split alike over the vocabulary (uneven slices, chunks of 4
+    rows, a padded mask) against the oracle on the whole heads in one process: loss, metrics,
+    grad_hidden whole on every rank, each rank's grad_weight / grad_bias rows."""
+    from test_distill import make
+
+    d = make(seed=21, B=3, T=5, H=H, H_t=12, V=V)
+    kw = dict(beta=beta, temperature=0.8, logit_softcap=4.0, teacher_logit_scale=1.3)
+    leaves = [d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    ref, rm = reference_distill_loss(*leaves[:2], d["teacher_hidden"], d["teacher_weight"], d["mask"],
+                                        bias=leaves[2], teacher_bias=d["teacher_bias"], return_metrics=True, **kw)
+    ref.backward()
+    lo, hi = SPLIT[rank]
+    h = d["hidden"].clone().requires_grad_()
+    w, b = (d[k][lo:hi].clone().requires_grad_() for k in ("weight", "bias"))
+    loss, m = gk.distill_loss(h, w, d["teacher_hidden"], d["teacher_weight"][lo:hi], d["mask"], bias=b,
+                              teacher_bias=d["teacher_bias"][lo:hi], chunk_size=4, process_group=dist.group.WORLD,
+                              vocab_start=lo, return_metrics=True, **kw)
+    loss.backward()
+    return {"loss": rel_err(loss, ref), "divergence": rel_err(m.divergence, rm["divergence"]),
+            "entropy": rel_err(m.entropy, rm["entropy"]), "grad_hidden": rel_err(h.grad, leaves[0].grad),
+            "grad_weight_shard": rel_err(w.grad, leaves[1].grad[lo:hi]),
+            "grad_bias_shard": rel_err(b.grad, leaves[2].grad[lo:hi])}
 
 
 def _worker(rank, world, port, outdir):

@@ -147,14 +147,15 @@ def choose_backend(execution, device, dtype: torch.dtype) -> Tuple[RowBackend, s
     return backend, reason
 
 
-def divergence_backend(execution, device, dtype: torch.dtype) -> Tuple[RowBackend, str]:
+def divergence_backend(execution, device, dtype: torch.dtype, vocab_parallel: bool = False) -> Tuple[RowBackend, str]:
     """(backend, why) of a divergence row pass (distillation, GRPO's exact KL): ``choose_backend``'s
-    pick when it has ``divergence_rows_``; under ``auto`` else the torch row pass, and a named
-    backend without one raises BackendUnavailable."""
+    pick when it has ``divergence_rows_`` (taking ``vocab=`` when ``vocab_parallel``); under
+    ``auto`` else the torch row pass, and a named backend without one raises BackendUnavailable."""
     backend, why = choose_backend(execution, device, dtype)
-    if backend.divergence_rows_ is not None:
+    able = backend.divergence_rows_ is not None and (backend.divergence_vocab_parallel or not vocab_parallel)
+    if able:
         return backend, why
+    what = "vocab-parallel divergence row pass" if backend.divergence_rows_ is not None else "divergence row pass"
     if execution.backend != "auto":
-        raise BackendUnavailable(f"backend {backend.name!r} has no divergence row pass "
-                                 "(use backend='torch', or 'auto')")
-    return _load("torch")[0], f"auto: portable torch ops ({backend.name} has no divergence row pass)"
+        raise BackendUnavailable(f"backend {backend.name!r} has no {what} (use backend='torch', or 'auto')")
+    return _load("torch")[0], f"auto: portable torch ops ({backend.name} has no {what})"

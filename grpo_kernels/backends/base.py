@@ -76,6 +76,9 @@ class RowBackend:
     row_fused_: Optional[Callable] = None
     group_normalize: Optional[Callable] = None
     divergence_rows_: Optional[Callable] = None
+    #: whether ``divergence_rows_`` takes ``vocab=`` (a ``collective.VocabGroup``: the chunk is one
+    #: rank's vocabulary slice and its row sums are combined over the ranks)
+    divergence_vocab_parallel: bool = False
 
     def temp_bytes(self, device) -> int:
         """``temp_bytes_per_elem`` on ``device`` (a backend whose temporaries depend on it overrides this)."""

@@ -53,8 +53,10 @@ class TorchRowBackend(RowBackend):
     def divergence_temp_bytes(self, device) -> int:
         return torch_divergence.temp_bytes(device)
 
-    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
-        return torch_divergence.divergence_rows_(zs, zt, spec, coef, execution, out)
+    divergence_vocab_parallel = True
+
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None, vocab=None):
+        return torch_divergence.divergence_rows_(zs, zt, spec, coef, execution, out, vocab)
 
     def supports(self, device, dtype):
         if not torch.empty((), dtype=dtype).is_floating_point():

@@ -52,53 +52,70 @@ def _chain_(head: HeadTransform, g: torch.Tensor, z: torch.Tensor, coef: torch.T
 
 
 def divergence_rows_(zs: torch.Tensor, zt: torch.Tensor, spec: DivergenceSpec, coef: Optional[torch.Tensor],
-                     execution=None, out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     execution=None, out: Optional[torch.Tensor] = None,
+                     vocab=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-row divergence and student entropy, [n] each in the accumulation dtype, of the
     student's raw logits ``zs`` [n, V] and the teacher's ``zt`` [n, V] (any float dtypes).
 
     ``coef`` (a [] or [n] tensor: dLoss/dD per row) given: ``coef * dD/dz_s``, the gradient of
     the loss with respect to the student's raw logits, is written into ``out`` [n, V] (None: over
     ``zs``). ``execution`` is unused: every reduction order here is fixed by the slab.
+    ``vocab`` (a ``collective.VocabGroup``): ``zs``/``zt`` are this rank's vocabulary slice of
+    both heads; the row sums are all-reduced over the group (slabs sized by the global V, so
+    that every rank makes the same collectives).
     """
     acc = accumulation_dtype(zs.dtype)
     out = zs if out is None else out
     n = zs.shape[0]
     div = torch.empty(n, dtype=acc, device=zs.device)
     ent = torch.empty(n, dtype=acc, device=zs.device)
-    for s, e in slab_bounds(n, zs.shape[1], SLAB_ELEMS.get(zs.device.type)):
+    width = zs.shape[1] if vocab is None else vocab.vocab_size
+    for s, e in slab_bounds(n, width, SLAB_ELEMS.get(zs.device.type)):
         c = None if coef is None else (coef if coef.dim() == 0 else coef[s:e])
-        div[s:e], ent[s:e] = _slab_(zs[s:e], zt[s:e], spec, c, out[s:e])
+        div[s:e], ent[s:e] = _slab_(zs[s:e], zt[s:e], spec, c, out[s:e], vocab)
     return div, ent
 
 
-def _log_softmax_(u: torch.Tensor) -> torch.Tensor:
-    """u - logsumexp(u) per row, in place."""
-    return u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
+def _log_softmax_pair_(u_s: torch.Tensor, u_t: torch.Tensor, vocab) -> None:
+    """Both heads' u - logsumexp(u) per row, in place; the logsumexp over every rank's slice
+    under ``vocab``."""
+    lse = torch.stack([torch.logsumexp(u_s, dim=-1), torch.logsumexp(u_t, dim=-1)])
+    if vocab is not None:
+        lse = vocab.logsumexp(lse)
+    u_s.sub_(lse[0].unsqueeze(1))
+    u_t.sub_(lse[1].unsqueeze(1))
 
 
-def _slab_(zs, zt, spec: DivergenceSpec, coef, out):
+def _row_sums(parts, vocab):
+    """The per-row sums ``parts`` ([n] each), summed over the ranks' slices under ``vocab``."""
+    if vocab is None:
+        return parts
+    return tuple(vocab.sum_(torch.stack(parts)).unbind(0))
+
+
+def _slab_(zs, zt, spec: DivergenceSpec, coef, out, vocab=None):
     acc = accumulation_dtype(zs.dtype)
     beta = spec.beta
-    log_p = _log_softmax_(_transform(spec.student, zs, acc))
-    log_q = _log_softmax_(_transform(spec.teacher, zt, acc))
+    log_p, log_q = _transform(spec.student, zs, acc), _transform(spec.teacher, zt, acc)
+    _log_softmax_pair_(log_p, log_q, vocab)
     p = log_p.exp()
-    entropy = -(p * log_p).sum(-1)
+    neg_entropy = (p * log_p).sum(-1)
     if beta == 0.0:  # forward KL(q || p)
         q = log_q.exp()
-        div = (q * (log_q - log_p)).sum(-1)
+        neg_entropy, div = _row_sums((neg_entropy, (q * (log_q - log_p)).sum(-1)), vocab)
         g = p.sub_(q) if coef is not None else None
     elif beta == 1.0:  # reverse KL(p || q)
         ratio = log_p.sub_(log_q)  # log p - log q (log_p is not needed after this)
-        div = (p * ratio).sum(-1)
+        neg_entropy, div = _row_sums((neg_entropy, (p * ratio).sum(-1)), vocab)
         g = p.mul_(ratio.sub_(div.unsqueeze(1))) if coef is not None else None
     else:  # generalized JSD with m = (1 - beta) p + beta q
         log_m = torch.logaddexp(log_p + math.log(1.0 - beta), log_q + math.log(beta))
         q = log_q.exp()
         kl_q = (q * log_q.sub_(log_m)).sum(-1)
         gap = log_p.sub_(log_m)  # log p - log m
-        kl_p = (p * gap).sum(-1)
+        neg_entropy, kl_q, kl_p = _row_sums((neg_entropy, kl_q, (p * gap).sum(-1)), vocab)
         div = beta * kl_q + (1.0 - beta) * kl_p
         g = p.mul_(gap.sub_(kl_p.unsqueeze(1))).mul_(1.0 - beta) if coef is not None else None
     if g is not None:
         _chain_(spec.student, g, zs, coef.unsqueeze(-1) if coef.dim() == 1 else coef, out)
-    return div, entropy
+    return div, -neg_entropy
