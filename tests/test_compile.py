@@ -253,3 +253,29 @@ def test_no_grad_loss_compiled():
     with torch.no_grad():
         assert rel_err(compiled(batch["hidden"], batch["weight"], batch["bias"]),
                        fn(batch["hidden"], batch["weight"], batch["bias"])) <= TOL
+
+
+# ---------------------------------------------------------------- distill_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_distill_loss_compiled_fullgraph(beta):
+    """distill_loss (the grpo_kernels::distill_loss custom op) in a fullgraph step, with a padded
+    mask and metrics: the eager loss, metrics and gradients."""
+    from test_distill import make
+
+    d = make(seed=5, B=3, T=5, H=16, H_t=12, V=37)
+
+    def step(h, w, b, th, tw, tb, mask):
+        loss, m = gk.distill_loss(h, w, th, tw, mask, bias=b, teacher_bias=tb, beta=beta, temperature=0.9,
+                                  logit_softcap=4.0, backend="torch", return_metrics=True)
+        return loss, (m.divergence, m.entropy, m.entropy_sum, m.n_valid.double())
+
+    def run(fn):
+        leaves = [d[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+        loss, extras = fn(*leaves, d["teacher_hidden"], d["teacher_weight"], d["teacher_bias"], d["mask"])
+        loss.backward()
+        return loss.detach(), extras, tuple(x.grad for x in leaves)
+
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILER)
+    _assert_close(run(compiled), run(step))
