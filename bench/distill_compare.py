@@ -1,5 +1,7 @@
 """CPU comparison of ``distill_loss`` with TRL 1.16's ``_chunked_divergence_loss`` (its torch path
-on the CPU) and Liger's ``LigerFusedLinearJSDLoss`` (eager), forward + backward.
+on the CPU, ``ChunkedDivergenceFunction``), Liger's ``LigerFusedLinearJSDLoss`` (eager) and the
+materialized loss (both [N, V] logits, autograd: ``reference.reference_distill_loss`` in fp32),
+forward + backward.
 
 Every (method, beta) runs in a fresh process: one warm-up call, then one timed call (wall and
 CPU time: on a shared machine the CPU time is the steadier figure) whose peak
@@ -8,6 +10,7 @@ gradients it allocates included, the inputs not) is recorded.
 
     python bench/distill_compare.py                      # N=1024, H=256, H_t=512, V=32768, fp32
     python bench/distill_compare.py --n 2048 --betas 0 1
+    python bench/distill_compare.py --backend torch      # ours on one backend (default: auto)
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import time
 
-METHODS = ("ours", "trl", "liger")
+METHODS = ("ours", "trl", "liger", "materialized")
 
 
 def _inputs(n, h, ht, v, seed=0):
@@ -30,13 +33,13 @@ def _inputs(n, h, ht, v, seed=0):
                 mask=torch.ones(1, n, dtype=torch.bool))
 
 
-def _step(method, beta, d):
+def _step(method, beta, d, backend="auto"):
     """One forward + backward of ``method``; returns the loss."""
-    if method == "ours":
+    if method in ("ours", "materialized"):
         from grpo_kernels import distill_loss
 
         loss = distill_loss(d["hidden"], d["weight"], d["teacher_hidden"], d["teacher_weight"], d["mask"], beta=beta,
-                            backend="torch")
+                            backend="reference" if method == "materialized" else backend)
     elif method == "trl":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
 
@@ -54,7 +57,7 @@ def _step(method, beta, d):
     return loss
 
 
-def one(method, beta, n, h, ht, v, threads=None):
+def one(method, beta, n, h, ht, v, threads=None, backend="auto"):
     """Runs in the child process: warm-up, then the timed and measured call."""
     import torch
 
@@ -66,17 +69,22 @@ def one(method, beta, n, h, ht, v, threads=None):
     d = _inputs(n, h, ht, v)
     for k in ("hidden", "weight"):
         d[k].requires_grad_(True)
-    _step(method, beta, d)
+    _step(method, beta, d, backend)
     for k in ("hidden", "weight"):
         d[k].grad = None
     box = {}
 
     def timed():
         t0, c0 = time.perf_counter(), time.process_time()
-        box["loss"] = float(_step(method, beta, d).detach())
+        box["loss"] = float(_step(method, beta, d, backend).detach())
         box["seconds"], box["cpu"] = time.perf_counter() - t0, time.process_time() - c0
 
     peak = peak_memory_bytes(timed, torch.device("cpu"))
+    if method == "ours":
+        from grpo_kernels.backends import divergence_backend
+        from grpo_kernels.options import ExecutionOptions
+
+        method = f"ours-{divergence_backend(ExecutionOptions(backend=backend), torch.device('cpu'), torch.float32)[0].name}"
     return dict(method=method, beta=beta, seconds=box["seconds"], cpu_seconds=box["cpu"], peak_mib=None if peak is None else peak / 2**20,
                 loss=box["loss"], threads=torch.get_num_threads())
 
@@ -89,24 +97,26 @@ def main(argv=None):
     p.add_argument("--v", type=int, default=32768)
     p.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--backend", default="auto", help="ours: the distill_loss backend (default auto)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's default)")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "BETA"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
-        print(json.dumps(one(a.one[0], float(a.one[1]), a.n, a.h, a.ht, a.v, a.threads)))
+        print(json.dumps(one(a.one[0], float(a.one[1]), a.n, a.h, a.ht, a.v, a.threads, a.backend)))
         return
     print(f"N={a.n} H={a.h} H_t={a.ht} V={a.v} fp32, forward+backward, fresh process per row")
     # the child imports this checkout's grpo_kernels, not whichever is installed
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    print(f"{'method':<8}{'beta':>6}{'seconds':>10}{'CPU s':>10}{'peak MiB':>10}{'loss':>14}")
+    print(f"{'method':<14}{'beta':>6}{'seconds':>10}{'CPU s':>10}{'peak MiB':>10}{'loss':>14}")
     for beta in a.betas:
         for method in a.methods:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", method, str(beta), "--n", str(a.n),
-                   "--h", str(a.h), "--ht", str(a.ht), "--v", str(a.v), "--threads", str(a.threads)]
+                   "--h", str(a.h), "--ht", str(a.ht), "--v", str(a.v), "--threads", str(a.threads),
+                   "--backend", a.backend]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
             r = json.loads(out)
-            print(f"{r['method']:<8}{r['beta']:>6}{r['seconds']:>10.2f}{r['cpu_seconds']:>10.2f}{r['peak_mib']:>10.0f}"
+            print(f"{r['method']:<14}{r['beta']:>6}{r['seconds']:>10.2f}{r['cpu_seconds']:>10.2f}{r['peak_mib']:>10.0f}"
                   f"{r['loss']:>14.6g}",
                   flush=True)
 
