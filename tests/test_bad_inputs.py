@@ -514,3 +514,19 @@ def test_negative_strides_cannot_reach_the_api():
     with pytest.raises(ValueError, match="negative stride"):
         torch.from_numpy(a)
     assert all(s >= 0 for s in torch.arange(6.0).flip(0).stride())
+
+
+def test_distill_loss_refuses_a_dtensor_operand(monkeypatch):
+    """A DTensor operand is named and refused (the real ColwiseParallel head on two ranks:
+    tests/test_distributed.py, ``vocab_parallel_distill/dtensor_refused``); here a stand-in class,
+    which the check finds where it looks for DTensor."""
+    import torch.distributed.tensor as dt
+    from test_distill_inputs import call_bad
+
+    class StandIn(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(dt, "DTensor", StandIn)
+    w = call_bad.__globals__["_d"]["weight"].as_subclass(StandIn)
+    with pytest.raises(TypeError, match=r"^weight is a DTensor: distill_loss takes local tensors"):
+        call_bad(dict(weight=w))

@@ -372,6 +372,22 @@ def _global_num_items(rank):
             "dtype": 0.0 if total.dtype == torch.float64 else 1.0}
 
 
+def _vp_distill_dtensor_refused(rank):
+    """A DTensor head (ColwiseParallel's Shard(0)) is refused with a TypeError naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from test_distill import make
+
+    d = make(seed=2, V=V, H=H, H_t=12)
+    w = distribute_tensor(d["weight"], init_device_mesh("cpu", (WORLD,)), [Shard(0)])
+    try:
+        gk.distill_loss(d["hidden"], w, d["teacher_hidden"], d["teacher_weight"], d["mask"],
+                        process_group=dist.group.WORLD)
+    except TypeError as exc:
+        return {"refused": 0.0 if str(exc).startswith("weight is a DTensor: distill_loss takes local") else 1.0}
+    return {"refused": 1.0}
+
+
 SCENARIOS = {
     **{f"vocab_parallel_loss/{k}/{b}": (lambda r, k=k, b=b: _vp_loss_case(r, k, b))
        for b in VP_BACKENDS for k in VP_CASES},
@@ -383,6 +399,7 @@ SCENARIOS = {
     **{f"fsdp2/{k}": (lambda r, k=k: _fsdp_case(r, k)) for k in FSDP_CASES},
     "global_num_items": _global_num_items,
     **{f"vocab_parallel_distill/beta_{b}": (lambda r, b=b: _vp_distill(r, b)) for b in (0.0, 0.5, 1.0)},
+    "vocab_parallel_distill/dtensor_refused": _vp_distill_dtensor_refused,
 }
 
 
