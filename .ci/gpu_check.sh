@@ -2,7 +2,7 @@
 # What only a GPU can check, one mode per device call (each under 6 minutes on a cold H200):
 #
 #   bash .ci/gpu_check.sh smoke      # the GPU tests: CUDA kernels, the contract's cuda cases, > 2^31 indices
-#   bash .ci/gpu_check.sh bench      # the headline loss shape, and the token_logprobs table, vs TRL and Liger
+#   bash .ci/gpu_check.sh bench      # the headline loss shape, distillation, the token_logprobs table, vs TRL and Liger
 #   bash .ci/gpu_check.sh sanitize   # compute-sanitizer memcheck + racecheck over every GPU kernel
 #
 # Everything lands under $OUT (default /tmp/grpo_gpu_out) AS IT GOES: summary.txt (machine,
@@ -31,7 +31,9 @@
 #   bench      (no separate build: report.py builds in the background while Triton and the peers
 #              run) headline N=8192 H=4096 V=151936 bf16 loss: 7 cases, first calls (Triton
 #              autotune, Liger's torch.compile ~60 s) ~150 s; token_logprobs on the 12 GPU
-#              shapes x 4 cases, ~2 s each ~100 s; => ~270 s (no job starts past the budget)
+#              shapes x 4 cases, ~2 s each ~100 s; distillation N=4096 H=2048 H_t=4096 V=151936
+#              bf16, beta 0.5 / 1 x ours / TRL / Liger, a fresh process each (~10 s) ~60 s
+#              => ~330 s (no job starts past the budget; the logprobs table goes last)
 #   sanitize   build ~75 s; memcheck cpp / triton ~60 s each (48 small calls per backend, each
 #              kernel 10-100x slower; Triton compiles ~20 s, once); racecheck cpp / triton (bf16,
 #              fp64) ~40 s each => ~285 s
@@ -155,6 +157,10 @@ case "${mode}" in
     fi
     part bench_headline 200 bench_run bench_headline --shapes N8192-H4096-V151936-bf16 --kinds loss floor \
       --cases ours:triton ours:cpp floor floor:real trl:chunked liger ref:eager
+    # distillation: the fused divergence (auto: Triton) against TRL's chunked divergence and Liger's
+    # JSD (eager), a fresh process per row (bench/distill_compare.py)
+    part bench_distill 90 python3 bench/distill_compare.py --device cuda --dtype bf16 --n 4096 --h 2048 --ht 4096 \
+      --v 151936 --betas 0.5 1 --methods ours trl liger --json-out "${OUT}/bench_distill.json"
     part bench_logprobs 200 bench_run bench_logprobs --kinds logprobs --cases ours:triton ours:cpp trl:chunked ref:eager
     ;;
   sanitize)
