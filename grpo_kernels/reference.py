@@ -42,6 +42,16 @@ def reference_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0
     return logps, entropy
 
 
+
+def reference_token_statistics(hidden, weight, targets, bias=None, temperature=1.0, logit_softcap=None):
+    """(logps, entropy, sum_pi_squared), each shaped like ``targets``, from materialized logits:
+    ``sum_pi_squared = sum_v softmax(u)_v ** 2``, as ``exp(2 * log_softmax(u))`` summed."""
+    logits = reference_logits(hidden, weight, bias, temperature, logit_softcap)
+    logsm = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    logps = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logps, entropy, (2.0 * logsm).exp().sum(-1)
+
 def _high_entropy_mask(entropies, mask, threshold):
     local = entropies[mask.bool()].float()
     if local.numel() == 0:

@@ -99,7 +99,8 @@ def enable(*, forward: bool = True, loss: bool = True, backend: str = "auto", ch
                 monkey_patch.patch_forward_with_backends)
         SETTINGS.forward = True
     cls = transformer_impl.FSDPEngineWithLMHead
-    if loss and not hasattr(cls.forward_step, "_grpo_kernels_original"):
+    # the forward switch needs it too: a forward-only pass with calculate_sum_pi_squared
+    if (loss or forward) and not hasattr(cls.forward_step, "_grpo_kernels_original"):
         cls.forward_step = wrap_forward_step(cls.forward_step)
     SETTINGS.loss = bool(loss)
 
