@@ -514,3 +514,28 @@ def test_negative_strides_cannot_reach_the_api():
     with pytest.raises(ValueError, match="negative stride"):
         torch.from_numpy(a)
     assert all(s >= 0 for s in torch.arange(6.0).flip(0).stride())
+
+
+def test_token_statistics_shares_token_logprobs_checks():
+    from grpo_kernels.api import token_statistics
+
+    b = batch(device="cpu")
+    with pytest.raises(ValueError, match=r"targets must have shape \(3, 4\)"):
+        token_statistics(b["hidden"], b["weight"], b["targets"][:, :1], backend="torch")
+    with pytest.raises(TypeError, match="return_entropy must be a bool"):
+        token_statistics(b["hidden"], b["weight"], b["targets"], return_entropy=None, backend="torch")
+
+
+def test_verl_sum_pi_squared_refusals():
+    """verl's calculate_sum_pi_squared through the grpo_kernels forward: forward only, one process."""
+    from grpo_kernels.integrations import verl_forward
+
+    b = batch(device="cpu")
+    h, w, t = b["hidden"].reshape(-1, H), b["weight"], b["targets"].reshape(-1)
+    with verl_forward.capture_sum_pi_squared():
+        with pytest.raises(NotImplementedError, match="calculate_sum_pi_squared with the grpo_kernels forward is "
+                                                      "computed in the forward-only"):
+            verl_forward.linear_cross_entropy(h.clone().requires_grad_(True), w, t, backend="torch")
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="calculate_sum_pi_squared with the "
+                                                                      "grpo_kernels forward has no vocab-parallel"):
+            verl_forward.linear_cross_entropy(h, w, t, 1.0, "none", object(), backend="torch")
