@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from grpo_kernels import collective, epilogue, objective, validation as check
+from grpo_kernels import collective, epilogue, objective, token_stats, validation as check
 from grpo_kernels.calls import LogprobsCall, LossCall
 from grpo_kernels.metrics import GRPOMetrics, compute_metrics
 from grpo_kernels.ops import loss_op, token_logprobs_op
@@ -96,6 +96,27 @@ def _reject_reference(execution: ExecutionOptions, vp: VocabParallel) -> None:
         raise ValueError("backend='reference' has no vocab-parallel form; use 'auto', 'torch', 'triton' or 'cpp'")
 
 
+def _checked_head(hidden, weight, bias, targets, vp: VocabParallel, return_entropy):
+    """``token_logprobs`` / ``token_statistics``' checks of the head and targets; returns the
+    operands under autocast and the context to run the op in (``_autocast_head``)."""
+    check.tensor("hidden", hidden, floating=True)
+    hidden, weight, bias, no_autocast = _autocast_head(hidden, weight, bias)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension (the hidden size)")
+    if not isinstance(return_entropy, bool):
+        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
+    check.lm_head(hidden, weight, bias)
+    check.tensor("targets", targets)
+    check.same_device("targets", targets, hidden.device)
+    check.shape("targets", targets, hidden.shape[:-1], " (hidden's leading dimensions)")
+    if vp.enabled:
+        check.token_id_dtype("targets", targets)  # the range needs the global vocabulary: in the op
+    else:
+        check.token_ids("targets", targets, weight.shape[0])
+    check.finite("hidden", hidden)
+    return hidden, weight, bias, no_autocast
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -131,21 +152,7 @@ def token_logprobs(
                                              batch_invariant=batch_invariant))
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
-    check.tensor("hidden", hidden, floating=True)
-    hidden, weight, bias, no_autocast = _autocast_head(hidden, weight, bias)
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least one dimension (the hidden size)")
-    if not isinstance(return_entropy, bool):
-        raise TypeError(f"return_entropy must be a bool, got {type(return_entropy).__name__}")
-    check.lm_head(hidden, weight, bias)
-    check.tensor("targets", targets)
-    check.same_device("targets", targets, hidden.device)
-    check.shape("targets", targets, hidden.shape[:-1], " (hidden's leading dimensions)")
-    if vp.enabled:
-        check.token_id_dtype("targets", targets)  # the range needs the global vocabulary: in the op
-    else:
-        check.token_ids("targets", targets, weight.shape[0])
-    check.finite("hidden", hidden)
+    hidden, weight, bias, no_autocast = _checked_head(hidden, weight, bias, targets, vp, return_entropy)
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t1 = targets.reshape(-1).to(torch.int64)
@@ -160,6 +167,52 @@ def token_logprobs(
                 vocab_parallel=vp, need_entropy=return_entropy))
     logp = logp.reshape(lead)
     return (logp, ent.reshape(lead)) if return_entropy else logp
+
+
+def token_statistics(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    logit_softcap: Optional[float] = None,
+    return_entropy: bool = True,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+    deterministic: bool = False,
+    batch_invariant: bool = False,
+) -> token_stats.TokenStatistics:
+    """``TokenStatistics(logp, entropy, sum_pi_squared)`` of ``targets`` under ``hidden @ weight.T +
+    bias``, forward only, in ONE vocabulary sweep without materializing [N, V].
+
+    hidden [..., H], weight [V, H], targets [...] int; each result [...] (targets' shape), fp32 (fp64
+    for fp64 inputs), detached: ``sum_pi_squared = sum_v softmax(u)_v ** 2`` with ``u`` the softcapped,
+    temperature-scaled logits (verl's ``calculate_sum_pi_squared``, data for its Optimal Token
+    Baseline); ``entropy`` is 0 with ``return_entropy=False``. No vocab-parallel form. For gradients of
+    the log-probs use ``token_logprobs``.
+    """
+    options, execution = split_options(dict(temperature=temperature, logit_softcap=logit_softcap, backend=backend,
+                                             chunk_size=chunk_size, deterministic=deterministic,
+                                             batch_invariant=batch_invariant))
+    vp = VocabParallel()
+    hidden, weight, bias, no_autocast = _checked_head(hidden, weight, bias, targets, vp, return_entropy)
+    lead = hidden.shape[:-1]
+    h2 = hidden.detach().reshape(-1, hidden.shape[-1])
+    t1 = targets.reshape(-1).to(torch.int64)
+    w, b = weight.detach(), None if bias is None else bias.detach()
+    with no_autocast, torch.no_grad():
+        if execution.backend == "reference":
+            from grpo_kernels.reference import reference_token_statistics
+
+            out = reference_token_statistics(h2, w, t1, b, temperature, logit_softcap)
+            if not return_entropy:
+                out = (out[0], torch.zeros_like(out[1]), out[2])
+        else:
+            out = token_stats.forward_statistics(LogprobsCall(
+                hidden=h2, weight=w, bias=b, targets=t1, options=options, execution=execution, vocab_parallel=vp,
+                need_entropy=return_entropy))
+    return token_stats.TokenStatistics(*(t.reshape(lead) for t in out))
 
 
 def grpo_loss(

@@ -42,6 +42,28 @@ def reference_token_logprobs(hidden, weight, targets, bias=None, temperature=1.0
     return logps, entropy
 
 
+
+def reference_token_statistics(hidden, weight, targets, bias=None, temperature=1.0, logit_softcap=None):
+    """(logps, entropy, sum_pi_squared), each shaped like ``targets``, from materialized logits:
+    ``sum_pi_squared = sum_v softmax(u)_v ** 2``, as ``exp(2 * log_softmax(u))`` summed."""
+    logits = reference_logits(hidden, weight, bias, temperature, logit_softcap)
+    logsm = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    logps = logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logps, entropy, (2.0 * logsm).exp().sum(-1)
+
+
+def reference_topk_forward_kl(hidden, weight, ids, teacher_logps, bias=None, temperature=1.0, logit_softcap=None,
+                              log_prob_min_clamp=None):
+    """(losses, student_mass, teacher_mass) of verl's top-k forward KL (``topk_distill``) from
+    materialized logits: ids / teacher_logps [..., K]."""
+    logits = reference_logits(hidden, weight, bias, temperature, logit_softcap)
+    ls = (logits - torch.logsumexp(logits, dim=-1, keepdim=True)).gather(-1, ids)
+    student_mass, teacher_mass = ls.exp().sum(-1), teacher_logps.exp().sum(-1)
+    if log_prob_min_clamp is not None:
+        ls, teacher_logps = ls.clamp_min(log_prob_min_clamp), teacher_logps.clamp_min(log_prob_min_clamp)
+    return (teacher_logps.exp() * (teacher_logps - ls)).sum(-1), student_mass, teacher_mass
+
 def _high_entropy_mask(entropies, mask, threshold):
     local = entropies[mask.bool()].float()
     if local.numel() == 0:

@@ -530,3 +530,47 @@ def test_distill_loss_refuses_a_dtensor_operand(monkeypatch):
     w = call_bad.__globals__["_d"]["weight"].as_subclass(StandIn)
     with pytest.raises(TypeError, match=r"^weight is a DTensor: distill_loss takes local tensors"):
         call_bad(dict(weight=w))
+
+
+def test_token_statistics_shares_token_logprobs_checks():
+    from grpo_kernels.api import token_statistics
+
+    b = batch(device="cpu")
+    with pytest.raises(ValueError, match=r"targets must have shape \(3, 4\)"):
+        token_statistics(b["hidden"], b["weight"], b["targets"][:, :1], backend="torch")
+    with pytest.raises(TypeError, match="return_entropy must be a bool"):
+        token_statistics(b["hidden"], b["weight"], b["targets"], return_entropy=None, backend="torch")
+
+
+def test_verl_sum_pi_squared_refusals():
+    """verl's calculate_sum_pi_squared through the grpo_kernels forward: forward only, one process."""
+    from grpo_kernels.integrations import verl_forward
+
+    b = batch(device="cpu")
+    h, w, t = b["hidden"].reshape(-1, H), b["weight"], b["targets"].reshape(-1)
+    with verl_forward.capture_sum_pi_squared():
+        with pytest.raises(NotImplementedError, match="calculate_sum_pi_squared with the grpo_kernels forward is "
+                                                      "computed in the forward-only"):
+            verl_forward.linear_cross_entropy(h.clone().requires_grad_(True), w, t, backend="torch")
+        with torch.no_grad(), pytest.raises(NotImplementedError, match="calculate_sum_pi_squared with the "
+                                                                      "grpo_kernels forward has no vocab-parallel"):
+            verl_forward.linear_cross_entropy(h, w, t, 1.0, "none", object(), backend="torch")
+
+
+def test_topk_forward_kl_bad_inputs():
+    from grpo_kernels.topk_distill import topk_forward_kl
+
+    b = batch(device="cpu")
+    h, w = b["hidden"], b["weight"]
+    ids = torch.zeros(B, T, 2, dtype=torch.int64)
+    lt = torch.full((B, T, 2), -1.0)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must have shape \(3, 4, 2\) \(hidden's leading "
+                                         r"dimensions, K\), got \(3, 2\)"):
+        topk_forward_kl(h, w, ids[:, :2, 0], lt)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must hold 1 <= K <= V ids per token, got K = 0"):
+        topk_forward_kl(h, w, ids[..., :0], lt[..., :0])
+    with pytest.raises(ValueError, match=r"teacher_topk_ids holds token ids outside \[0, 11\)"):
+        topk_forward_kl(h, w, ids + V, lt)
+    with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
+                                         r"shape\), got \(3, 4, 1\)"):
+        topk_forward_kl(h, w, ids, lt[..., :1])

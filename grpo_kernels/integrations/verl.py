@@ -13,7 +13,9 @@ Two pieces, both installed by one call, ``enable()``, in every process that buil
    ``actor_rollout_ref.model.fused_kernel_options.impl_backend`` (with ``use_fused_kernels=True``):
    verl's own per-family fused forward (``dense_common`` / ``qwen2_vl`` / ``qwen3_vl`` / ``glm4v`` /
    ``qwen3_5``: its "triton" forward) is installed and its ``linear_cross_entropy`` call is answered by
-   this module's function. That covers ``compute_log_prob`` / ``compute_ref_log_prob`` and the stock loss.
+   this module's function. That covers ``compute_log_prob`` / ``compute_ref_log_prob`` and the stock loss,
+   and ``calculate_sum_pi_squared=True`` in a forward-only pass (verl refuses it with fused kernels): the
+   same sweep computes it (``token_statistics``) and ``verl_engine`` lays it out as verl does.
 
 2. **A fused actor loss.** ``fused_ppo_loss(config, model_output, data, dp_group)`` is verl's
    ``verl.workers.utils.losses.ppo_loss`` computed from hidden states by ``grpo_loss`` in ONE vocabulary
@@ -30,7 +32,8 @@ Two pieces, both installed by one call, ``enable()``, in every process that buil
    log-probs and entropies (O(B*T), no vocabulary work).
 
 What the fused loss step refuses (``NotImplementedError``, naming it): Ulysses sequence parallelism
-(``ulysses_sequence_parallel_size > 1``), top-K distillation, ``calculate_sum_pi_squared``,
+(``ulysses_sequence_parallel_size > 1``), top-K distillation, ``calculate_sum_pi_squared`` in the
+training step (the forward-only log-prob pass answers it through the forward backend),
 multimodal inputs, a per-sample temperature tensor with different values, and ``config_to_options``'s
 list (``kl_loss_type="full"``, an unknown ``loss_mode``). Pass ``enable(loss=False)`` to keep verl's loss.
 
@@ -99,7 +102,8 @@ def enable(*, forward: bool = True, loss: bool = True, backend: str = "auto", ch
                 monkey_patch.patch_forward_with_backends)
         SETTINGS.forward = True
     cls = transformer_impl.FSDPEngineWithLMHead
-    if loss and not hasattr(cls.forward_step, "_grpo_kernels_original"):
+    # the forward switch needs it too: a forward-only pass with calculate_sum_pi_squared
+    if (loss or forward) and not hasattr(cls.forward_step, "_grpo_kernels_original"):
         cls.forward_step = wrap_forward_step(cls.forward_step)
     SETTINGS.loss = bool(loss)
 

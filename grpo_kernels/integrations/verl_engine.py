@@ -15,9 +15,11 @@ import torch
 from grpo_kernels.integrations import transformers as gkt
 from grpo_kernels.integrations.common import enable_fused_forward, run_in_forward
 from grpo_kernels.integrations.verl_config import SETTINGS, scalar_temperature
+from grpo_kernels.integrations.verl_forward import BACKEND_NAME, capture_sum_pi_squared
 from grpo_kernels.integrations.verl_loss import fused_ppo_loss
 
-__all__ = ["ppo_config", "wrap_forward_step", "run_fused_step"]
+__all__ = ["ppo_config", "wrap_forward_step", "run_fused_step", "wants_fused_sum_pi_squared",
+           "forward_with_sum_pi_squared"]
 
 
 def ppo_config(loss_function):
@@ -36,6 +38,8 @@ def wrap_forward_step(original):
 
     @functools.wraps(original)
     def forward_step(self, micro_batch, loss_function, forward_only):
+        if forward_only and wants_fused_sum_pi_squared(self, micro_batch):
+            return forward_with_sum_pi_squared(original, self, micro_batch, loss_function)
         config = None if forward_only or not SETTINGS.loss else ppo_config(loss_function)
         if config is None:
             return original(self, micro_batch, loss_function, forward_only)
@@ -43,6 +47,60 @@ def wrap_forward_step(original):
 
     forward_step._grpo_kernels_original = original
     return forward_step
+
+
+def wants_fused_sum_pi_squared(engine, micro_batch) -> bool:
+    """A forward-only pass that asks for ``calculate_sum_pi_squared`` with ``use_fused_kernels`` on a
+    model whose fused forward is grpo_kernels' (verl itself refuses the pair: its fused kernels never
+    see the whole row)."""
+    from verl.utils import tensordict_utils as tu
+
+    get = functools.partial(tu.get_non_tensor_data, data=micro_batch)
+    return (SETTINGS.forward and bool(get(key="calculate_sum_pi_squared", default=False))
+            and bool(get(key="use_fused_kernels", default=False))
+            and getattr(engine.module, "_verl_fused_kernels_backend", None) == BACKEND_NAME)
+
+
+@contextlib.contextmanager
+def _flags(micro_batch, **values):
+    """verl's non-tensor flags of ``micro_batch`` set to ``values`` for the block, then restored."""
+    from verl.utils import tensordict_utils as tu
+
+    before = {k: tu.get_non_tensor_data(data=micro_batch, key=k, default=False) for k in values}
+    tu.assign_non_tensor(micro_batch, **values)
+    try:
+        yield
+    finally:
+        tu.assign_non_tensor(micro_batch, **before)
+
+
+def forward_with_sum_pi_squared(original, engine, micro_batch, loss_function):
+    """verl's forward-only ``forward_step`` with ``model_output["sum_pi_squared"]`` from the fused
+    forward's own sweep (``capture_sum_pi_squared``). verl's ``prepare_model_outputs`` runs as usual
+    without the flag; the captured values then go through it once more in the place of the log-probs
+    (no entropy, no distillation), so they come out in exactly the layout verl gives ``log_probs``:
+    gathered, unpadded and nested over the packed sequences."""
+    from types import SimpleNamespace
+
+    prepare = engine.prepare_model_outputs  # the bound method
+
+    def prepare_model_outputs(output, output_args, micro_batch, logits_processor_func):
+        with _flags(micro_batch, calculate_sum_pi_squared=False):
+            model_output = prepare(output, output_args, micro_batch, logits_processor_func)
+        if len(captured) != 1:
+            raise RuntimeError(f"expected one fused head call in the forward, saw {len(captured)}")
+        values = SimpleNamespace(log_probs=captured.pop())
+        with _flags(micro_batch, calculate_sum_pi_squared=False, calculate_entropy=False,
+                    distillation_use_topk=False, distillation_only=False):
+            model_output["sum_pi_squared"] = prepare(values, output_args, micro_batch, None)["log_probs"]
+        return model_output
+
+    engine.prepare_model_outputs = prepare_model_outputs  # this call only: the instance attribute
+    try:
+        with capture_sum_pi_squared() as captured:
+            return original(engine, micro_batch, loss_function, True)
+    finally:
+        del engine.prepare_model_outputs
 
 
 class _EngineStep(NamedTuple):
@@ -63,9 +121,14 @@ def _refuse_unsupported(engine, micro_batch, get) -> None:
     if getattr(engine, "use_ulysses_sp", False):
         raise NotImplementedError("the fused verl loss does not support Ulysses sequence parallelism "
                                   "(ulysses_sequence_parallel_size > 1): enable(loss=False)")
-    for key in ("distillation_use_topk", "distillation_only", "calculate_sum_pi_squared"):
+    for key in ("distillation_use_topk", "distillation_only"):
         if get(key=key, default=False):
             raise NotImplementedError(f"the fused verl loss does not support {key}=True: enable(loss=False)")
+    if get(key="calculate_sum_pi_squared", default=False):
+        # verl's trainer asks for it in the forward-only old-log-prob pass only (answered above, in the
+        # fused forward's sweep); the training step's sweep is grpo_loss's, which does not compute it
+        raise NotImplementedError("the fused verl loss (training step) does not compute calculate_sum_pi_squared=True "
+                                  "(the forward-only log-prob pass does): enable(loss=False)")
     if micro_batch.get("multi_modal_inputs", None) is not None:
         raise NotImplementedError("the fused verl loss does not support multimodal inputs: enable(loss=False)")
 

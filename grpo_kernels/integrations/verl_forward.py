@@ -8,20 +8,38 @@ with this module's function inside such a model's forward, with verl's own kerne
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 from typing import Optional
 
 import torch
 
-from grpo_kernels.api import token_logprobs
+from grpo_kernels.api import token_logprobs, token_statistics
 from grpo_kernels.integrations.verl_config import SETTINGS
 
-__all__ = ["BACKEND_NAME", "linear_cross_entropy", "wrap_linear_cross_entropy", "wrap_patch_forward_with_backends"]
+__all__ = ["BACKEND_NAME", "linear_cross_entropy", "wrap_linear_cross_entropy", "wrap_patch_forward_with_backends",
+           "capture_sum_pi_squared"]
 
 #: the ``fused_kernel_options.impl_backend`` value ``enable()`` registers
 BACKEND_NAME = "grpo_kernels"
 _IN_OUR_FORWARD = contextvars.ContextVar("grpo_kernels_verl_forward", default=False)
+#: a list while ``capture_sum_pi_squared`` is active: the forward's ``linear_cross_entropy`` appends
+#: its per-token sum_pi_squared (hidden's leading shape) there
+_SUM_PI_SQUARED = contextvars.ContextVar("grpo_kernels_verl_sum_pi_squared", default=None)
+
+
+@contextlib.contextmanager
+def capture_sum_pi_squared():
+    """Within the block, the grpo_kernels forward's ``linear_cross_entropy`` calls compute verl's
+    ``sum_pi_squared`` in their vocabulary sweep (forward only, no gradient) and append it, shaped like
+    hidden's leading dimensions, to the yielded list."""
+    captured = []
+    token = _SUM_PI_SQUARED.set(captured)
+    try:
+        yield captured
+    finally:
+        _SUM_PI_SQUARED.reset(token)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -47,13 +65,24 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     t = labels.reshape(-1).to(torch.int64)
+    captured = _SUM_PI_SQUARED.get()
+    if captured is not None:
+        _check_forward_only(hidden, weight, dist_process_group)
+        logp, ent, spi = token_statistics(h, weight, t, temperature=float(temperature), return_entropy=True,
+                                          backend=backend or SETTINGS.backend,
+                                          chunk_size=chunk_size if chunk_size is not None else SETTINGS.chunk_size)
+        captured.append(spi.reshape(lead))
+        return _reduced(logp, ent, reduction.lower(), lead, keep_shape)
     kwargs = {}
     if dist_process_group is not None:
         kwargs = dict(process_group=dist_process_group, reduce_grad_hidden=False)
     logp, ent = token_logprobs(h, weight, t, temperature=float(temperature), return_entropy=True,
                                backend=backend or SETTINGS.backend,
                                chunk_size=chunk_size if chunk_size is not None else SETTINGS.chunk_size, **kwargs)
-    r = reduction.lower()
+    return _reduced(logp, ent, reduction.lower(), lead, keep_shape)
+
+
+def _reduced(logp, ent, r: str, lead, keep_shape: bool):
     if r == "sum":
         return logp.sum(), ent.reshape(lead) if keep_shape else ent
     if r == "mean":
@@ -61,6 +90,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if keep_shape:
         return logp.reshape(lead), ent.reshape(lead)
     return logp, ent
+
+
+def _check_forward_only(hidden, weight, dist_process_group) -> None:
+    """sum_pi_squared is verl's forward-only data: its sweep has no vocab-parallel form and no gradient."""
+    if dist_process_group is not None:
+        raise NotImplementedError("calculate_sum_pi_squared with the grpo_kernels forward has no vocab-parallel "
+                                  "form (dist_process_group)")
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        raise NotImplementedError("calculate_sum_pi_squared with the grpo_kernels forward is computed in the "
+                                  "forward-only (no_grad) log-prob pass, as verl's trainer requests it")
 
 
 def wrap_linear_cross_entropy(original):
