@@ -233,9 +233,17 @@ def divergence_kernel(
 # ----------------------------------------------------------------------------- autotuning (GPU)
 
 
+#: the largest tile of fp64 rows: at 4096 columns ptxas spilled (mixture with gradient and both
+#: softcaps, sm_90: 20 bytes on 8 warps, 60-92 on 16; tests/test_triton_compile.py), none at 2048
+FP64_MAX_BLOCK = 2048
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the vocabulary (a tiny V needs no 8K tile)."""
+    """Drop tiles far larger than the vocabulary (a tiny V needs no 8K tile), and fp64 tiles past
+    FP64_MAX_BLOCK."""
     limit = max(1024, next_pow2(int(named_args["V"])))
+    if named_args["zs_ptr"].dtype == torch.float64:
+        limit = min(limit, FP64_MAX_BLOCK)
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] <= limit]
     return kept or configs[:1]
 
@@ -331,5 +339,15 @@ def _launch(n: int, V: int, fixed: bool, args, kwargs) -> None:
         if divergence_tuned is not None and common.use_autotune(fixed):
             divergence_tuned[(n,)](*args, **kwargs)
             return
-        block, launch = common.fixed_row_config(V)
+        block, launch = fixed_config(V, args[0].dtype)
         divergence_kernel[(n,)](*args, BLOCK_V=block, **launch, **kwargs)
+
+
+def fixed_config(V: int, dtype: torch.dtype):
+    """(BLOCK_V, launch kwargs) without autotuning: the row kernels' fixed tile
+    (``common.fixed_row_config``, GRPO_KERNELS_TRITON_BLOCK_V included), at most FP64_MAX_BLOCK
+    for fp64 rows on the GPU."""
+    block, launch = common.fixed_row_config(V)
+    if not INTERPRET and dtype == torch.float64 and block > FP64_MAX_BLOCK:
+        block, launch = FP64_MAX_BLOCK, {"num_warps": common.fixed_num_warps(FP64_MAX_BLOCK)}
+    return block, launch
