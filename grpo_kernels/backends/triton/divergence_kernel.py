@@ -9,7 +9,9 @@ tile only, never on the row's address or its neighbours: rows are bitwise batch 
 
 1. both heads' online max / sum-exp (rescaled whenever a max grows), the student's entropy sum
    (as ``row_kernels``: ``entropy = log s - t / s``), and at ``beta`` 0 / 1 the KL itself from
-   ``KL(q || p) = sum e_t (u_t - u_s) / s_t + lse_s - lse_t`` (``p`` and ``q`` swapped at 1);
+   ``KL(q || p) = E_q[d_t - d_s] + log(s_s / s_t)`` with ``d = u - max`` and ``s = sum exp(d)``
+   per head (``p`` and ``q`` swapped at 1); every later pass takes ``log p = d_s - log s_s`` (and
+   ``log q`` alike), never ``u - lse``, so no logit's magnitude is rounded into a log-prob;
 2. only for ``0 < beta < 1``: ``KL(q || m)`` and ``KL(p || m)`` with ``log m`` a logaddexp of
    ``log p + log(1 - beta)`` and ``log q + log beta`` (no underflow of ``m`` itself);
 3. with ``coef``: ``coef * dD/dz_s`` into ``out`` (which may be ``zs``: each tile is read
@@ -64,9 +66,13 @@ def _online(m, u):
 
 
 @triton.jit
-def _lse(m, s):
-    """logsumexp from the running max and sum (a head of only -inf: -inf)."""
-    return tl.where(s > 0, m + tl.log(tl.where(s > 0, s, 1.0)), m)
+def _log_ratio(num, den):
+    """log(num / den) as log1p((num - den) / den), with Kahan's log1p(x) = log(u) x / (u - 1), u =
+    1 + x (no libdevice under the interpreter): the sums of two close heads are close, and log of
+    each would round at |log s| instead of at the small log of their ratio."""
+    x = (num - den) / den
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / tl.where(u == 1.0, 1.0, u - 1.0))
 
 
 @triton.jit
@@ -83,12 +89,13 @@ def _log_mix(log_p, log_q, lb1, lb):
 def _stats_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out,
                 S_CAP: tl.constexpr, T_CAP: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_V: tl.constexpr):
-    """Pass 1 of one row: (lse_s, lse_t, entropy, D, r, cs, ct); ``cs`` / ``ct`` are the heads'
-    final shifts (the max; 0 for a head of only -inf). At MODE 0 / 1, with w the weighting head
+    """Pass 1 of one row: (cs, ct, ls, lt, entropy, D, r); ``cs`` / ``ct`` are the heads' final
+    shifts (the max; 0 for a head of only -inf), ``ls`` / ``lt`` the logs of their sums
+    (``lse = c + l``; NaN for a head with NaN logits). At MODE 0 / 1, with w the weighting head
     (the teacher at 0, the student at 1) and o the other, ``a = sum e_w (d_w - d_o)`` (d = u -
-    shift) is kept on the current shifts: ``r = a / s_w = E_w[d_w - d_o]`` and ``D = r + log s_o -
-    log s_w`` take no difference of the logits' magnitudes, so D stays accurate when p is close to
-    q (an offset between the heads' logits never enters). D and r are 0 at MODE 2."""
+    shift) is kept on the current shifts: ``r = a / s_w = E_w[d_w - d_o]`` and ``D = r + log(s_o /
+    s_w)`` take no difference of the logits' magnitudes, so D stays accurate when p is close to q
+    (an offset between the heads' logits never enters). D and r are 0 at MODE 2."""
     ms = tl.full((), float("-inf"), ACC)  # running maxima, shifts, sums exp(u - shift)
     mt = tl.full((), float("-inf"), ACC)
     cs = tl.full((), 0.0, ACC)
@@ -125,29 +132,27 @@ def _stats_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out,
         ct = ct_new
     ss_safe = tl.where(ss > 0, ss, 1.0)
     st_safe = tl.where(st > 0, st, 1.0)
-    log_ss = tl.log(ss_safe)
-    log_st = tl.log(st_safe)
-    lse_s = _lse(ms, ss)
-    lse_t = _lse(mt, st)
-    entropy = tl.where(ss > 0, log_ss - ts / ss_safe, lse_s)
+    ls = tl.log(ss_safe)
+    lt = tl.log(st_safe)
+    entropy = tl.where(ss > 0, ls - ts / ss_safe, ms)  # a row of only -inf: -inf, as lse
     if MODE == 0:
         r = a / st_safe
-        div = r + (log_ss - log_st)
+        div = r + _log_ratio(ss_safe, st_safe)
     elif MODE == 1:
         r = a / ss_safe
-        div = r + (log_st - log_ss)
+        div = r + _log_ratio(st_safe, ss_safe)
     else:
         r = tl.full((), 0.0, ACC)
         div = r
-    lse_s = tl.where(nan_s > 0, float("nan"), lse_s)
-    lse_t = tl.where(nan_t > 0, float("nan"), lse_t)
+    ls = tl.where(nan_s > 0, float("nan"), ls)
+    lt = tl.where(nan_t > 0, float("nan"), lt)
     entropy = tl.where(nan_s > 0, float("nan"), entropy)
     div = tl.where(nan_s + nan_t > 0, float("nan"), div)
-    return lse_s, lse_t, entropy, div, r, cs, ct
+    return cs, ct, ls, lt, entropy, div, r
 
 
 @triton.jit
-def _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t, lb1, lb,
+def _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, cs, ct, ls, lt, lb1, lb,
                   S_CAP: tl.constexpr, T_CAP: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     """Pass 2 (0 < beta < 1): (KL(q || m), KL(p || m)) of one row."""
     kl_q = tl.full((), 0.0, ACC)
@@ -157,8 +162,8 @@ def _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t,
         inb = offs < V
         us, _ths = _head(zs_row, offs, inb, ks_in, ks_out, S_CAP, ACC)
         ut, _tht = _head(zt_row, offs, inb, kt_in, kt_out, T_CAP, ACC)
-        log_p = us - lse_s
-        log_q = ut - lse_t
+        log_p = (us - cs) - ls
+        log_q = (ut - ct) - lt
         log_m = _log_mix(log_p, log_q, lb1, lb)
         p = tl.exp(log_p)
         q = tl.exp(log_q)
@@ -168,7 +173,7 @@ def _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t,
 
 
 @triton.jit
-def _grad_pass(zs_row, zt_row, out_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t, cs, ct, lb1, lb, w1,
+def _grad_pass(zs_row, zt_row, out_row, V, ks_in, ks_out, kt_in, kt_out, cs, ct, ls, lt, lb1, lb, w1,
                shift, factor, S_CAP: tl.constexpr, T_CAP: tl.constexpr, MODE: tl.constexpr, ACC: tl.constexpr,
                BLOCK_V: tl.constexpr):
     """Pass 3: out = factor * dD/du_s * du_s/dz_s / (scale / T), tile by tile. ``shift`` is
@@ -178,16 +183,16 @@ def _grad_pass(zs_row, zt_row, out_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, 
         inb = offs < V
         us, ths = _head(zs_row, offs, inb, ks_in, ks_out, S_CAP, ACC)
         ut, _tht = _head(zt_row, offs, inb, kt_in, kt_out, T_CAP, ACC)
-        log_p = us - lse_s
+        log_p = (us - cs) - ls
         p = tl.exp(log_p)
         if MODE == 0:  # p - q
-            g = p - tl.exp(ut - lse_t)
+            g = p - tl.exp((ut - ct) - lt)
         elif MODE == 1:
             # p (log p - log q - D) = p (d_s - d_t - r): r is the p-mean of the very d_s - d_t of
             # pass 1, so no lse and no offset between the heads' logits is rounded into it
             g = p * tl.where(p > 0, ((us - cs) - (ut - ct)) - shift, 0.0)
         else:  # (1 - beta) p (log p - log m - KL(p || m))
-            g = w1 * p * tl.where(p > 0, log_p - _log_mix(log_p, ut - lse_t, lb1, lb) - shift, 0.0)
+            g = w1 * p * tl.where(p > 0, log_p - _log_mix(log_p, (ut - ct) - lt, lb1, lb) - shift, 0.0)
         if S_CAP:
             g = g * (1.0 - ths * ths)
         g = g * factor
@@ -213,10 +218,10 @@ def divergence_kernel(
     ks_in, ks_out = to_acc(ks_in, ACC), to_acc(ks_out, ACC)
     kt_in, kt_out = to_acc(kt_in, ACC), to_acc(kt_out, ACC)
     lb1, lb = to_acc(lb1, ACC), to_acc(lb, ACC)
-    lse_s, lse_t, entropy, div, shift, cs, ct = _stats_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out,
+    cs, ct, ls, lt, entropy, div, shift = _stats_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out,
                                                             S_CAP, T_CAP, MODE, ACC, BLOCK_V)
     if MODE == 2:
-        kl_q, kl_p = _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t, lb1, lb,
+        kl_q, kl_p = _mixture_pass(zs_row, zt_row, V, ks_in, ks_out, kt_in, kt_out, cs, ct, ls, lt, lb1, lb,
                                    S_CAP, T_CAP, ACC, BLOCK_V)
         b = to_acc(beta, ACC)
         div = b * kl_q + (1.0 - b) * kl_p
@@ -226,8 +231,8 @@ def divergence_kernel(
     if HAS_GRAD:
         factor = tl.load(coef_ptr + row * coef_stride).to(ACC) * to_acc(grad_scale, ACC)
         w1 = 1.0 - to_acc(beta, ACC)
-        _grad_pass(zs_row, zt_row, out_ptr + row * out_stride, V, ks_in, ks_out, kt_in, kt_out, lse_s, lse_t,
-                   cs, ct, lb1, lb, w1, shift, factor, S_CAP, T_CAP, MODE, ACC, BLOCK_V)
+        _grad_pass(zs_row, zt_row, out_ptr + row * out_stride, V, ks_in, ks_out, kt_in, kt_out, cs, ct,
+                   ls, lt, lb1, lb, w1, shift, factor, S_CAP, T_CAP, MODE, ACC, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------- autotuning (GPU)
