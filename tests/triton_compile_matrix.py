@@ -18,7 +18,8 @@ What a launch can compile, and how it is reproduced here:
   tile is the user's own choice, and spills in fp64); launch options that produce the same code,
   (BLOCK_V, num_warps, num_stages), are compiled once;
 - dtypes: the logits in bf16, fp16, fp32, fp64 (the advantage kernels see the accumulation dtype
-  only: the host converts rewards to fp32 / fp64 first);
+  only: the host converts rewards to fp32 / fp64 first); the divergence kernel also with a
+  student and a teacher of different dtypes (``"float32:bfloat16"``: student, teacher);
 - spills from ptxas's own report (``-v``, which Triton always passes: "N bytes spill stores, M
   bytes spill loads"), since ``CompiledKernel.n_spills`` is read from the driver when the binary
   is loaded on a GPU.
@@ -61,18 +62,25 @@ _REGS = re.compile(r"Used (\d+) registers")
 # ----------------------------------------------------------------------------- the variants
 
 
-def _row_configs(kind: str, v: int):
+def _row_configs(kind: str, v: int, dtype: str = "float32"):
     """The (BLOCK_V, num_warps, num_stages) a launch at vocabulary ``v`` can use: the autotuner's
-    configs after its pruning, and the fixed tile."""
+    configs after its pruning, and the fixed tile (the divergence kernel's depend on the student's
+    ``dtype``)."""
+    import torch
     import triton  # noqa: F401 - the kernels' module needs it imported
     from grpo_kernels.backends.triton import common, row_kernels as rk
+    from grpo_kernels.backends.triton import divergence_kernel as dk
 
-    tuned = {"stats": rk.row_stats_tuned, "grad": rk.row_grad_tuned, "fused": rk.row_fused_tuned}[kind]
-    kept = tuned.early_config_prune(tuned.configs, {"V": v}) if tuned.early_config_prune else tuned.configs
+    tuned = {"stats": rk.row_stats_tuned, "grad": rk.row_grad_tuned, "fused": rk.row_fused_tuned,
+             "divergence": dk.divergence_tuned}[kind]
+    named = {"V": v, "zs_ptr": torch.empty(0, dtype=getattr(torch, dtype.split(":")[0]))}
+    kept = tuned.early_config_prune(tuned.configs, named) if tuned.early_config_prune else tuned.configs
     out = {(c.kwargs["BLOCK_V"], c.num_warps, c.num_stages) for c in kept}
+    fixed = ((lambda v: dk.fixed_config(v, named["zs_ptr"].dtype)) if kind == "divergence"
+             else common.fixed_row_config)
     for forced in FORCED_TILES:
         with _forced_tile(forced):
-            block, launch = common.fixed_row_config(v)
+            block, launch = fixed(v)
         out.add((block, launch.get("num_warps", 4), launch.get("num_stages", DEFAULT_STAGES)))
     return out
 
@@ -92,11 +100,11 @@ def _forced_tile(block):
             os.environ[name] = saved
 
 
-def _configs_by_spec(kind: str):
+def _configs_by_spec(kind: str, dtype: str = "float32"):
     """{V-spec name: sorted configs}: every config reachable at some V of that specialization."""
-    multiple = {c for v in V_RANGE if v > 1 and v % 16 == 0 for c in _row_configs(kind, v)}
-    other = {c for v in V_RANGE if v > 1 and v % 16 != 0 for c in _row_configs(kind, v)}
-    return {"V301": sorted(other), "V4096": sorted(multiple), "V1": sorted(_row_configs(kind, 1))}
+    multiple = {c for v in V_RANGE if v > 1 and v % 16 == 0 for c in _row_configs(kind, v, dtype)}
+    other = {c for v in V_RANGE if v > 1 and v % 16 != 0 for c in _row_configs(kind, v, dtype)}
+    return {"V301": sorted(other), "V4096": sorted(multiple), "V1": sorted(_row_configs(kind, 1, dtype))}
 
 
 def _heaviest(configs):
@@ -131,6 +139,27 @@ FUSED_FLAGS = [
          HAS_TEMP=False, rewards=("batch", 1, 4096, 16)),  # the largest reward tile (RBLOCK = MAX_BLOCK)
 ]
 
+#: the divergence kernel's variants: MODE (0 forward KL, 1 reverse KL, 2 the mixture's extra pass)
+#: x gradient x each head's softcap; ``coef``: the gradient coefficient's stride (0: a [] coef, as
+#: distill_loss passes it; 1: per row, specialized to a constant). The first is the config sweep's
+#: (the mixture has the most passes; its gradient pass the most live values)
+DIVERGENCE_FLAGS = [
+    dict(MODE=2, HAS_GRAD=True, S_CAP=True, T_CAP=True, coef=0),
+    dict(MODE=1, HAS_GRAD=True, S_CAP=True, T_CAP=True, coef=1),
+    dict(MODE=0, HAS_GRAD=True, S_CAP=True, T_CAP=True, coef=0),
+    dict(MODE=0, HAS_GRAD=False, S_CAP=True, T_CAP=True, coef=0),
+    dict(MODE=1, HAS_GRAD=False, S_CAP=True, T_CAP=True, coef=0),
+    dict(MODE=2, HAS_GRAD=False, S_CAP=True, T_CAP=True, coef=0),
+    dict(MODE=2, HAS_GRAD=True, S_CAP=False, T_CAP=False, coef=1),
+    dict(MODE=2, HAS_GRAD=True, S_CAP=True, T_CAP=False, coef=0),
+    dict(MODE=1, HAS_GRAD=True, S_CAP=False, T_CAP=True, coef=0),
+]
+#: (student, teacher) dtypes of different kinds: compiled with the sweep's variant and the reverse
+#: KL's at the heaviest configs
+MIXED_DTYPES = ("float32:bfloat16", "bfloat16:float32", "float64:float32")
+#: every kernel the matrix compiles (``--kernels`` picks some)
+KERNELS = ("stats", "grad", "fused", "divergence", "batch_std", "group_normalize")
+
 
 def variants():
     """Every (kernel, variant name, dtype, flags, config, V-spec) to compile."""
@@ -145,8 +174,23 @@ def variants():
             for i in range(1, len(flag_sets)):  # every other flag set at the heaviest configs
                 for cfg in heavy:
                     out.append((kind, i, dtype, cfg, "V4096"))
+    out += _divergence_variants()
     for dtype in ("float32", "float64"):
         out += _advantage_variants(dtype)
+    return out
+
+
+def _divergence_variants():
+    """As the row kernels', with configs per student dtype (fp64 has a smaller largest tile)."""
+    out = []
+    for dtype in DTYPES + MIXED_DTYPES:
+        by_spec = _configs_by_spec("divergence", dtype)
+        heavy = _heaviest(by_spec["V4096"] + by_spec["V301"])
+        if dtype in MIXED_DTYPES:  # the sweep's variant and the reverse KL's, at the heaviest configs
+            out += [("divergence", i, dtype, cfg, "V4096") for i in (0, 1) for cfg in heavy]
+            continue
+        out += [("divergence", 0, dtype, cfg, spec) for spec, configs in by_spec.items() for cfg in configs]
+        out += [("divergence", i, dtype, cfg, "V4096") for i in range(1, len(DIVERGENCE_FLAGS)) for cfg in heavy]
     return out
 
 
@@ -171,6 +215,9 @@ def _launch_args(kind, flags_index, dtype, block, spec):
     import triton.language as tl
     from grpo_kernels.backends.triton import advantages_kernel as ak, row_kernels as rk
 
+    if kind == "divergence":
+        _, V, stride = next(s for s in V_SPECS if s[0] == spec)
+        return _divergence_args(flags_index, dtype, block, V, stride)
     zt = getattr(torch, dtype)
     acc = torch.float64 if zt == torch.float64 else torch.float32
     ACC = tl.float64 if acc == torch.float64 else tl.float32
@@ -205,6 +252,23 @@ def _launch_args(kind, flags_index, dtype, block, spec):
     return rk.row_fused_kernel, (z, stride, tg, *[vec() for _ in range(10)], V, *reward_args), dict(
         temperature=0.7, softcap=30.0, lo=0.8, hi=1.28, delta=2.0, eh=0.28, beta=0.04, tau_pos=1.0, tau_neg=1.05,
         CAP=cap, MAXF=float(torch.finfo(acc).max), ACC=ACC, BLOCK_V=block, **flags, **reward_kw)
+
+
+def _divergence_args(flags_index, dtype, block, V, stride):
+    """The divergence kernel's launch: ``dtype`` is the student's, or "student:teacher"."""
+    import torch
+    import triton.language as tl
+    from grpo_kernels.backends.triton import divergence_kernel as dk
+
+    student, teacher = (dtype.split(":") * 2)[:2]
+    zs, zt = torch.empty(4 * stride, dtype=getattr(torch, student)), torch.empty(4 * stride, dtype=getattr(torch, teacher))
+    acc = torch.float64 if student == "float64" else torch.float32
+    flags = dict(DIVERGENCE_FLAGS[flags_index])
+    coef_stride = flags.pop("coef")
+    vec = lambda: torch.empty(4, dtype=acc)  # noqa: E731
+    return dk.divergence_kernel, (zs, stride, zt, stride, zs, stride, vec(), coef_stride, vec(), vec(), V), dict(
+        ks_in=1.0 / 30.0, ks_out=30.0 / 0.7, kt_in=1.0 / 20.0, kt_out=20.0 / 0.7, grad_scale=1.0 / 0.7, beta=0.5,
+        lb1=-0.69, lb=-0.69, ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_V=block, **flags)
 
 
 def compile_one(job):
@@ -249,6 +313,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--list", action="store_true", help="print the variants, compile nothing")
+    parser.add_argument("--kernels", default=None,
+                        help="comma-separated kernels to compile (default: all): " + ",".join(KERNELS))
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("triton_compile_matrix: unset TRITON_INTERPRET (the kernels must be compiled, not interpreted)")
@@ -256,6 +322,9 @@ def main(argv=None) -> int:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     jobs = variants()
+    if args.kernels:
+        wanted = set(args.kernels.split(","))
+        jobs = [job for job in jobs if job[0] in wanted]
     if args.list:
         for job in jobs:
             print(json.dumps(job))

@@ -8,7 +8,9 @@ no bfloat16). Kernels live in:
   GRPO epilogue and gradient in one launch per chunk);
 - ``objective_kernel``: the per-token epilogue (``epilogue.token_epilogue``), a device
   function of the fused row kernel;
-- ``advantages_kernel``: ``advantages.normalize_groups``.
+- ``advantages_kernel``: ``advantages.normalize_groups``;
+- ``divergence_kernel``: ``divergence_rows_``, the divergence row pass of distillation and of
+  GRPO's exact KL (``grpo_kernels.divergence``): both heads' rows in one program each.
 
 Environment: ``GRPO_KERNELS_TRITON_AUTOTUNE=0`` (no autotuning on the GPU: a fixed tile),
 ``GRPO_KERNELS_TRITON_BLOCK_V=<power of 2>`` (that fixed tile). Autotuning is also off
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from grpo_kernels.backends.base import RowBackend
-from grpo_kernels.backends.triton import advantages_kernel, row_kernels
+from grpo_kernels.backends.triton import advantages_kernel, divergence_kernel, row_kernels
 from grpo_kernels.backends.triton.common import INTERPRET
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -53,7 +55,7 @@ class TritonRowBackend(RowBackend):
             return None
         return f"device type {device.type!r} is not supported (cuda; cpu with TRITON_INTERPRET=1)"
 
-    # -- the contract (base.py): the row primitives and the advantage kernel --
+    # -- the contract (base.py): the row primitives, the advantage and the divergence kernels --
 
     def row_stats(self, logits, targets, options, execution, need_entropy=True):
         return row_kernels.row_stats(logits, targets, options, execution, need_entropy)
@@ -66,6 +68,9 @@ class TritonRowBackend(RowBackend):
 
     def group_normalize(self, rewards, num_generations, scale_rewards, eps):
         return advantages_kernel.group_normalize(rewards, num_generations, scale_rewards, eps)
+
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
+        return divergence_kernel.divergence_rows_(zs, zt, spec, coef, execution, out)
 
 
 BACKEND = TritonRowBackend()
