@@ -198,3 +198,29 @@ def check_against_oracle(backend, batch, dtype, device=None, **opts):
         assert g.dtype == dtype, name
         err = rel_err(g, rg)
         assert err < tol_grad, f"grad_{name}: relative error {err:.3e}"
+
+
+# ----------------------------------------------------------------------------- TRL in float64
+
+
+def trl_divergence_in_float64(monkeypatch) -> None:
+    """TRL 1.16's chunked divergence (``trl.kernels.chunked_divergence``, which ``DistillationTrainer``'s
+    ``_chunked_divergence_loss`` calls) with its float32 buffers, projections and accumulators in
+    float64, for float64 parity to 1e-10. Its backward still rounds dLoss/dD to float32
+    (``.float()``): take powers of 2 for the normalizer (n_valid or num_items_in_batch)."""
+    import trl.kernels.chunked_divergence as cd
+
+    class Float64Torch:
+        float32 = torch.float64
+
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    def project(tile, hidden_chunk, weight, bias, start, end, dtype):
+        torch.mm(hidden_chunk.double(), weight[start:end].double().t(), out=tile)
+        if bias is not None:
+            tile.add_(bias[start:end].double())
+
+    monkeypatch.setattr(cd, "torch", Float64Torch())
+    monkeypatch.setattr(cd, "_project", project)
+    monkeypatch.setattr(cd, "_addmm_fp32", lambda acc, a, b: acc.addmm_(a.double(), b.double()))

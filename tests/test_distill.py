@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from support import TOLERANCES, rel_err, stable_seed
+from support import TOLERANCES, rel_err, stable_seed, trl_divergence_in_float64
 from grpo_kernels import DistillMetrics, distill_loss
 from grpo_kernels.reference import reference_distill_loss
 
@@ -144,24 +144,8 @@ def trl_loss():
 
 @pytest.fixture
 def trl_float64(monkeypatch, trl_loss):
-    """TRL's chunked divergence, its float32 buffers, projections and accumulators in float64. Its
-    backward rounds dLoss/dD = 1/n to float32 (``.float()``): the tests take powers of 2 for n."""
-    import trl.kernels.chunked_divergence as cd
-
-    class Float64Torch:
-        float32 = torch.float64
-
-        def __getattr__(self, name):
-            return getattr(torch, name)
-
-    def project(tile, hidden_chunk, weight, bias, start, end, dtype):
-        torch.mm(hidden_chunk.double(), weight[start:end].double().t(), out=tile)
-        if bias is not None:
-            tile.add_(bias[start:end].double())
-
-    monkeypatch.setattr(cd, "torch", Float64Torch())
-    monkeypatch.setattr(cd, "_project", project)
-    monkeypatch.setattr(cd, "_addmm_fp32", lambda acc, a, b: acc.addmm_(a.double(), b.double()))
+    """TRL's chunked divergence in float64 (``support.trl_divergence_in_float64``): powers of 2 for n."""
+    trl_divergence_in_float64(monkeypatch)
     return trl_loss
 
 

@@ -1,4 +1,6 @@
-"""``FusedGRPOTrainer``: TRL's ``GRPOTrainer`` with the training loss computed by ``grpo_kernels``.
+"""``FusedGRPOTrainer``: TRL's ``GRPOTrainer`` with the training loss computed by ``grpo_kernels``
+(and ``FusedDistillationTrainer``, TRL's ``DistillationTrainer`` on ``distill_loss``: its own module,
+``grpo_kernels.integrations.trl_distill``, exported from here).
 
 One-line switch::
 
@@ -62,14 +64,13 @@ from grpo_kernels.api import grpo_loss, token_logprobs
 from grpo_kernels.integrations import transformers as gkt
 from grpo_kernels.integrations.common import enable_fused_forward, is_fused_forward_enabled, run_in_forward
 from grpo_kernels.integrations.moe import router_aux_loss, router_aux_loss_unsupported
+from grpo_kernels.integrations.trl_common import batch_unsupported_features, import_trl
+from grpo_kernels.integrations.trl_distill import FusedDistillationMixin, build_distillation_trainer_class
 from grpo_kernels.integrations.trl_metrics import TRLMetricsMixin
 
-__all__ = ["FusedGRPOTrainer", "FusedGRPOMixin", "config_unsupported_features", "batch_unsupported_features"]
+__all__ = ["FusedGRPOTrainer", "FusedGRPOMixin", "FusedDistillationTrainer", "FusedDistillationMixin",
+           "config_unsupported_features", "batch_unsupported_features"]
 
-_MULTIMODAL_KEYS = (
-    "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
-)
 _POLICIES = ("raise", "fallback")
 
 
@@ -82,12 +83,6 @@ def config_unsupported_features(trainer) -> list:
         if why is not None:
             found.append(f"the MoE router auxiliary loss of this model ({why})")
     return found
-
-
-def batch_unsupported_features(inputs) -> list:
-    """The keys of a training batch that ``FusedGRPOTrainer`` cannot handle (multimodal inputs)."""
-    present = [k for k in _MULTIMODAL_KEYS if inputs.get(k) is not None]
-    return [f"multimodal inputs ({', '.join(present)})"] if present else []
 
 
 @dataclass(frozen=True)
@@ -389,26 +384,16 @@ class FusedGRPOMixin(TRLMetricsMixin):
         return entropies, keep
 
 
-def _import_trl():
-    try:
-        import trl
-    except ImportError as exc:  # pragma: no cover - exercised only without TRL
-        raise ImportError(
-            "grpo_kernels.integrations.trl needs TRL >= 1.16: pip install 'trl>=1.16' (or grpo_kernels[trl])"
-        ) from exc
-    return trl
-
-
 def _build_trainer_class():
     """``FusedGRPOTrainer``: the mixin over ``trl.GRPOTrainer`` (TRL is imported here, on first use)."""
-    trl = _import_trl()
+    trl = import_trl()
     return type("FusedGRPOTrainer", (FusedGRPOMixin, trl.GRPOTrainer),
                 {"__module__": __name__, "__qualname__": "FusedGRPOTrainer", "__doc__": FusedGRPOMixin.__doc__})
 
 
 def __getattr__(name):
-    if name == "FusedGRPOTrainer":
-        cls = _build_trainer_class()
+    if name in ("FusedGRPOTrainer", "FusedDistillationTrainer"):  # TRL is imported here, on first use
+        cls = _build_trainer_class() if name == "FusedGRPOTrainer" else build_distillation_trainer_class()
         globals()[name] = cls
         return cls
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
