@@ -26,14 +26,17 @@ pytest.importorskip("datasets")
 pytest.importorskip("tokenizers")
 
 from support import trl_divergence_in_float64  # noqa: E402
-from test_integrations_trl import CHARS, assert_grads_close, dataset, grads, tokenizer  # noqa: E402,F401
+import test_integrations_trl as trl_tests  # noqa: E402 - its tokenizer and dataset fixtures, its gradient helpers
 from grpo_kernels.integrations import trl_distill  # noqa: E402
 from grpo_kernels.integrations.trl import FusedDistillationTrainer  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gradient_checkpointing.*:FutureWarning")
 
+tokenizer, dataset = trl_tests.tokenizer, trl_tests.dataset  # the offline character tokenizer, the prompts
+grads, assert_grads_close = trl_tests.grads, trl_tests.assert_grads_close
+
 B, P, K = 4, 5, 6
-V = len(CHARS) + 3
+V = len(trl_tests.CHARS) + 3
 
 
 def tiny_llama(hidden, layers, seed, dtype, head_bias=False, **config):
