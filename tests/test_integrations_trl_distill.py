@@ -193,26 +193,31 @@ def _train(cls, tokenizer, dataset, tmp_path, dtype, **config):
     return trainer
 
 
-#: (config, tolerance of the logged values, of the final weights). float64: in training the normalizer
-#: (the generation batch's token count) is no power of 2, and TRL's backward rounds dLoss/dD = 1/n to
-#: float32 even in the float64 shim, so its gradients are off by up to 6e-8 relative (grad_norm shows
-#: it); plain SGD passes that on unamplified (Adam's m / sqrt(v) would blow it up on near-zero
-#: gradient entries): weights within 1e-8 of updates ~1e-2; float32 keeps the default AdamW
+#: (dtype, config, tolerance of the logged values, of the final weights). float64: in training the
+#: normalizer (the generation batch's token count) is no power of 2, and TRL's backward rounds
+#: dLoss/dD = 1/n to float32 even in the float64 shim, so its gradients are off by up to 6e-8 relative
+#: (grad_norm shows it); plain SGD passes that on unamplified (Adam's m / sqrt(v) would blow it up on
+#: near-zero gradient entries): weights within 1e-8 of updates ~1e-2. float32 keeps the default AdamW.
+#: bf16=True: TRL's compute_loss runs the loss through _forward_redirection, which calls the model's
+#: own forward in place of accelerate's autocast wrapper of it, so both trainers' heads stay float32.
 TRAIN = {
-    torch.float64: (dict(beta=0.5, temperature=0.8, gradient_accumulation_steps=2, max_steps=3, optim="sgd",
-                         learning_rate=0.05), 1e-7, 1e-8),
-    torch.float32: (dict(beta=1.0, max_steps=3, gradient_checkpointing=True, learning_rate=1e-3), 1e-4, 1e-5),
+    "float64": (torch.float64, dict(beta=0.5, temperature=0.8, gradient_accumulation_steps=2, max_steps=3,
+                                    optim="sgd", learning_rate=0.05), 1e-7, 1e-8),
+    "float32": (torch.float32, dict(beta=1.0, max_steps=3, gradient_checkpointing=True, learning_rate=1e-3),
+                1e-4, 1e-5),
+    "bf16_flag": (torch.float32, dict(beta=0.0, temperature=1.2, max_steps=2, bf16=True, learning_rate=1e-3),
+                  1e-4, 1e-5),
 }
 
 
-@pytest.mark.parametrize("dtype", list(TRAIN), ids=str)
-def test_train_end_to_end_matches_stock_trainer(tokenizer, dataset, tmp_path, monkeypatch, dtype):
+@pytest.mark.parametrize("case", list(TRAIN))
+def test_train_end_to_end_matches_stock_trainer(tokenizer, dataset, tmp_path, monkeypatch, case):
     """A few real steps (generation by the student, the teacher's pass, optimizer): same logs and
     weights as trl.DistillationTrainer (float64: its divergence run in float64), and TRL's chunked
     divergence never runs in ours."""
     import trl.trainer.distillation_trainer as trl_dt
 
-    config, tol, tol_params = TRAIN[dtype]
+    dtype, config, tol, tol_params = TRAIN[case]
     if dtype == torch.float64:
         trl_divergence_in_float64(monkeypatch)
     calls = {"n": 0}

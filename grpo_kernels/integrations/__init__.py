@@ -13,7 +13,9 @@ where they call it.
   forward switch, ``zero3_gathered``, ``no_autocast``); ``grpo_kernels.integrations.moe``: the MoE
   router aux loss. Both are re-exported by ``transformers``.
 - ``grpo_kernels.integrations.trl``: ``FusedGRPOTrainer``, a drop-in ``trl.GRPOTrainer``
-  (``FusedGRPOMixin``; its logging in ``trl_metrics``).
+  (``FusedGRPOMixin``; its logging in ``trl_metrics``), and ``FusedDistillationTrainer``, a drop-in
+  ``trl.DistillationTrainer`` (``FusedDistillationMixin``, in ``trl_distill``); what both share
+  (TRL's lazy import, the multimodal check) in ``trl_common``.
 - ``grpo_kernels.integrations.verl``: the verl switch (``enable``); its parts in ``verl_config``,
   ``verl_forward``, ``verl_loss`` and ``verl_engine``.
 """
