@@ -26,8 +26,8 @@
 #              ~90 s (measured on the CPU: ~180 ms per case on 2 loaded cores, most of it
 #              Python and the float64 reference); test_large_index's 12 GPU tests (> 4 GB bf16
 #              chunks) + test_triton_backend's 3 GPU tests ~60 s; test_batch_invariance.py on cuda
-#              (7 cases x 3 backends, V=301, batches up to 1024 rows) ~20 s => ~290 s (90 s per test
-#              at most)
+#              (7 cases x 3 backends, V=301, batches up to 1024 rows) ~20 s; test_distill_gpu.py
+#              (39 cases, 3 backends, ~12 Triton compilations) ~30 s => ~320 s (90 s per test at most)
 #   bench      (no separate build: report.py builds in the background while Triton and the peers
 #              run) headline N=8192 H=4096 V=151936 bf16 loss: 7 cases, first calls (Triton
 #              autotune, Liger's torch.compile ~60 s) ~150 s; token_logprobs on the 12 GPU
@@ -145,6 +145,8 @@ case "${mode}" in
     # batch invariance on the device (torch/triton/cpp): the fixed address-independent column split
     # of the CUDA row sweep, which only the device emulation checked on the CPU
     part batch_invariance 60 pytest_gpu tests/test_batch_invariance.py
+    # the divergence row passes (Triton, CUDA, torch) on the device, Qwen's vocabulary included
+    part distill_gpu 60 pytest_gpu tests/test_distill_gpu.py
     # the contract's cuda cases (marked gpu; the *-cpu ones are what CI runs)
     part contract 200 pytest_gpu "${xdist[@]}" -m gpu tests/test_row_pass_contract.py
     # > 2^31 element offsets (12, marked gpu) and the Triton GPU-only tests (3, not marked): 15 by name
