@@ -43,8 +43,9 @@ class GRPOMetrics:
     seq_clip_ratio_high: Optional[torch.Tensor] = None
 
 
-def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None) -> GRPOMetrics:
-    """Metrics from detached [B, T] logps/entropy; ``adv`` is [B, 1] or [B, T] as TRL holds it."""
+def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None, kl=None) -> GRPOMetrics:
+    """Metrics from detached [B, T] logps/entropy; ``adv`` is [B, 1] or [B, T] as TRL holds it;
+    ``kl`` [B, T]: the exact per-token KL (``kl_estimator="full"``), in place of the estimate from ``ref``."""
     logp, entropy = logp.detach(), entropy.detach()
     m = mask.to(logp.dtype)
     count = m.sum().clamp(min=1.0)
@@ -62,7 +63,7 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
     A_w = adv.to(logp.dtype)
     kl_mean = low = high = region = cispo = seq_low = seq_high = None
     if options.beta != 0.0:
-        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator)
+        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator) if kl is None else kl.to(logp.dtype)
         if options.use_bias_correction_kl:
             kl = kl * w
         kl_mean = masked_mean(kl)

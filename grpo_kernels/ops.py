@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from grpo_kernels import autodiff, loss as loss_impl
-from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
+from grpo_kernels.calls import REF_HEAD_FIELDS, LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.epilogue import accumulation_dtype
 
 _EMPTY = (0,)
@@ -141,8 +141,9 @@ def _loss_impl(call: LossCall):
     out = loss_impl.grpo_loss_forward(call)
     hidden = call.hidden
     adv = hidden.new_empty(_EMPTY, dtype=out.logp.dtype) if out.advantages is None else out.advantages
+    kl = hidden.new_empty(_EMPTY, dtype=out.logp.dtype) if out.kl is None else out.kl
     return (out.loss, out.logp, out.entropy, _grad_or_empty(out.grad_hidden, hidden),
-            _grad_or_empty(out.grad_weight, hidden), _grad_or_empty(out.grad_bias, hidden), adv)
+            _grad_or_empty(out.grad_weight, hidden), _grad_or_empty(out.grad_bias, hidden), adv, kl)
 
 
 def _loss_fake(call: LossCall):
@@ -153,28 +154,33 @@ def _loss_fake(call: LossCall):
         adv = hidden.new_empty(_EMPTY, dtype=acc)
     else:  # the advantages computed from the rewards, in their accumulation dtype
         adv = rewards.new_empty((rewards.shape[0],), dtype=accumulation_dtype(rewards.dtype))
+    kl = hidden.new_empty((n,) if call.options.exact_kl else _EMPTY, dtype=acc)  # the exact KL per token
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
-            *_fake_grads(hidden, call.weight, call.bias, call.needs), adv)
+            *_fake_grads(hidden, call.weight, call.bias, call.needs), adv, kl)
 
 
-_loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+_loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
                    _loss_impl, _loss_fake)
 
 
 def _loss_setup(ctx, inputs, output):
-    _, logp, ent, gh, gw, gb, adv = output
+    _, logp, ent, gh, gw, gb, adv, kl = output
     # the gradients are results, not functions of the inputs: without this autograd would
     # allocate a zero [V, H] "gradient" for the unused gw output before every backward
-    ctx.mark_non_differentiable(logp, ent, gh, gw, gb, adv)
+    ctx.mark_non_differentiable(logp, ent, gh, gw, gb, adv, kl)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(gh, gw, gb)
     ctx.has_bias = inputs[LossCall.NAMES.index("bias")] is not None
 
 
+#: the loss op's gradients beyond (hidden, weight, bias): none, one per argument (the reference's
+#: head, a list argument, gets a list of Nones: autograd wants the inputs' structure back)
+_NO_GRADS = tuple([None] * len(REF_HEAD_FIELDS) if name == "ref_head" else None for name in LossCall.NAMES[3:])
+
+
 def _loss_backward(ctx, grad_loss, *_unused):
-    n_inputs = len(LossCall.PARAMS)
     if grad_loss is None:
-        return (None,) * n_inputs
+        return (None,) * 3 + _NO_GRADS
     _no_double_backward("grpo_loss")  # its gradients come from the forward: nothing to differentiate
     gh, gw, gb = ctx.saved_tensors
     # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
@@ -189,14 +195,15 @@ def _loss_backward(ctx, grad_loss, *_unused):
         return g if hand_out else g * grad_loss.to(g.dtype)
 
     grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
-    return grads + (None,) * (n_inputs - 3)
+    return grads + _NO_GRADS
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
 def loss_op(call: LossCall) -> Tuple[Tensor, ...]:
-    """(loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages) of a
+    """(loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages, kl) of a
     ``LossCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor, and so do
-    the advantages [B] unless ``call.inputs.rewards`` gave them."""
+    the advantages [B] unless ``call.inputs.rewards`` gave them and the exact KL [B*T] unless
+    ``call.options.exact_kl``."""
     return _loss_op(*call.to_op_args())
