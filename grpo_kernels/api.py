@@ -319,6 +319,7 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         loss, m = out
         return loss, GRPOMetrics(
             logps=m["logps"] * mask, entropy=m["entropy"] * mask, kl_mean=m["kl_mean"],
+            kl=None if m.get("kl") is None else m["kl"] * mask,
             clip_ratio_low=m.get("clip_ratio_low"), clip_ratio_high=m.get("clip_ratio_high"),
             clip_ratio_region=m.get("clip_ratio_region"), cispo_clip_ratio=m.get("cispo_clip_ratio"),
             entropy_mean=m["entropy_mean"], advantages=computed,

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from grpo_kernels import autodiff, loss as loss_impl
-from grpo_kernels.calls import REF_HEAD_FIELDS, LogprobsCall, LogprobsGradCall, LossCall
+from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
 from grpo_kernels.epilogue import accumulation_dtype
 
 _EMPTY = (0,)
@@ -171,16 +171,23 @@ def _loss_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(gh, gw, gb)
     ctx.has_bias = inputs[LossCall.NAMES.index("bias")] is not None
+    ctx.no_grads = _no_grads(inputs[_REF_HEAD])
 
 
-#: the loss op's gradients beyond (hidden, weight, bias): none, one per argument (the reference's
-#: head, a list argument, gets a list of Nones: autograd wants the inputs' structure back)
-_NO_GRADS = tuple([None] * len(REF_HEAD_FIELDS) if name == "ref_head" else None for name in LossCall.NAMES[3:])
+_REF_HEAD = LossCall.NAMES.index("ref_head")
+
+
+def _no_grads(ref_head) -> tuple:
+    """The loss op's gradients beyond (hidden, weight, bias): none, one per argument. Autograd wants the
+    inputs' structure back, and it flattens a list argument of tensors only (the reference's head
+    with its three tensors: a list of Nones) but keeps a list holding a None whole (one None)."""
+    ref_grad = [None] * len(ref_head) if all(isinstance(t, Tensor) for t in ref_head) else None
+    return tuple(ref_grad if i == _REF_HEAD else None for i in range(3, len(LossCall.NAMES)))
 
 
 def _loss_backward(ctx, grad_loss, *_unused):
     if grad_loss is None:
-        return (None,) * 3 + _NO_GRADS
+        return (None,) * 3 + ctx.no_grads
     _no_double_backward("grpo_loss")  # its gradients come from the forward: nothing to differentiate
     gh, gw, gb = ctx.saved_tensors
     # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
@@ -195,7 +202,7 @@ def _loss_backward(ctx, grad_loss, *_unused):
         return g if hand_out else g * grad_loss.to(g.dtype)
 
     grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
-    return grads + _NO_GRADS
+    return grads + ctx.no_grads
 
 
 _loss_op.register_autograd(_loss_backward, setup_context=_loss_setup)

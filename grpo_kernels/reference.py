@@ -106,7 +106,8 @@ def reference_grpo_loss(
             return loss
         m = mask.sum().clamp(min=1.0)
         return loss, {"logps": per_token_logps.detach(), "entropy": entropies.detach(),
-                      "entropy_mean": (entropies.detach() * mask).sum() / m, "kl_mean": kl_mean}
+                      "entropy_mean": (entropies.detach() * mask).sum() / m, "kl_mean": kl_mean,
+                      "kl": exact.detach() if exact_kl else None}
 
     if o.top_entropy_quantile < 1.0:
         entropy_mask = _high_entropy_mask(entropies.detach(), mask, 1 - o.top_entropy_quantile)
@@ -206,6 +207,7 @@ def reference_grpo_loss(
         "entropy": entropies.detach(),
         "entropy_mean": global_masked_mean(entropies.detach()),
         "kl_mean": global_masked_mean(per_token_kl.detach()) if o.beta != 0.0 else None,
+        "kl": per_token_kl.detach() if exact_kl else None,  # the exact KL per token
     }
     if o.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
         is_low = (coef_1 < 1 - eps_low) & (advantages < 0)

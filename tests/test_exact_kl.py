@@ -193,6 +193,13 @@ def test_a_teacher_of_another_width_and_dtype(ref_dtype):
             **options("dapo", "token"))
 
 
+def test_a_reference_without_bias():
+    """ref_bias=None (the head's list argument then holds a None: autograd keeps it whole)."""
+    batch = make_batch(B=B, T=T, H=H, V=V, seed=37)
+    ref = dict(make_ref(seed=37), ref_bias=None)
+    compare("torch", batch, ref, torch.float64, return_metrics=True, **options("luspo", "sequence", chunk_size=2))
+
+
 def test_no_gradient_reaches_the_reference():
     batch = make_batch(B=B, T=T, H=H, V=V, seed=11)
     ref = {k: v.clone().requires_grad_(True) for k, v in make_ref(seed=11).items()}
@@ -290,11 +297,14 @@ def test_module_takes_the_reference_per_call():
     assert torch.equal(got, grpo_loss(**_args(batch), beta=0.1, kl_estimator="full", backend="torch", **ref))
 
 
+@pytest.mark.parametrize("ref_bias", [True, False])
 @pytest.mark.parametrize("return_metrics", [False, True])
-def test_compiles_without_graph_break(return_metrics):
+def test_compiles_without_graph_break(return_metrics, ref_bias):
     torch._dynamo.reset()
     batch = make_batch(B=B, T=T, H=H, V=V, seed=31)
     ref = make_ref(seed=31)
+    if not ref_bias:
+        ref["ref_bias"] = None
     kw = dict(beta=0.2, kl_estimator="full", backend="torch", loss_type="grpo", return_metrics=return_metrics)
 
     def step(hidden, weight, bias, targets, advantages, mask, old, rh, rw, rb):
