@@ -626,10 +626,11 @@ def test_fused_ppo_loss_exact_kl_reads_the_reference_from_data_and_refuses_witho
     in_output, _ = gkv.fused_ppo_loss(config, dict(base, **ref), data, backend="torch")
     packed = dict(data.items())  # the reference's hidden states among the data, jagged like input_ids
     data["ref_hidden_states"] = torch.nested.nested_tensor_from_jagged(ref["ref_hidden_states"], offsets)
-    head = {k: ref[k] for k in ("ref_lm_head_weight", "ref_lm_head_bias")}
-    in_data, _ = gkv.fused_ppo_loss(config, dict(base, **head), data, backend="torch")
+    tu.assign_non_tensor(data, ref_lm_head_weight=ref["ref_lm_head_weight"], ref_lm_head_bias=ref["ref_lm_head_bias"])
+    in_data, _ = gkv.fused_ppo_loss(config, dict(base), data, backend="torch")  # what the FSDP engine step sees
     assert torch.equal(in_output, in_data) and packed
-    del data["ref_hidden_states"]
+    for key in ("ref_hidden_states", "ref_lm_head_weight", "ref_lm_head_bias"):
+        del data[key]
     with pytest.raises(NotImplementedError, match="kl_loss_type='full'.*'ref_hidden_states'.*'ref_lm_head_weight'"):
         gkv.fused_ppo_loss(config, dict(base, ref_lm_head_weight=ref["ref_lm_head_weight"]), data, backend="torch")
 

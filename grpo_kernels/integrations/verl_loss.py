@@ -17,9 +17,10 @@ from grpo_kernels.integrations.verl_config import SETTINGS, config_get, config_t
 
 __all__ = ["REF_HEAD_KEYS", "fused_ppo_loss", "response_index"]
 
-#: where ``kl_loss_type="full"`` (the exact KL) finds the reference: its final-normed hidden states in
-#: the packed layout of ``data["input_ids"]`` ([nnz, H_r], or jagged nested; in ``model_output`` or in
-#: ``data``), its lm_head [V, H_r] and optional bias [V] (``model_output``)
+#: where ``kl_loss_type="full"`` (the exact KL) finds the reference, in ``model_output`` or else in
+#: ``data`` (what verl's FSDP engine step passes through): its final-normed hidden states in the packed
+#: layout of ``data["input_ids"]`` ([nnz, H_r], or jagged nested like it), its lm_head [V, H_r] and
+#: optional bias [V] (in ``data`` as non-tensor entries: ``tensordict_utils.assign_non_tensor``)
 REF_HEAD_KEYS = ("ref_hidden_states", "ref_lm_head_weight", "ref_lm_head_bias")
 
 
@@ -72,11 +73,17 @@ def _reference_head(model_output: dict, data, safe: torch.Tensor) -> dict:
     """``grpo_loss``'s ``ref_hidden`` [B, T, H_r] (the packed rows ``safe`` [B, T]), ``ref_weight`` and
     ``ref_bias`` for ``kl_loss_type="full"``, from ``REF_HEAD_KEYS``; NotImplementedError naming what
     is missing (verl itself has no exact KL)."""
+    from verl.utils import tensordict_utils as tu
+
+    def lookup(key):
+        if model_output.get(key) is not None:
+            return model_output[key]
+        if key in data.keys() and isinstance(data[key], torch.Tensor) and data[key].is_nested:
+            return data[key]
+        return tu.get_non_tensor_data(data=data, key=key, default=None)
+
     hidden_key, weight_key, bias_key = REF_HEAD_KEYS
-    ref_hidden = model_output.get(hidden_key)
-    if ref_hidden is None and hidden_key in data.keys():
-        ref_hidden = data[hidden_key]
-    weight = model_output.get(weight_key)
+    ref_hidden, weight = lookup(hidden_key), lookup(weight_key)
     if ref_hidden is None or weight is None:
         raise NotImplementedError(
             "verl kl_loss_type='full' (the exact KL over the vocabulary; verl itself raises NotImplementedError) "
@@ -85,7 +92,7 @@ def _reference_head(model_output: dict, data, safe: torch.Tensor) -> dict:
             "or use another kl_loss_type with data['ref_log_prob']")
     if ref_hidden.is_nested:
         ref_hidden = ref_hidden.values()
-    return dict(ref_hidden=ref_hidden[safe], ref_weight=weight, ref_bias=model_output.get(bias_key))
+    return dict(ref_hidden=ref_hidden[safe], ref_weight=weight, ref_bias=lookup(bias_key))
 
 
 def fused_ppo_loss(config, model_output: dict, data, dp_group=None, *, backend: Optional[str] = None,
