@@ -235,6 +235,9 @@ def grpo_loss(
     process_group=None,
     vocab_start: Optional[int] = None,
     reduce_grad_hidden: bool = True,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
     **options,
 ):
     """The GRPO loss (TRL 1.16 ``GRPOTrainer._compute_loss`` semantics) from hidden states.
@@ -255,6 +258,13 @@ def grpo_loss(
     weights=reward_weights, eps=reward_eps)``, computed by the fused row kernels' epilogue in the
     same launch where they run, and returned as ``metrics.advantages``.
 
+    The exact KL (``kl_estimator="full"``): the per-token KL(pi_theta || pi_ref) over the whole
+    vocabulary replaces k3, from the reference's hidden states ``ref_hidden`` [B, T, H_r] and head
+    ``ref_weight`` [V, H_r] (``ref_bias`` [V]; any hidden width, its own float dtype; the policy's
+    temperature and softcap), in the same sweep; ``ref_logps`` is then not read, no gradient reaches
+    the reference, and ``metrics.kl_mean`` is the exact mean. With ``beta=0`` the reference is not
+    needed (given, it is not read). Not vocab-parallel yet.
+
     Vocab parallel: ``process_group`` / ``vocab_start`` / ``reduce_grad_hidden`` as in
     ``token_logprobs``; the loss and metrics are the global ones on every rank,
     ``weight.grad`` is this rank's slice and ``hidden.grad`` the full gradient (partial with
@@ -266,14 +276,40 @@ def grpo_loss(
                       importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
                       num_items_in_batch=num_items_in_batch, num_sequences_in_batch=num_sequences_in_batch,
                       return_metrics=return_metrics, process_group=process_group, vocab_start=vocab_start,
-                      reduce_grad_hidden=reduce_grad_hidden)
+                      reduce_grad_hidden=reduce_grad_hidden, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                      ref_bias=ref_bias)
+
+
+def _reference_head(opts: GRPOOptions, vp: VocabParallel, hidden, weight, ref_hidden, ref_weight, ref_bias):
+    """(ref_hidden, ref_weight, ref_bias) of the exact KL, checked and detached (autocast as the
+    policy's head); all None when the call's KL is not the exact one (beta 0: not read)."""
+    given = [n for n, x in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias))
+             if x is not None]
+    if opts.kl_estimator != "full":
+        if given:
+            raise ValueError(f"{given[0]} is read only with kl_estimator='full' (the exact KL to the reference), "
+                             f"got kl_estimator={opts.kl_estimator!r}")
+        return None, None, None
+    if not opts.exact_kl:  # beta 0: no KL term, no reference
+        return None, None, None
+    missing = [n for n, x in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight)) if x is None]
+    if missing:
+        raise ValueError(f"{missing[0]} is required with kl_estimator='full' and beta != 0 (the reference's hidden "
+                         "states [B, T, H_r] and head [V, H_r]; ref_logps is not read)")
+    if vp.enabled:
+        raise NotImplementedError("kl_estimator='full' has no vocab-parallel form yet; use kl_estimator='k3' "
+                                  "with ref_logps under a process_group")
+    check.second_head(hidden, weight, ref_hidden, ref_weight, ref_bias, prefix="ref",
+                      roles="the policy and the reference")
+    ref_hidden, ref_weight, ref_bias, _ = _autocast_head(ref_hidden, ref_weight, ref_bias)
+    return tuple(None if x is None else x.detach() for x in (ref_hidden, ref_weight, ref_bias))
 
 
 def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, opts: GRPOOptions,
                execution: ExecutionOptions, *, rewards=None, reward_weights=None, bias=None,
                importance_sampling_ratio=None, sampling_logps=None, num_items_in_batch=None,
                num_sequences_in_batch=None, return_metrics=False, process_group=None, vocab_start=None,
-               reduce_grad_hidden=True):
+               reduce_grad_hidden=True, ref_hidden=None, ref_weight=None, ref_bias=None):
     """``grpo_loss`` with its options already validated (``GRPOLoss`` holds them): the argument
     checks, then the op."""
     if not isinstance(return_metrics, bool):
@@ -293,9 +329,14 @@ def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, 
                          + ("both" if rewards is not None else "neither"))
     if rewards is None and reward_weights is not None:
         raise ValueError("reward_weights is given without rewards (it weights the reward functions' columns)")
+    ref_head = _reference_head(opts, vp, hidden, weight, ref_hidden, ref_weight, ref_bias)
+    # the exact KL reads the reference's head, not ref_logps: given anyway, they are checked, then not read
+    needs_ref_logps = opts.beta if opts.kl_estimator != "full" else 0.0
     batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,
-                             opts.beta, vocab=None if vp.enabled else weight.shape[0])
+                             needs_ref_logps, vocab=None if vp.enabled else weight.shape[0])
     keep, targets, advantages, old_logps, ref_logps, importance_sampling_ratio = batch
+    if opts.kl_estimator == "full":
+        ref_logps = None
     if rewards is not None:
         rewards, reward_weights = check.rewards(rewards, reward_weights, hidden, opts.num_generations)
     sampling_logps = check.sampling_logps(sampling_logps, keep, opts.off_policy_mask_threshold)
@@ -305,11 +346,12 @@ def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, 
                                   rewards=rewards, reward_weights=reward_weights)
 
     with no_autocast:
-        return _grpo_loss_checked(hidden, weight, bias, targets, inputs, opts, execution, vp, return_metrics)
+        return _grpo_loss_checked(hidden, weight, bias, targets, inputs, opts, execution, vp, return_metrics,
+                                  ref_head)
 
 
 def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInputs, opts, execution, vp,
-                       return_metrics):
+                       return_metrics, ref_head=(None, None, None)):
     B, T, _ = hidden.shape
     mask = inputs.mask
     if execution.backend == "reference":
@@ -323,13 +365,14 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
             hidden, weight, targets, inputs.adv, mask, inputs.old, inputs.ref, bias=bias,
             importance_sampling_ratio=inputs.is_ratio, sampling_logps=inputs.sampling,
             num_items_in_batch=inputs.num_items, num_sequences_in_batch=inputs.num_sequences, options=opts,
-            return_metrics=return_metrics,
+            return_metrics=return_metrics, ref_hidden=ref_head[0], ref_weight=ref_head[1], ref_bias=ref_head[2],
         )
         if not return_metrics:
             return out
         loss, m = out
         return loss, GRPOMetrics(
             logps=m["logps"] * mask, entropy=m["entropy"] * mask, kl_mean=m["kl_mean"],
+            kl=None if m.get("kl") is None else m["kl"] * mask,
             clip_ratio_low=m.get("clip_ratio_low"), clip_ratio_high=m.get("clip_ratio_high"),
             clip_ratio_region=m.get("clip_ratio_region"), cispo_clip_ratio=m.get("cispo_clip_ratio"),
             entropy_mean=m["entropy_mean"], advantages=computed,
@@ -342,14 +385,17 @@ def _grpo_loss_checked(hidden, weight, bias, targets, inputs: objective.LossInpu
         grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )
-    loss, logp, ent, _, _, _, computed = loss_op(LossCall(
+    ref_hidden = None if ref_head[0] is None else ref_head[0].reshape(B * T, -1)
+    loss, logp, ent, _, _, _, computed, kl = loss_op(LossCall(
         hidden=hidden.reshape(B * T, -1), weight=weight, bias=bias, targets=targets.reshape(-1), inputs=inputs,
-        options=opts, execution=execution, vocab_parallel=vp, needs=needs))
+        options=opts, execution=execution, vocab_parallel=vp, needs=needs, ref_hidden=ref_hidden,
+        ref_weight=ref_head[1], ref_bias=ref_head[2]))
     if not return_metrics:
         return loss
     computed = None if inputs.rewards is None else computed
     adv = inputs.adv if computed is None else computed.unsqueeze(1)
-    metrics = compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old, ref=inputs.ref)
+    metrics = compute_metrics(logp.view(B, T), ent.view(B, T), mask, adv, opts, old=inputs.old, ref=inputs.ref,
+                              kl=kl.view(B, T) if opts.exact_kl else None)
     if computed is not None:
         metrics = dataclasses.replace(metrics, advantages=computed)
     return loss, metrics

@@ -33,6 +33,11 @@ Params = Tuple[Tuple[str, object], ...]
 
 #: the lm_head pass every op starts with: hidden [n, H], weight [V, H], bias [V], targets [n] int64
 HEAD_PARAMS: Params = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]), ("targets", Tensor))
+#: the reference's head for the exact KL (``kl_estimator="full"``): ref_hidden [n, H_r], ref_weight
+#: [V, H_r], ref_bias [V], in the reference's own float dtype; None when the KL is not the exact one.
+#: One op argument, a list of the three (a custom op takes at most 64 arguments)
+REF_HEAD_FIELDS = ("ref_hidden", "ref_weight", "ref_bias")
+REF_HEAD_PARAMS: Params = (("ref_head", List[Optional[Tensor]]),)
 #: the per-call tensors of ``objective.LossInputs`` the loss op takes, in field order: a field added
 #: there reaches the op with no other change (``entropy_mask`` is derived inside the op)
 LOSS_INPUT_FIELDS = tuple(f.name for f in dataclasses.fields(objective.LossInputs)
@@ -52,7 +57,8 @@ class LossCall:
     """A ``grpo_kernels::grpo_loss`` call. hidden [B*T, H], weight [V, H] (this rank's rows under
     vocab parallelism), bias [V] or None, targets [B*T] int64 (global ids), ``inputs`` the per-call
     tensors ([B, T]; ``adv`` and ``is_ratio`` may be [B, 1]; padding positions hold 0), the options,
-    and ``needs``: the gradients wanted for (hidden, weight, bias)."""
+    ``needs``: the gradients wanted for (hidden, weight, bias), and the reference's head of the exact
+    KL (``REF_HEAD_PARAMS``; never differentiated)."""
 
     hidden: Tensor
     weight: Tensor
@@ -63,12 +69,16 @@ class LossCall:
     execution: ExecutionOptions
     vocab_parallel: VocabParallel
     needs: Tuple[bool, bool, bool]
+    ref_hidden: Optional[Tensor] = None
+    ref_weight: Optional[Tensor] = None
+    ref_bias: Optional[Tensor] = None
 
-    PARAMS: ClassVar[Params] = HEAD_PARAMS + LOSS_INPUT_PARAMS + OPTION_OP_PARAMS + (("needs", List[bool]),)
+    PARAMS: ClassVar[Params] = (HEAD_PARAMS + REF_HEAD_PARAMS + LOSS_INPUT_PARAMS + OPTION_OP_PARAMS
+                                + (("needs", List[bool]),))
     NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
 
     def to_op_args(self) -> tuple:
-        return (self.hidden, self.weight, self.bias, self.targets,
+        return (self.hidden, self.weight, self.bias, self.targets, [getattr(self, n) for n in REF_HEAD_FIELDS],
                 *(getattr(self.inputs, name) for name in LOSS_INPUT_FIELDS),
                 *option_op_args(self.options, self.execution, self.vocab_parallel), list(self.needs))
 
@@ -77,7 +87,8 @@ class LossCall:
         a = dict(zip(cls.NAMES, args))
         return cls(hidden=a["hidden"], weight=a["weight"], bias=a["bias"], targets=a["targets"],
                    inputs=objective.LossInputs(**{name: a[name] for name in LOSS_INPUT_FIELDS}),
-                   **options_from_op_args(a), needs=tuple(a["needs"]))
+                   **options_from_op_args(a), needs=tuple(a["needs"]),
+                   **dict(zip(REF_HEAD_FIELDS, a["ref_head"])))
 
 
 @dataclass(frozen=True)

@@ -100,33 +100,8 @@ def _num_items(value) -> Optional[torch.Tensor]:
 
 def _teacher_head(hidden, teacher_hidden, teacher_weight, teacher_bias, weight) -> None:
     """teacher_hidden [B, T, H_t], teacher_weight [V, H_t] (V the student's), teacher_bias [V]."""
-    check.tensor("teacher_hidden", teacher_hidden, ndim=(3,), floating=True)
-    check.same_device("teacher_hidden", teacher_hidden, hidden.device)
-    if teacher_hidden.shape[:2] != hidden.shape[:2]:
-        raise ValueError(f"teacher_hidden must be [B, T, H_t] with [B, T] = {tuple(hidden.shape[:2])} "
-                         f"(hidden's), got {tuple(teacher_hidden.shape)}")
-    check.tensor("teacher_weight", teacher_weight, ndim=(2,), floating=True)
-    check.same_device("teacher_weight", teacher_weight, hidden.device)
-    if teacher_weight.dtype != teacher_hidden.dtype:
-        raise TypeError(f"teacher_weight dtype {teacher_weight.dtype} must match teacher_hidden dtype "
-                        f"{teacher_hidden.dtype}")
-    if teacher_weight.shape[1] != teacher_hidden.shape[-1] or teacher_weight.shape[1] == 0:
-        raise ValueError(f"teacher_weight must be [V, H_t] with H_t = teacher_hidden.shape[-1] = "
-                         f"{teacher_hidden.shape[-1]} > 0, got {tuple(teacher_weight.shape)}")
-    if teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} rows but weight has V = {weight.shape[0]}: "
-                         "the student and the teacher must share one vocabulary")
-    if teacher_bias is not None:
-        check.tensor("teacher_bias", teacher_bias, ndim=(1,), floating=True)
-        check.same_device("teacher_bias", teacher_bias, hidden.device)
-        check.shape("teacher_bias", teacher_bias, (weight.shape[0],), " ([V])")
-        if teacher_bias.dtype != teacher_hidden.dtype:
-            raise TypeError(f"teacher_bias dtype {teacher_bias.dtype} must match teacher_hidden dtype "
-                            f"{teacher_hidden.dtype}")
-    for name, x in (("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
-                    ("teacher_hidden", teacher_hidden)):
-        if x is not None:
-            check.finite(name, x)
+    check.second_head(hidden, weight, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher",
+                      roles="the student and the teacher")
 
 
 def _mask(mask, shape, device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from grpo_kernels import autodiff, epilogue, metrics, objective, plan as planner, sweep, validation
+from grpo_kernels.exact_kl import ExactKL
 from grpo_kernels.backends.base import RowStats
 from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.calls import LogprobsCall, LogprobsGradCall, LossCall
@@ -25,7 +26,8 @@ from grpo_kernels.plan import Plan
 
 class LossResult(NamedTuple):
     """A loss call's results: loss [], logp [B*T], entropy [B*T], the gradients (None when not
-    wanted), and the advantages [B] when computed from rewards (else None)."""
+    wanted), the advantages [B] when computed from rewards (else None), and the exact KL [B*T]
+    (``kl_estimator="full"``; else None)."""
 
     loss: torch.Tensor
     logp: torch.Tensor
@@ -34,6 +36,7 @@ class LossResult(NamedTuple):
     grad_weight: Optional[torch.Tensor]
     grad_bias: Optional[torch.Tensor]
     advantages: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -48,6 +51,8 @@ class RealRows:
     #: [B, T] in the accumulation dtype; ``adv`` from the rewards unless the kernel computes it
     inputs: objective.LossInputs
     advantages: Optional[torch.Tensor]  # [B]: computed from the rewards in torch (else None)
+    #: the exact KL term (``kl_estimator="full"``): ``call.options`` are then without it
+    kl: Optional[ExactKL] = None
 
     @property
     def acc(self) -> torch.dtype:
@@ -68,12 +73,24 @@ class RealRows:
 
 def real_rows(call: LossCall) -> RealRows:
     """Drops the padding rows and plans the call on the rest. The padding of old/ref/sampling was
-    made neutral by the argument checks; here they only move to the accumulation dtype."""
+    made neutral by the argument checks; here they only move to the accumulation dtype. With the
+    exact KL the rest of the call runs with the KL term off (``GRPOOptions.without_exact_kl``) and
+    ``RealRows.kl`` adds it (``grpo_kernels.exact_kl``)."""
     inputs = call.inputs
     rows = torch.nonzero(inputs.mask.reshape(-1) != 0).squeeze(1)
     h = call.hidden.index_select(0, rows)
-    plan = planner.plan_loss(h, call.weight, inputs.mask, call.options, call.execution, call.vocab_parallel,
-                             call.needs, rewards=inputs.rewards is not None)
+    exact = call.options.exact_kl
+    if exact and (call.ref_hidden is None or call.ref_weight is None):
+        raise ValueError("kl_estimator='full' with beta != 0 needs ref_hidden and ref_weight")
+    options = call.options.without_exact_kl()
+    plan = planner.plan_loss(h, call.weight, inputs.mask, options, call.execution, call.vocab_parallel,
+                             call.needs, rewards=inputs.rewards is not None,
+                             ref_dtype=call.ref_weight.dtype if exact else None)
+    kl = None
+    if exact:
+        kl = ExactKL.of(call.ref_hidden, call.ref_weight, call.ref_bias, rows, call.options, plan.divergence,
+                        call.execution)
+        call = dataclasses.replace(call, options=options)
     acc = accumulation_dtype(call.hidden.dtype)
     to_acc = lambda t: None if t is None else t.to(acc)  # noqa: E731
     inputs = dataclasses.replace(inputs, old=to_acc(inputs.old), ref=to_acc(inputs.ref),
@@ -82,7 +99,7 @@ def real_rows(call: LossCall) -> RealRows:
     if inputs.rewards is not None and not plan.rewards_in_kernel:
         advantages = epilogue.reward_advantages(inputs.rewards, inputs.reward_weights, call.options)
         inputs = dataclasses.replace(inputs, adv=advantages.unsqueeze(1))
-    return RealRows(call, plan, rows, h, _targets(plan, call.targets.index_select(0, rows)), inputs, advantages)
+    return RealRows(call, plan, rows, h, _targets(plan, call.targets.index_select(0, rows)), inputs, advantages, kl)
 
 
 def grpo_loss_forward(call: LossCall) -> LossResult:
@@ -93,10 +110,42 @@ def grpo_loss_forward(call: LossCall) -> LossResult:
     return _PATHS[r.plan.path](r)
 
 
-def _stats_sweep(r: RealRows):
-    """(row statistics [n], logp [B*T], entropy [B*T]) of a statistics-only sweep."""
-    st = sweep.forward_stats(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets)
-    return st, r.full(st.logp), r.full(st.entropy)
+def _stats_sweep(r: RealRows, with_kl: bool = False):
+    """(row statistics [n], logp [B*T], entropy [B*T], exact KL [n] or None) of a statistics-only
+    sweep; the exact KL of every row (when the call has it) with ``with_kl``."""
+    if not (with_kl and r.kl is not None):
+        st = sweep.forward_stats(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets)
+        return st, r.full(st.logp), r.full(st.entropy), None
+    st = RowStats.empty(r.hidden.shape[0], r.hidden.dtype, r.hidden.device)
+    kl = torch.empty_like(st.lse)
+    work = r.kl.around(lambda s, e, z: st.put_(s, e, sweep.stats(r.plan, z, r.targets[s:e])), kl)
+    sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, work)
+    return st, r.full(st.logp), r.full(st.entropy), kl
+
+
+def _kl_rows(r: RealRows, weights: objective.ObjectiveWeights):
+    """(KL [n] to fill, its coefficients dLoss/dKL_t [n] or None without gradients) of a call with the
+    exact KL; (None, None) without it."""
+    if r.kl is None:
+        return None, None
+    kl = torch.empty(r.hidden.shape[0], dtype=r.acc, device=r.hidden.device)
+    return kl, (r.kl.coef(r.pick(weights.kl)) if any(r.call.needs) else None)
+
+
+def _around(r: RealRows, row_work, kl, coef):
+    """A sweep's per-chunk callback with the exact KL's work around it (``ExactKL.around``)."""
+    return row_work if r.kl is None else r.kl.around(row_work, kl, coef)
+
+
+def _result(r: RealRows, loss, logp, ent, grads, weights, kl, advantages=None) -> LossResult:
+    """The path's results with the exact KL's term added to the loss and its values scattered to
+    [B*T] (when the call has it)."""
+    gh, gw, gb = grads
+    kl_full = None
+    if r.kl is not None:
+        loss = loss + r.kl.loss(kl, r.pick(weights.kl))
+        kl_full = r.full(kl)
+    return LossResult(loss, logp, ent, _full_or_none(r, gh), gw, gb, advantages, kl_full)
 
 
 def _aggregation(r: RealRows, entropy: Optional[torch.Tensor]):
@@ -124,9 +173,10 @@ def _objective(r: RealRows, inputs: objective.LossInputs, weights):
 
 def _forward(r: RealRows) -> LossResult:
     """No gradient wanted: one statistics sweep, then the objective."""
-    _, logp, ent = _stats_sweep(r)
-    loss = _objective(r, *_aggregation(r, ent))(logp, ent).detach()
-    return LossResult(loss, logp, ent, None, None, None, r.advantages)
+    _, logp, ent, kl = _stats_sweep(r, with_kl=True)
+    inputs, weights = _aggregation(r, ent)
+    loss = _objective(r, inputs, weights)(logp, ent).detach()
+    return _result(r, loss, logp, ent, (None, None, None), weights, kl, r.advantages)
 
 
 def _token_inputs(r: RealRows, inputs: objective.LossInputs, weights) -> epilogue.TokenInputs:
@@ -151,6 +201,7 @@ def _one_sweep(r: RealRows) -> LossResult:
     ent = _stats_sweep(r)[2] if r.plan.entropy_sweep else None
     inputs, weights = _aggregation(r, ent)
     token_inputs = _token_inputs(r, inputs, weights)
+    kl, coef = _kl_rows(r, weights)
     n = r.hidden.shape[0]
     stats = RowStats.empty(n, r.hidden.dtype, r.hidden.device)
     loss_t = torch.empty(n, dtype=stats.lse.dtype, device=r.hidden.device)
@@ -163,19 +214,20 @@ def _one_sweep(r: RealRows) -> LossResult:
         if adv_rows is not None:
             adv_rows[s:e] = epi.adv
 
-    gh, gw, gb = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, chunk, r.call.needs)
+    grads = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, _around(r, chunk, kl, coef), r.call.needs)
     advantages = r.advantages
     if adv_rows is not None:
         advantages = _sequence_advantages(adv_rows, token_inputs.seq, inputs, r.call.options, inputs.mask.shape[0])
-    return LossResult(loss_t.sum(), r.full(stats.logp), r.full(stats.entropy), _full_or_none(r, gh), gw, gb,
-                      advantages)
+    return _result(r, loss_t.sum(), r.full(stats.logp), r.full(stats.entropy), grads, weights, kl, advantages)
 
 
 def _sequence_sweep(r: RealRows) -> LossResult:
     """A sequence-scope objective, chunks cut at sequence boundaries: each chunk's coefficients
     from its own statistics while its logits are in the buffer."""
     ent0 = _stats_sweep(r)[2] if r.plan.entropy_sweep else None
-    loss_of = _objective(r, *_aggregation(r, ent0))
+    inputs, weights = _aggregation(r, ent0)
+    loss_of = _objective(r, inputs, weights)
+    kl, coef = _kl_rows(r, weights)
     total = r.call.hidden.shape[0]
     logp = torch.zeros(total, dtype=r.acc, device=r.hidden.device)
     ent = torch.zeros(total, dtype=r.acc, device=r.hidden.device)
@@ -190,20 +242,26 @@ def _sequence_sweep(r: RealRows) -> LossResult:
         sweep.grad_(r.plan, z, r.targets[s:e], st, dlogp.index_select(0, rows[s:e]),
                     dent.index_select(0, rows[s:e]) if r.plan.entropy_grad else None)
 
-    gh, gw, gb = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, chunk, r.call.needs)
-    return LossResult(loss_of(logp, ent).detach(), logp, ent, _full_or_none(r, gh), gw, gb, r.advantages)
+    grads = sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, _around(r, chunk, kl, coef), r.call.needs)
+    return _result(r, loss_of(logp, ent).detach(), logp, ent, grads, weights, kl, r.advantages)
 
 
 def _two_sweeps(r: RealRows) -> LossResult:
     """A sequence longer than a chunk, or a batch-scope objective: statistics for every row, the
-    coefficients, then a gradient sweep that recomputes the logits."""
-    st, logp, ent = _stats_sweep(r)
-    loss_of = _objective(r, *_aggregation(r, ent))
+    coefficients, then a gradient sweep that recomputes the logits. The exact KL's values come from
+    the statistics sweep, its gradient from the gradient sweep (the reference's logits made again)."""
+    st, logp, ent, kl = _stats_sweep(r, with_kl=True)
+    inputs, weights = _aggregation(r, ent)
+    loss_of = _objective(r, inputs, weights)
     dlogp, dent, loss = autodiff.gradients(loss_of, logp, ent)
     dent = dent.index_select(0, r.rows) if r.plan.entropy_grad else None
-    gh, gw, gb = sweep.backward_grads(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets, st,
-                                      dlogp.index_select(0, r.rows), dent, r.call.needs)
-    return LossResult(loss, logp, ent, _full_or_none(r, gh), gw, gb, r.advantages)
+    around = None
+    if r.kl is not None:
+        again, coef = _kl_rows(r, weights)  # the gradient sweep's KL values: the same, not read
+        around = lambda work: r.kl.around(work, again, coef)  # noqa: E731
+    grads = sweep.backward_grads(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets, st,
+                                 dlogp.index_select(0, r.rows), dent, r.call.needs, around=around)
+    return _result(r, loss, logp, ent, grads, weights, kl, r.advantages)
 
 
 _PATHS = {"forward": _forward, "one_sweep": _one_sweep, "sequence_sweep": _sequence_sweep, "two_sweeps": _two_sweeps}

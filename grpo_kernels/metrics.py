@@ -41,10 +41,14 @@ class GRPOMetrics:
     #: NaN for a row without tokens); None where ``clip_ratio_low`` is None
     seq_clip_ratio_low: Optional[torch.Tensor] = None
     seq_clip_ratio_high: Optional[torch.Tensor] = None
+    #: [B, T]: the exact per-token KL(pi_theta || pi_ref) (``kl_estimator="full"``, beta != 0), 0 where
+    #: masked; None otherwise (an estimator's per-token values follow from logps and ref_logps)
+    kl: Optional[torch.Tensor] = None
 
 
-def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None) -> GRPOMetrics:
-    """Metrics from detached [B, T] logps/entropy; ``adv`` is [B, 1] or [B, T] as TRL holds it."""
+def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, ref=None, kl=None) -> GRPOMetrics:
+    """Metrics from detached [B, T] logps/entropy; ``adv`` is [B, 1] or [B, T] as TRL holds it;
+    ``kl`` [B, T]: the exact per-token KL (``kl_estimator="full"``), in place of the estimate from ``ref``."""
     logp, entropy = logp.detach(), entropy.detach()
     m = mask.to(logp.dtype)
     count = m.sum().clamp(min=1.0)
@@ -61,8 +65,9 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
     w = importance_weights(logp, old, mask, options.importance_sampling_level)
     A_w = adv.to(logp.dtype)
     kl_mean = low = high = region = cispo = seq_low = seq_high = None
+    exact = kl
     if options.beta != 0.0:
-        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator)
+        kl = kl_estimate(logp, ref.to(logp.dtype), options.kl_estimator) if kl is None else kl.to(logp.dtype)
         if options.use_bias_correction_kl:
             kl = kl * w
         kl_mean = masked_mean(kl)
@@ -90,4 +95,5 @@ def compute_metrics(logp, entropy, mask, adv, options: GRPOOptions, old=None, re
         entropy_mean=entropy_mean,
         seq_clip_ratio_low=seq_low,
         seq_clip_ratio_high=seq_high,
+        kl=None if exact is None else torch.where(m != 0, exact.detach().to(logp.dtype), zero),
     )

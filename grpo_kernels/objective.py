@@ -226,8 +226,12 @@ def kl_estimate(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch.
     "k3": TRL's ``exp(ref - logp) - (ref - logp) - 1`` (saturating exp, no clamps); verl's
     ``kl_penalty``: k1 = logp - ref, abs = |logp - ref|, k2 = (logp - ref)^2 / 2, low_var_kl = k3 with
     ref - logp clamped to [-20, 20] and the result to [-10, 10]; a "+" suffix keeps the value and
-    takes k2's gradient (straight-through), k2 being its own "+" form.
+    takes k2's gradient (straight-through), k2 being its own "+" form. "full" (the exact KL) is not an
+    estimate of log-probs: the row pass computes it (``grpo_kernels.exact_kl``).
     """
+    if estimator == "full":
+        raise ValueError("kl_estimator='full' is the exact KL over the vocabulary: it needs both heads' logits "
+                         "(the divergence row pass, grpo_kernels.exact_kl), not the log-probs of the targets")
     straight_through = estimator.endswith("+")
     base = estimator[:-1] if straight_through else estimator
     if base in ("k1", "k3"):

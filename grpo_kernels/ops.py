@@ -141,8 +141,9 @@ def _loss_impl(call: LossCall):
     out = loss_impl.grpo_loss_forward(call)
     hidden = call.hidden
     adv = hidden.new_empty(_EMPTY, dtype=out.logp.dtype) if out.advantages is None else out.advantages
+    kl = hidden.new_empty(_EMPTY, dtype=out.logp.dtype) if out.kl is None else out.kl
     return (out.loss, out.logp, out.entropy, _grad_or_empty(out.grad_hidden, hidden),
-            _grad_or_empty(out.grad_weight, hidden), _grad_or_empty(out.grad_bias, hidden), adv)
+            _grad_or_empty(out.grad_weight, hidden), _grad_or_empty(out.grad_bias, hidden), adv, kl)
 
 
 def _loss_fake(call: LossCall):
@@ -153,12 +154,23 @@ def _loss_fake(call: LossCall):
         adv = hidden.new_empty(_EMPTY, dtype=acc)
     else:  # the advantages computed from the rewards, in their accumulation dtype
         adv = rewards.new_empty((rewards.shape[0],), dtype=accumulation_dtype(rewards.dtype))
+    kl = hidden.new_empty((n,) if call.options.exact_kl else _EMPTY, dtype=acc)  # the exact KL per token
     return (hidden.new_empty((), dtype=acc), hidden.new_empty((n,), dtype=acc), hidden.new_empty((n,), dtype=acc),
-            *_fake_grads(hidden, call.weight, call.bias, call.needs), adv)
+            *_fake_grads(hidden, call.weight, call.bias, call.needs), adv, kl)
 
 
-_loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
+_loss_op = _define("grpo_loss", LossCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor],
                    _loss_impl, _loss_fake)
+
+
+def _no_grads(inputs) -> tuple:
+    """None for every op argument past (hidden, weight, bias), in the structure autograd flattened the
+    arguments to: a list of tensors only (the exact KL's reference head, all three given) is expanded,
+    one None each; a list holding a None or a non-tensor is one leaf."""
+    def none_for(x):
+        return [None] * len(x) if isinstance(x, list) and all(isinstance(t, Tensor) for t in x) else None
+
+    return tuple(none_for(x) for x in inputs[3:])
 
 
 def _saved_grads_setup(call_class):
@@ -172,17 +184,17 @@ def _saved_grads_setup(call_class):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*output[3:6])
         ctx.has_bias = inputs[call_class.NAMES.index("bias")] is not None
+        ctx.no_grads = _no_grads(inputs)
 
     return setup
 
 
 def _saved_grads_backward(call_class, what: str):
     """The backward of such an op: the saved gradients times ``grad_loss``, for (hidden, weight, bias)."""
-    n_inputs = len(call_class.PARAMS)
 
     def backward(ctx, grad_loss, *_unused):
         if grad_loss is None:
-            return (None,) * n_inputs
+            return (None,) * 3 + ctx.no_grads
         _no_double_backward(what)  # its gradients come from the forward: nothing to differentiate
         gh, gw, gb = ctx.saved_tensors
         # the saved gradients are handed out as they are (no second [V, H] buffer: 1.2 GB at
@@ -197,7 +209,7 @@ def _saved_grads_backward(call_class, what: str):
             return g if hand_out else g * grad_loss.to(g.dtype)
 
         grads = (scale(gh, 0), scale(gw, 1), scale(gb, 2) if ctx.has_bias else None)
-        return grads + (None,) * (n_inputs - 3)
+        return grads + ctx.no_grads
 
     return backward
 
@@ -206,9 +218,10 @@ _loss_op.register_autograd(_saved_grads_backward(LossCall, "grpo_loss"), setup_c
 
 
 def loss_op(call: LossCall) -> Tuple[Tensor, ...]:
-    """(loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages) of a
+    """(loss [], logp [B*T], entropy [B*T], grad_hidden, grad_weight, grad_bias, advantages, kl) of a
     ``LossCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor, and so do
-    the advantages [B] unless ``call.inputs.rewards`` gave them."""
+    the advantages [B] unless ``call.inputs.rewards`` gave them and the exact KL [B*T] unless
+    ``call.options.exact_kl``."""
     return _loss_op(*call.to_op_args())
 
 

@@ -28,8 +28,10 @@ POLICY_LOSSES = ("vanilla", "gspo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dp
 #: verl 0.9.1's ``loss_agg_mode``; None: the loss_type's normalizer (TRL)
 LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 #: KL estimators: "k3" is TRL's (unclamped); k1, abs, k2 and low_var_kl (k3 clamped, verl's "k3") are
-#: verl's, and "+" is its straight-through form (k2's gradient under the estimator's value)
-KL_ESTIMATORS = ("k3", "k1", "abs", "k2", "low_var_kl", "k3+", "k1+", "abs+", "low_var_kl+")
+#: verl's, and "+" is its straight-through form (k2's gradient under the estimator's value); "full" is
+#: the exact KL(pi_theta || pi_ref) over the vocabulary from the reference's hidden states and head
+#: (``grpo_loss(ref_hidden=, ref_weight=)``), computed by the divergence row pass, not from log-probs
+KL_ESTIMATORS = ("k3", "k1", "abs", "k2", "low_var_kl", "k3+", "k1+", "abs+", "low_var_kl+", "full")
 BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 IS_LEVELS = ("token", "sequence")
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "reference")
@@ -126,6 +128,18 @@ class GRPOOptions(_Options):
         return self.policy_loss is not None or self.loss_agg_mode is not None
 
     @property
+    def exact_kl(self) -> bool:
+        """Whether the KL term is the exact one over the vocabulary (``kl_estimator="full"``, beta != 0):
+        the call then reads the reference's hidden states and head instead of ``ref_logps``."""
+        return self.kl_estimator == "full" and self.beta != 0.0
+
+    def without_exact_kl(self) -> "GRPOOptions":
+        """These options with the exact KL term off (beta 0, k3) when ``exact_kl``: what the GRPO row pass
+        and the objective on log-probs compute while the divergence row pass adds the exact KL (the KL's
+        aggregation weights depend on the mask alone, so the two terms separate); else ``self``."""
+        return replace(self, beta=0.0, kl_estimator="k3") if self.exact_kl else self
+
+    @property
     def agg_mode(self) -> Optional[str]:
         """verl's aggregation of the call; None: the TRL loss_type's normalizer."""
         return self.loss_agg_mode if self.loss_agg_mode is not None else ("token-mean" if self.verl_style else None)
@@ -186,6 +200,9 @@ class GRPOOptions(_Options):
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES, allow_none=True)
         _choice("loss_agg_mode", self.loss_agg_mode, LOSS_AGG_MODES, allow_none=True)
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        if self.kl_estimator == "full" and self.use_bias_correction_kl:
+            raise ValueError("use_bias_correction_kl=True does not combine with kl_estimator='full': the correction "
+                             "reweights k3's one sampled action, the exact KL sums over every action")
         _choice("rollout_is", self.rollout_is, IS_LEVELS, allow_none=True)
         _choice("bypass_loss_type", self.bypass_loss_type, BYPASS_LOSS_TYPES)
         _bool("rollout_is_batch_normalize", self.rollout_is_batch_normalize)

@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from grpo_kernels import collective, env, objective
-from grpo_kernels.backends import choose_backend
+from grpo_kernels.backends import choose_backend, divergence_backend
 from grpo_kernels.backends.base import RowBackend
 from grpo_kernels.epilogue import accumulation_dtype
 from grpo_kernels.options import ExecutionOptions, GRPOOptions, VocabParallel
@@ -199,6 +199,8 @@ class Plan:
     rewards_in_kernel: bool = False
     #: whether the loss's dL/dentropy reaches the row gradient (the entropy bonus is on)
     entropy_grad: bool = False
+    #: the row backend of the exact KL's divergence row pass (``kl_estimator="full"``; None: no exact KL)
+    divergence: Optional[RowBackend] = None
 
     def __post_init__(self):
         if self.path not in PATHS:
@@ -214,16 +216,18 @@ def _vocab_group(vp: VocabParallel, hidden, weight, tokens: int, rows: int) -> O
 
 def plan_loss(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, options: GRPOOptions,
               execution: ExecutionOptions, vocab_parallel: VocabParallel, needs: Tuple[bool, bool, bool], *,
-              rewards: bool = False) -> Plan:
+              rewards: bool = False, ref_dtype: Optional[torch.dtype] = None) -> Plan:
     """The plan of a loss call over ``hidden`` [n, H], the real (unmasked) rows of mask [B, T];
-    ``rewards``: the advantages come from rewards (``grpo_loss(rewards=...)``)."""
+    ``rewards``: the advantages come from rewards (``grpo_loss(rewards=...)``); ``ref_dtype``: the
+    reference head's dtype when the exact KL runs in the sweep (``options`` then without its KL term:
+    ``GRPOOptions.without_exact_kl``)."""
     B, T = mask.shape
     lengths = None
     if any(needs) and objective.scope(options) == "sequence":
         # a meta mask (shape checks) has no values: every position counts, as in nonzero()
         lengths = [T] * B if mask.is_meta else (mask != 0).sum(-1).tolist()
     return plan_call(hidden, weight, options, execution, vocab_parallel, need_grads=needs, sequence_lengths=lengths,
-                     loss=True, tokens=B * T, rewards=rewards)
+                     loss=True, tokens=B * T, rewards=rewards, ref_dtype=ref_dtype)
 
 
 def _path(loss: bool, want_grads: bool, options: GRPOOptions, sequence_lengths, rows: int):
@@ -244,7 +248,8 @@ def _path(loss: bool, want_grads: bool, options: GRPOOptions, sequence_lengths, 
 def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, execution: ExecutionOptions,
               vocab_parallel: VocabParallel, *, need_grads: Tuple[bool, bool, bool] = (False, False, False),
               sequence_lengths: Optional[Sequence[int]] = None, loss: bool = False,
-              tokens: Optional[int] = None, need_entropy: bool = True, rewards: bool = False) -> Plan:
+              tokens: Optional[int] = None, need_entropy: bool = True, rewards: bool = False,
+              ref_dtype: Optional[torch.dtype] = None) -> Plan:
     """The plan of one pass over ``hidden`` [n, H] (the real rows) and ``weight`` [V(_local), H].
 
     ``loss``: a loss call (paths as in the module docstring); otherwise a log-prob pass:
@@ -253,11 +258,18 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
     ``tokens``: the call's tokens, padding included (default n), which the ranks of a
     vocab-parallel call must agree on, as on the n real rows. ``need_entropy=False``: a
     log-prob pass whose entropies nobody reads (the backends skip the entropy's sum).
-    ``rewards``: a loss whose advantages come from rewards.
+    ``rewards``: a loss whose advantages come from rewards. ``ref_dtype``: the exact KL's reference
+    head runs in each chunk too (``exact_kl_bytes``).
     """
     n = hidden.shape[0]
     backend, _ = choose_backend(execution, hidden.device, hidden.dtype)
-    rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device)
+    divergence = None
+    per_logit = None
+    if ref_dtype is not None:
+        divergence, _ = divergence_backend(execution, hidden.device, hidden.dtype)
+        per_logit = exact_kl_bytes(hidden.dtype, ref_dtype, backend, divergence, hidden.device)
+    rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device,
+                      bytes_per_logit=per_logit)
     vocab = _vocab_group(vocab_parallel, hidden, weight, n if tokens is None else tokens, rows)
     if vocab is not None:
         rows = vocab.chunk_rows  # the statistics are collective per chunk: one chunking for all
@@ -271,5 +283,16 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
         path=path, entropy_sweep=loss and want and options.top_entropy_quantile < 1.0 and path != "two_sweeps",
         grad_weight_dtype=grad_weight_dtype(weight, len(bounds)) if need_grads[1] else None, vocab=vocab,
         fused=fused, need_entropy=need_entropy or loss, rewards_in_kernel=rewards and fused and path == "one_sweep",
-        entropy_grad=loss and options.entropy_coef != 0.0,
+        entropy_grad=loss and options.entropy_coef != 0.0, divergence=divergence,
     )
+
+
+def exact_kl_bytes(dtype: torch.dtype, ref_dtype: torch.dtype, backend: RowBackend, divergence: RowBackend,
+                   device) -> int:
+    """Bytes per logit of a chunk that also holds the exact KL's work: the policy's logits, the KL
+    gradient's buffer (the policy's dtype, alive across the GRPO row pass), and the larger of the
+    reference's logits with the divergence pass's temporaries and the GRPO row pass's temporaries
+    (the two passes run one after the other)."""
+    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
+    return 2 * size(dtype) + max(size(ref_dtype) + divergence.divergence_temp_bytes(device),
+                                 backend.temp_bytes(device))

@@ -89,10 +89,15 @@ def reference_grpo_loss(
     num_sequences_in_batch=None,
     options: Optional[GRPOOptions] = None,
     return_metrics: bool = False,
+    ref_hidden=None,
+    ref_weight=None,
+    ref_bias=None,
     **option_overrides,
 ):
     """TRL's loss from hidden states. Same arguments as ``grpo_kernels.grpo_loss``; the loss
-    options as a ``GRPOOptions`` and/or keywords (execution settings are accepted and ignored)."""
+    options as a ``GRPOOptions`` and/or keywords (execution settings are accepted and ignored).
+    ``kl_estimator="full"``: the exact KL from the reference's materialized logits (``ref_hidden``
+    [B, T, H_r], ``ref_weight`` [V, H_r], ``ref_bias``; ``reference_exact_kl``) in place of k3."""
     for name in ("backend", "chunk_size", "deterministic", "batch_invariant"):
         option_overrides.pop(name, None)
     o = (options or GRPOOptions()).replace(**option_overrides) if option_overrides else (options or GRPOOptions())
@@ -101,6 +106,10 @@ def reference_grpo_loss(
     per_token_logps, entropies = reference_token_logprobs(
         hidden, weight, targets, bias, o.temperature, o.logit_softcap
     )
+    exact_kl = o.kl_estimator == "full" and o.beta != 0.0
+    if exact_kl:
+        exact = reference_exact_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, o.temperature,
+                                   o.logit_softcap)
     if o.verl_style:
         from grpo_kernels import objective
 
@@ -108,12 +117,19 @@ def reference_grpo_loss(
             mask=mask, adv=advantages.unsqueeze(1) if advantages.dim() == 1 else advantages, old=old_logps,
             ref=ref_logps, is_ratio=importance_sampling_ratio, num_items=num_items_in_batch,
             num_sequences=num_sequences_in_batch)
-        loss = objective.objective_loss(per_token_logps, entropies, inputs, o)
+        loss = objective.objective_loss(per_token_logps, entropies, inputs, o.without_exact_kl())
+        kl_mean = None
+        if exact_kl:  # verl's aggregation of the KL term: loss_agg_mode's weights, mask-only
+            kl_weights = objective.objective_weights(mask, o, hidden.dtype, num_items_in_batch,
+                                                     num_sequences_in_batch).kl
+            loss = loss + o.beta * (exact * kl_weights).sum()
+            kl_mean = (exact.detach() * mask).sum() / mask.sum().clamp(min=1.0)
         if not return_metrics:
             return loss
         m = mask.sum().clamp(min=1.0)
         return loss, {"logps": per_token_logps.detach(), "entropy": entropies.detach(),
-                      "entropy_mean": (entropies.detach() * mask).sum() / m, "kl_mean": None}
+                      "entropy_mean": (entropies.detach() * mask).sum() / m, "kl_mean": kl_mean,
+                      "kl": exact.detach() if exact_kl else None}
 
     if o.top_entropy_quantile < 1.0:
         entropy_mask = _high_entropy_mask(entropies.detach(), mask, 1 - o.top_entropy_quantile)
@@ -137,7 +153,9 @@ def reference_grpo_loss(
         log_importance_weights = log_importance_weights.unsqueeze(-1)
     coef_1 = torch.exp(log_importance_weights)
 
-    if o.beta != 0.0:
+    if exact_kl:
+        per_token_kl = exact
+    elif o.beta != 0.0:
         per_token_kl = torch.exp(ref_logps - per_token_logps) - (ref_logps - per_token_logps) - 1
         if o.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef_1
@@ -211,6 +229,7 @@ def reference_grpo_loss(
         "entropy": entropies.detach(),
         "entropy_mean": global_masked_mean(entropies.detach()),
         "kl_mean": global_masked_mean(per_token_kl.detach()) if o.beta != 0.0 else None,
+        "kl": per_token_kl.detach() if exact_kl else None,  # the exact KL per token
     }
     if o.loss_type in ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"]:
         is_low = (coef_1 < 1 - eps_low) & (advantages < 0)
@@ -224,6 +243,18 @@ def reference_grpo_loss(
     elif o.loss_type == "cispo":
         metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1 > eps_high) & (advantages > 0)).to(hidden.dtype))
     return loss, metrics
+
+
+def reference_exact_kl(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, temperature=1.0, logit_softcap=None):
+    """[..., ] per-token KL(pi_theta || pi_ref) = sum_v p_v (log p_v - log q_v) over the materialized
+    vocabulary, both heads' logits softcapped and divided by the temperature (the policy's), the
+    reference's in its own dtype, then in the policy's; differentiable in the policy only."""
+    logits = reference_logits(hidden, weight, bias, temperature, logit_softcap)
+    log_p = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    with torch.no_grad():
+        ref_logits = reference_logits(ref_hidden, ref_weight, ref_bias, temperature, logit_softcap).to(log_p.dtype)
+        log_q = ref_logits - torch.logsumexp(ref_logits, dim=-1, keepdim=True)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 # ---------------------------------------------------------------- distillation (TRL 1.16's DistillationTrainer)

@@ -179,12 +179,14 @@ def forward_stats(plan: Plan, hidden, weight, bias, targets) -> RowStats:
     return out
 
 
-def backward_grads(plan: Plan, hidden, weight, bias, targets, st: RowStats, dlogp, dentropy, needs):
+def backward_grads(plan: Plan, hidden, weight, bias, targets, st: RowStats, dlogp, dentropy, needs,
+                   around: Optional[Callable] = None):
     """grad_hidden, grad_weight, grad_bias of ``sum(dlogp * logp + dentropy * entropy)``,
-    recomputing the logits chunk by chunk from the saved row statistics ``st``."""
+    recomputing the logits chunk by chunk from the saved row statistics ``st``. ``around``: wraps
+    the per-chunk callback (a term whose gradient is not one of logp and entropy: the exact KL)."""
 
     def row_work(s, e, z):
         chunk = RowStats(st.lse[s:e], st.entropy[s:e], st.target_logit[s:e])
         grad_(plan, z, targets[s:e], chunk, dlogp[s:e], None if dentropy is None else dentropy[s:e])
 
-    return sweep(plan, hidden, weight, bias, row_work, needs)
+    return sweep(plan, hidden, weight, bias, row_work if around is None else around(row_work), needs)

@@ -126,6 +126,40 @@ def lm_head(hidden: torch.Tensor, weight, bias) -> None:
         finite("bias", bias)
 
 
+def second_head(hidden: torch.Tensor, weight: torch.Tensor, other_hidden, other_weight, other_bias, *,
+                prefix: str, roles: str) -> None:
+    """A second model's head on the same tokens and vocabulary (distillation's teacher, GRPO's exact-KL
+    reference), named ``{prefix}_hidden`` [B, T, H_o], ``{prefix}_weight`` [V, H_o] (V: ``weight``'s) and
+    ``{prefix}_bias`` [V] (or None): any hidden width, its own float dtype shared by the three, same
+    device as ``hidden`` [B, T, H], finite. ``roles`` ("the student and the teacher") names the two
+    models in the vocabulary mismatch's message."""
+    nh, nw, nb = f"{prefix}_hidden", f"{prefix}_weight", f"{prefix}_bias"
+    tensor(nh, other_hidden, ndim=(3,), floating=True)
+    same_device(nh, other_hidden, hidden.device)
+    if other_hidden.shape[:2] != hidden.shape[:2]:
+        raise ValueError(f"{nh} must be [B, T, H_{prefix[0]}] with [B, T] = {tuple(hidden.shape[:2])} "
+                         f"(hidden's), got {tuple(other_hidden.shape)}")
+    tensor(nw, other_weight, ndim=(2,), floating=True)
+    same_device(nw, other_weight, hidden.device)
+    if other_weight.dtype != other_hidden.dtype:
+        raise TypeError(f"{nw} dtype {other_weight.dtype} must match {nh} dtype {other_hidden.dtype}")
+    if other_weight.shape[1] != other_hidden.shape[-1] or other_weight.shape[1] == 0:
+        raise ValueError(f"{nw} must be [V, H_{prefix[0]}] with H_{prefix[0]} = {nh}.shape[-1] = "
+                         f"{other_hidden.shape[-1]} > 0, got {tuple(other_weight.shape)}")
+    if other_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"{nw} has V = {other_weight.shape[0]} rows but weight has V = {weight.shape[0]}: "
+                         f"{roles} must share one vocabulary")
+    if other_bias is not None:
+        tensor(nb, other_bias, ndim=(1,), floating=True)
+        same_device(nb, other_bias, hidden.device)
+        shape(nb, other_bias, (weight.shape[0],), " ([V])")
+        if other_bias.dtype != other_hidden.dtype:
+            raise TypeError(f"{nb} dtype {other_bias.dtype} must match {nh} dtype {other_hidden.dtype}")
+    for name, x in ((nw, other_weight), (nb, other_bias), (nh, other_hidden)):
+        if x is not None:
+            finite(name, x)
+
+
 class GRPOBatch(NamedTuple):
     """The per-token inputs of a GRPO loss after checking, padding junk replaced by 0."""
 

@@ -47,6 +47,19 @@ def meta_like(x):
 
 
 NAN, INF = float("nan"), float("inf")
+#: the exact KL's options
+FULL = dict(kl_estimator="full", beta=0.1)
+
+
+def ref_head(b, **overrides):
+    """A reference head for the exact KL: another hidden width (6) and dtype (bf16) than the policy's."""
+    g = torch.Generator().manual_seed(1)
+    head = dict(ref_hidden=torch.randn(B, T, 6, generator=g).to(torch.bfloat16),
+                ref_weight=torch.randn(V, 6, generator=g).to(torch.bfloat16),
+                ref_bias=torch.randn(V, generator=g).to(torch.bfloat16))
+    head = {k: v.to(b["hidden"].device) for k, v in head.items()}
+    head.update(overrides)
+    return head
 
 
 def with_value(x, value, index=(0, 0)):
@@ -291,6 +304,36 @@ BAD = [
      ValueError, r"importance_sampling_level='sequence' is TRL's"),
     ("num_sequences_negative", lambda b: dict(num_sequences_in_batch=-2), ValueError,
      r"num_sequences_in_batch must be >= 0"),
+    # the exact KL to the reference (kl_estimator="full"): ref_hidden [B, T, H_r], ref_weight [V, H_r], ref_bias [V]
+    ("ref_hidden_with_k3", lambda b: dict(beta=0.1, **ref_head(b)), ValueError,
+     r"ref_hidden is read only with kl_estimator='full' \(the exact KL to the reference\), got kl_estimator='k3'"),
+    ("ref_bias_with_k3", lambda b: dict(ref_bias=ref_head(b)["ref_bias"]), ValueError,
+     r"ref_bias is read only with kl_estimator='full'"),
+    ("full_without_ref_hidden", lambda b: dict(ref_weight=ref_head(b)["ref_weight"], **FULL), ValueError,
+     r"ref_hidden is required with kl_estimator='full' and beta != 0"),
+    ("full_without_ref_weight", lambda b: dict(ref_hidden=ref_head(b)["ref_hidden"], **FULL), ValueError,
+     r"ref_weight is required with kl_estimator='full' and beta != 0"),
+    ("full_with_bias_correction", lambda b: dict(use_bias_correction_kl=True, **FULL), ValueError,
+     r"use_bias_correction_kl=True does not combine with kl_estimator='full'"),
+    ("ref_hidden_2d", lambda b: dict(**ref_head(b, ref_hidden=ref_head(b)["ref_hidden"][0]), **FULL), ValueError,
+     r"ref_hidden must be 3-D"),
+    ("ref_hidden_int", lambda b: dict(**ref_head(b, ref_hidden=ref_head(b)["ref_hidden"].long()), **FULL), TypeError,
+     r"ref_hidden must be a floating tensor"),
+    ("ref_hidden_tokens", lambda b: dict(**ref_head(b, ref_hidden=ref_head(b)["ref_hidden"][:, :2]), **FULL),
+     ValueError, r"ref_hidden must be \[B, T, H_r\] with \[B, T\] = \(3, 4\) \(hidden's\), got \(3, 2, 6\)"),
+    ("ref_hidden_nan", lambda b: dict(**ref_head(b, ref_hidden=with_value(ref_head(b)["ref_hidden"], NAN, (2, 3, 0))),
+                                      **FULL), ValueError, r"ref_hidden contains NaN or inf"),
+    ("ref_weight_vocab", lambda b: dict(**ref_head(b, ref_weight=ref_head(b)["ref_weight"][:-1]), **FULL),
+     ValueError, r"ref_weight has V = 10 rows but weight has V = 11: the policy and the reference must share one "
+                 r"vocabulary"),
+    ("ref_weight_width", lambda b: dict(**ref_head(b, ref_weight=ref_head(b)["ref_weight"][:, :5]), **FULL),
+     ValueError, r"ref_weight must be \[V, H_r\] with H_r = ref_hidden.shape\[-1\] = 6 > 0, got \(11, 5\)"),
+    ("ref_weight_dtype", lambda b: dict(**ref_head(b, ref_weight=ref_head(b)["ref_weight"].double()), **FULL),
+     TypeError, r"ref_weight dtype torch.float64 must match ref_hidden dtype torch.bfloat16"),
+    ("ref_bias_shape", lambda b: dict(**ref_head(b, ref_bias=ref_head(b)["ref_bias"][:3]), **FULL), ValueError,
+     r"ref_bias must have shape \(11,\) \(\[V\]\)"),
+    ("ref_bias_dtype", lambda b: dict(**ref_head(b, ref_bias=ref_head(b)["ref_bias"].float()), **FULL), TypeError,
+     r"ref_bias dtype torch.float32 must match ref_hidden dtype torch.bfloat16"),
     # bypass_mode's rollout correction (verl's rollout_correction config)
     ("rollout_is_level", lambda b: dict(policy_loss="bypass_mode", rollout_is="seq"), ValueError,
      r"rollout_is must be one of \('token', 'sequence'\) or None"),
@@ -574,3 +617,19 @@ def test_topk_forward_kl_bad_inputs():
     with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
                                          r"shape\), got \(3, 4, 1\)"):
         topk_forward_kl(h, w, ids, lt[..., :1])
+
+
+def test_exact_kl_has_no_vocab_parallel_form_yet():
+    """kl_estimator='full' under a process_group: NotImplementedError before any collective (a
+    one-process gloo group stands in for the vocab-parallel one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        b = batch(device="cpu")
+        with pytest.raises(NotImplementedError, match=r"kl_estimator='full' has no vocab-parallel form yet"):
+            call(b, process_group=dist.group.WORLD, **ref_head(b), **FULL)
+    finally:
+        dist.destroy_process_group()

@@ -312,8 +312,10 @@ def test_config_to_options_maps_and_refuses():
     assert opts["kl_cov_ratio"] == 0.1
     no_kl = gkv.config_to_options(ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1))
     assert "beta" not in no_kl
-    with pytest.raises(NotImplementedError, match="full"):
-        gkv.config_to_options({"use_kl_loss": True, "kl_loss_type": "full", "policy_loss": {}})
+    full = gkv.config_to_options({"use_kl_loss": True, "kl_loss_type": "full", "kl_loss_coef": 0.1, "policy_loss": {}})
+    assert (full["kl_estimator"], full["beta"]) == ("full", 0.1)  # the exact KL (verl itself refuses "full")
+    with pytest.raises(NotImplementedError, match="kl_loss_type='k4' is not supported"):
+        gkv.config_to_options({"use_kl_loss": True, "kl_loss_type": "k4", "policy_loss": {}})
     with pytest.raises(NotImplementedError, match="loss_mode='mystery'"):
         gkv.config_to_options({"policy_loss": {"loss_mode": "mystery"}})
     with pytest.raises(NotImplementedError, match="dro_beta"):
@@ -539,3 +541,112 @@ if __name__ == "__main__":  # python tests/test_integrations_verl.py [--backend 
             res = subprocess.run([sys.executable, __file__, "--variant", variant, "--backend", args.backend],
                                  capture_output=True, text=True, check=True)
             print(res.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ 2b. kl_loss_type="full": the exact KL
+
+
+H_R = 24
+
+
+def _exact_kl_case(mode, agg):
+    """A grid case of ``mode`` x ``agg`` with a KL loss, switched to ``kl_loss_type="full"``."""
+    case = next(c for c in ALL_CASES if c["policy_loss"]["loss_mode"] == mode.split(":")[0]
+                and c["loss_agg_mode"] == agg and c["use_kl_loss"])
+    return dict(case, kl_loss_type="full", kl_loss_coef=0.2)
+
+
+def _reference_head(nnz, seed):
+    g = torch.Generator().manual_seed(seed)
+    return dict(ref_hidden_states=torch.randn(nnz, H_R, generator=g, dtype=torch.float64) * 0.6,
+                ref_lm_head_weight=torch.randn(V, H_R, generator=g, dtype=torch.float64) * 0.5,
+                ref_lm_head_bias=torch.randn(V, generator=g, dtype=torch.float64) * 0.3)
+
+
+def _exact_kl_oracle(case, hidden, weight, labels, data, offsets, ref):
+    """What verl's ppo_loss would give for "full" were its kl_penalty exact: its loss without the KL
+    term on materialized float64 log-probs, plus kl_loss_coef times its agg_loss of the exact
+    per-token KL (sum_v p (log p - log q) on materialized logits), with kl_loss and kl_coef metrics."""
+    from grpo_kernels.reference import reference_exact_kl
+    from verl.trainer.ppo.core_algos import agg_loss
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    logp, ent = _materialized(h, w, labels, 1.0)
+    mo = {"log_probs": torch.nested.nested_tensor_from_jagged(logp, offsets)}
+    if case.get("entropy") is not None:
+        mo["entropy"] = torch.nested.nested_tensor_from_jagged(ent, offsets)
+    config = vr.build_actor_config(dict(case, use_kl_loss=False))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(case.get("seed", 0)))
+        loss, metrics = losses.ppo_loss(config, mo, data)
+    kl = reference_exact_kl(h, w, None, ref["ref_hidden_states"], ref["ref_lm_head_weight"], ref["ref_lm_head_bias"])
+    kl = no_padding_2_padding(torch.nested.nested_tensor_from_jagged(kl, offsets), data)
+    mask = data.select("response_mask").to_padded_tensor()["response_mask"].to(torch.bool)
+    kl_loss = agg_loss(loss_mat=kl, loss_mask=mask, loss_agg_mode=case["loss_agg_mode"], **config.global_batch_info)
+    loss = loss + case["kl_loss_coef"] * kl_loss
+    metrics["kl_loss"] = losses.Metric(value=kl_loss.detach(), aggregation=metrics["actor/pg_loss"].aggregation)
+    metrics["kl_coef"] = case["kl_loss_coef"]
+    grads = torch.autograd.grad(loss, (h, w))
+    return loss.detach(), grads, metrics
+
+
+@pytest.mark.parametrize("agg", vr.AGG_MODES)
+@pytest.mark.parametrize("mode", ["vanilla", "gspo", "clip_cov"])
+def test_fused_ppo_loss_exact_kl_matches_the_float64_oracle(mode, agg):
+    """kl_loss_type="full" with the reference's head in model_output: loss, gradients and every
+    metric (kl_loss the aggregated exact KL) against the float64 oracle on materialized logits."""
+    case = _exact_kl_case(mode, agg)
+    hidden, weight, labels, data, offsets = _case_inputs(case, torch.float64, seed=stable_seed("full", mode, agg))
+    ref = _reference_head(hidden.shape[0], stable_seed("full ref", mode, agg))
+    loss_ref, grads_ref, metrics_ref = _exact_kl_oracle(case, hidden, weight, labels, data, offsets, ref)
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    mo = {"hidden_states": h, "lm_head_weight": w, "labels": labels, "temperature": 1.0, **ref}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(case.get("seed", 0)))
+        loss, metrics = gkv.fused_ppo_loss(vr.build_actor_config(case), mo, data, backend="torch")
+    grads = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    got, want = _metric_values(metrics), _metric_values(metrics_ref)
+    assert set(got) == set(want) and "kl_loss" in got
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-9, abs=1e-9), k
+
+
+def test_fused_ppo_loss_exact_kl_reads_the_reference_from_data_and_refuses_without_it():
+    case = _exact_kl_case("vanilla", "token-mean")
+    hidden, weight, labels, data, offsets = _case_inputs(case, torch.float64, seed=5)
+    ref = _reference_head(hidden.shape[0], 6)
+    config = vr.build_actor_config(case)
+    base = {"hidden_states": hidden, "lm_head_weight": weight, "labels": labels, "temperature": 1.0}
+    in_output, _ = gkv.fused_ppo_loss(config, dict(base, **ref), data, backend="torch")
+    packed = dict(data.items())  # the reference's hidden states among the data, jagged like input_ids
+    data["ref_hidden_states"] = torch.nested.nested_tensor_from_jagged(ref["ref_hidden_states"], offsets)
+    tu.assign_non_tensor(data, ref_lm_head_weight=ref["ref_lm_head_weight"], ref_lm_head_bias=ref["ref_lm_head_bias"])
+    in_data, _ = gkv.fused_ppo_loss(config, dict(base), data, backend="torch")  # what the FSDP engine step sees
+    assert torch.equal(in_output, in_data) and packed
+    for key in ("ref_hidden_states", "ref_lm_head_weight", "ref_lm_head_bias"):
+        del data[key]
+    with pytest.raises(NotImplementedError, match="kl_loss_type='full'.*'ref_hidden_states'.*'ref_lm_head_weight'"):
+        gkv.fused_ppo_loss(config, dict(base, ref_lm_head_weight=ref["ref_lm_head_weight"]), data, backend="torch")
+
+
+def test_k3_configs_are_unchanged_by_the_exact_kl():
+    """A config with another kl_loss_type maps as before and reads ref_log_prob, never a reference head."""
+    case = next(c for c in ALL_CASES if c["use_kl_loss"] and c["kl_loss_type"] == "k3" and c["kl_loss_coef"])
+    opts = gkv.config_to_options(vr.build_actor_config(case))
+    assert opts["kl_estimator"] == "low_var_kl"
+    hidden, weight, labels, data, offsets = _case_inputs(case, torch.float64, seed=9)
+    junk = _reference_head(hidden.shape[0], 10)  # present but not read: k3 reads ref_log_prob
+    loss, grads, metrics, _ = _fused(case, hidden, weight, labels, data, backend="torch")
+    loss_ref, _, _ = _stock(case, hidden, weight, labels, data, offsets)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-10)
+    mo = {"hidden_states": hidden, "lm_head_weight": weight, "labels": labels, "temperature": 1.0, **junk}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(case.get("seed", 0)))
+        again, _ = gkv.fused_ppo_loss(vr.build_actor_config(case), mo, data, backend="torch")
+    torch.testing.assert_close(again, loss, rtol=1e-12, atol=1e-12)  # no gradient wanted here: another path

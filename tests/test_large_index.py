@@ -117,7 +117,7 @@ def test_fused_loss_on_meta_past_2_31(level, recorded_chunks, meta_nonzero):
                        loss_type="grpo").validate()
     inputs = LossInputs(mask=_meta(B, T, dtype=torch.bool), adv=f32(B, T), old=f32(B, T), ref=f32(B, T),
                         is_ratio=f32(B, T))
-    loss, logp, ent, gh, gw, gb, _ = grpo_loss_forward(LossCall(
+    loss, logp, ent, gh, gw, gb, *_ = grpo_loss_forward(LossCall(
         hidden=_meta(N, H), weight=_meta(V, H), bias=_meta(V), targets=_meta(N, dtype=torch.int64), inputs=inputs,
         options=opts, execution=ExecutionOptions(backend="torch", chunk_size=N), vocab_parallel=VocabParallel(),
         needs=(True, True, True)))

@@ -17,11 +17,13 @@ from grpo_kernels.rollout_correction import is_threshold_options
 __all__ = ["KL_LOSS_TYPES", "SETTINGS", "VerlSettings", "config_get", "config_to_options", "scalar_temperature"]
 
 #: verl's ``kl_loss_type`` -> ``grpo_loss``'s ``kl_estimator`` (verl's k3 is the clamped low_var_kl;
-#: its k2 is its own "+" form)
+#: its k2 is its own "+" form). "full", which verl itself refuses (its ``kl_penalty`` raises
+#: NotImplementedError: it would need both distributions over the vocabulary), is the exact KL here,
+#: from the reference's hidden states and head (``fused_ppo_loss``'s ``REF_HEAD_KEYS``)
 KL_LOSS_TYPES = {
     "kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "low_var_kl", "k3": "low_var_kl",
     "kl+": "k1+", "k1+": "k1+", "abs+": "abs+", "mse+": "k2", "k2+": "k2", "low_var_kl+": "low_var_kl+",
-    "k3+": "low_var_kl+",
+    "k3+": "low_var_kl+", "full": "full",
 }
 
 
@@ -59,8 +61,9 @@ def config_to_options(actor_config) -> dict:
     objective. The per-batch values (``dp_size``, ``batch_num_tokens``, ``global_batch_size``,
     ``rollout_is_weights``, temperature) are not config: ``fused_ppo_loss`` takes them from ``data``.
     ``entropy_coef`` is ``entropy_coeff``; verl only adds the entropy term when the engine computed
-    entropies (``calculate_entropy``), which ``fused_ppo_loss`` applies. Raises ``NotImplementedError``
-    for an option ``grpo_loss`` cannot express."""
+    entropies (``calculate_entropy``), which ``fused_ppo_loss`` applies. ``kl_loss_type="full"`` maps to
+    ``kl_estimator="full"`` (``fused_ppo_loss`` then needs the reference's head). Raises
+    ``NotImplementedError`` for an option ``grpo_loss`` cannot express."""
     c = actor_config
     pl = config_get(c, "policy_loss")
     mode = config_get(pl, "loss_mode", "vanilla") or "vanilla"
@@ -89,8 +92,8 @@ def config_to_options(actor_config) -> dict:
         kl_type = config_get(c, "kl_loss_type", "low_var_kl")
         if kl_type not in KL_LOSS_TYPES:
             raise NotImplementedError(
-                f"verl kl_loss_type={kl_type!r} is not supported (verl itself raises NotImplementedError for "
-                f"'full'); supported: {', '.join(KL_LOSS_TYPES)}")
+                f"verl kl_loss_type={kl_type!r} is not supported (verl itself raises NotImplementedError for it); "
+                f"supported: {', '.join(KL_LOSS_TYPES)}")
         opts["beta"] = float(config_get(c, "kl_loss_coef", 0.001))
         opts["kl_estimator"] = KL_LOSS_TYPES[kl_type]
     if mode == "clip_cov":
