@@ -346,10 +346,13 @@ GRPO_HD inline MixCol<typename P::A> mix_col(typename P::A us, typename P::A ut,
   m.lq = ut - r.lse_t;
   m.p = P::exp(m.lp);
   m.q = P::exp(m.lq);
+  // log m = logaddexp(a, b), a = log p + log(1 - beta), b = log q + log beta: hi + log1p(exp(lo - hi)),
+  // exp(lo - hi) as the ratio of the smaller mixture term to the larger (in [0, 1]; 0 / 0 = NaN
+  // where both underflow: then p = q = 0 and no term uses log m)
   const A a = m.lp + c.l1b, b = m.lq + c.lb;
-  const A hi = a > b ? a : b, lo = a > b ? b : a;
-  // logaddexp: exp(lo - hi) is in [0, 1] (NaN where both are -inf: then p = q = 0, no term uses it)
-  m.lm = hi + P::log1p_unit(P::exp(lo - hi));
+  const A wp = (A(1) - c.beta) * m.p, wq = c.beta * m.q;
+  const bool pa = a > b;
+  m.lm = (pa ? a : b) + P::log1p_unit(pa ? wq / wp : wp / wq);
   return m;
 }
 

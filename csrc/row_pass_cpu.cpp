@@ -61,7 +61,11 @@ inline double vexp(double x) { return std::exp(x); }
 // 2 atanh(s), s = x / (2 + x) in [0, 1/3], by its series to s^13 (truncation < 3e-8 relative);
 // fp64: the libm log1p.
 inline float vlog1p_unit(float x) {
-  const float s = x / (2.0f + x), s2 = s * s;
+  // s clamped at 1e-12 (log1p then 2e-12 instead of x: far below an ulp of log m): s * s^2 stays
+  // a normal number, where a subnormal one would cost ~100 cycles per element
+  float s = x / (2.0f + x);
+  s = s > 1e-12f ? s : 1e-12f;
+  const float s2 = s * s;
   float p = 1.0f / 13.0f;
   p = p * s2 + 1.0f / 11.0f;
   p = p * s2 + 1.0f / 9.0f;
