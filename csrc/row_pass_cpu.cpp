@@ -1,4 +1,4 @@
-// The row pass on CPU tensors: two host policies of row_sweep.h.
+// The row pass on CPU tensors: two host policies of row_sweep.h (and of divergence_sweep.h).
 //
 // - Production (the `cpp` backend): one lane per row, 256-column vectors whose loops `omp simd`
 //   vectorizes (a polynomial exp), rows spread over threads with at::parallel_for.
