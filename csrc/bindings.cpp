@@ -204,6 +204,73 @@ void row_grad_(const Tensor& logits, const Tensor& targets, const Tensor& lse, c
   run_cpu([&] { grpo::row_grad_cpu(p, emulate_device); }, what);
 }
 
+// One head of the divergence: [n, V] logits with contiguous rows, its transform checked.
+grpo::DivHead div_head(const Tensor& z, const char* name, double scale, std::optional<double> softcap,
+                       double temperature, const char* what) {
+  TORCH_CHECK(z.dim() == 2, "grpo_kernels ", what, ": ", name, " must be 2-D [n, V], got ", z.sizes());
+  TORCH_CHECK(z.size(1) <= 1 || z.stride(1) == 1, "grpo_kernels ", what, ": ", name,
+              " rows must be contiguous (stride(1) == 1)");
+  TORCH_CHECK(z.size(0) <= 1 || z.stride(0) >= z.size(1), "grpo_kernels ", what, ": ", name,
+              " rows overlap (stride(0) < V)");
+  TORCH_CHECK(std::isfinite(scale), "grpo_kernels ", what, ": ", name, " scale must be finite, got ", scale);
+  TORCH_CHECK(temperature > 0.0 && std::isfinite(temperature), "grpo_kernels ", what, ": ", name,
+              " temperature must be finite and > 0, got ", temperature);
+  if (softcap.has_value()) {
+    TORCH_CHECK(*softcap > 0.0 && std::isfinite(*softcap), "grpo_kernels ", what, ": ", name,
+                " softcap must be finite and > 0, got ", *softcap);
+  }
+  return grpo::DivHead{z.data_ptr(), z.size(0) <= 1 ? z.size(1) : z.stride(0), dtype_code(z.scalar_type()), scale,
+                       softcap.has_value() ? *softcap : 0.0, temperature};
+}
+
+// The divergence rows (grpo_kernels/divergence.py): div and entropy [n] in the student's
+// accumulation dtype; with coef ([] or [n], that dtype) coef * dD/dz_s into out (none: over zs).
+void divergence_rows_(const Tensor& zs, const Tensor& zt, const Tensor& div, const Tensor& entropy,
+                      const OptTensor& coef, const OptTensor& out, double student_scale,
+                      std::optional<double> student_softcap, double student_temperature, double teacher_scale,
+                      std::optional<double> teacher_softcap, double teacher_temperature, double beta,
+                      int64_t stream, bool emulate_device) {
+  const char* what = "divergence_rows_";
+  check_device_supported(zs, what);
+  grpo::DivergenceParams p{};
+  p.student = div_head(zs, "zs", student_scale, student_softcap, student_temperature, what);
+  p.teacher = div_head(zt, "zt", teacher_scale, teacher_softcap, teacher_temperature, what);
+  TORCH_CHECK(zt.sizes() == zs.sizes(), "grpo_kernels ", what, ": zt must have the shape of zs ", zs.sizes(),
+              ", got ", zt.sizes());
+  TORCH_CHECK(zt.device() == zs.device(), "grpo_kernels ", what, ": zt is on ", zt.device(), ", zs on ", zs.device());
+  TORCH_CHECK(beta >= 0.0 && beta <= 1.0, "grpo_kernels ", what, ": beta must be in [0, 1], got ", beta);
+  p.n = zs.size(0);
+  p.V = zs.size(1);
+  p.beta = beta;
+  const auto acc = acc_type(zs.scalar_type());
+  const auto dev = zs.device();
+  check_vec(div, "div", p.n, acc, dev, what);
+  check_vec(entropy, "entropy", p.n, acc, dev, what);
+  p.div = div.data_ptr();
+  p.entropy = entropy.data_ptr();
+  if (coef.has_value() && coef->defined()) {
+    const bool per_row = coef->dim() == 1;
+    TORCH_CHECK(coef->dim() == 0 || per_row, "grpo_kernels ", what, ": coef must be [] or [n], got ", coef->sizes());
+    if (per_row) check_vec(*coef, "coef", p.n, acc, dev, what);
+    TORCH_CHECK(coef->scalar_type() == acc && coef->device() == dev, "grpo_kernels ", what, ": coef must be ", acc,
+                " on ", dev);
+    p.coef = coef->data_ptr();
+    p.coef_per_row = per_row ? 1 : 0;
+    const Tensor& o = (out.has_value() && out->defined()) ? *out : zs;
+    const grpo::DivHead oh = div_head(o, "out", 1.0, std::nullopt, 1.0, what);
+    TORCH_CHECK(o.sizes() == zs.sizes() && o.scalar_type() == zs.scalar_type() && o.device() == dev,
+                "grpo_kernels ", what, ": out must be ", zs.scalar_type(), " ", zs.sizes(), " on ", dev);
+    p.out = o.data_ptr();
+    p.ld_out = oh.ld;
+  }
+  check_emulation(zs, emulate_device, what);
+#ifdef GRPO_WITH_CUDA
+  if (zs.is_cuda()) return check_cuda(grpo::divergence_rows_cuda(p, zs.get_device(), as_stream(stream)), what);
+#endif
+  (void)stream;
+  run_cpu([&] { grpo::divergence_rows_cpu(p, emulate_device); }, what);
+}
+
 // B rows in groups of num_generations, and a known scale mode (row_pass.h's ScaleMode)
 void check_groups(int64_t B, int64_t num_generations, int64_t mode, const char* what) {
   TORCH_CHECK(num_generations > 0 && B % num_generations == 0, "grpo_kernels ", what, ": batch size ", B,
@@ -337,6 +404,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("reward_weights") = py::none(), py::arg("seq") = py::none(), py::arg("adv_out") = py::none(),
         py::arg("num_generations") = 1, py::arg("scale_mode") = 0, py::arg("reward_eps") = 1e-4,
         py::arg("emulate_device") = false);
+  m.def("divergence_rows_", &divergence_rows_,
+        "per-row divergence and student entropy; with coef, coef * dD/dz_s into out (None: over zs)",
+        py::arg("zs"), py::arg("zt"), py::arg("div"), py::arg("entropy"), py::arg("coef"), py::arg("out"),
+        py::arg("student_scale"), py::arg("student_softcap"), py::arg("student_temperature"),
+        py::arg("teacher_scale"), py::arg("teacher_softcap"), py::arg("teacher_temperature"), py::arg("beta"),
+        py::arg("stream") = 0, py::arg("emulate_device") = false);
   m.def("group_normalize", &group_normalize, "group-normalized advantages into out", py::arg("rewards"),
         py::arg("out"), py::arg("num_generations"), py::arg("mode"), py::arg("eps"), py::arg("stream") = 0,
         py::arg("emulate_device") = false);

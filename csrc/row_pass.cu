@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "divergence_sweep.h"
 #include "group_sweep.h"
 #include "row_sweep.h"
 
@@ -34,6 +35,12 @@ struct alignas(16) Vec {
   T v[N];
 };
 
+// N columns of storage type T (the divergence's teacher, in the student's vector split)
+template <class T, int N>
+struct alignas(16) Cols {
+  T v[N];
+};
+
 // ---------------------------------------------------------------------------------
 // block reductions: the warp's xor-shuffle tree (offsets 16..1), then warp 0 merges the warps'
 // results (scratch[lane] for lane < nwarps, else the empty value) by the same tree. Every thread
@@ -44,6 +51,15 @@ __device__ __forceinline__ double shfl_xor(double v, int off) { return __shfl_xo
 template <class A>
 __device__ __forceinline__ Online<A> shfl_xor(const Online<A>& o, int off) {
   return Online<A>{shfl_xor(o.m, off), shfl_xor(o.s, off), shfl_xor(o.t, off)};
+}
+template <class A>
+__device__ __forceinline__ DivOnline<A> shfl_xor(const DivOnline<A>& o, int off) {
+  return DivOnline<A>{shfl_xor(o.ms, off), shfl_xor(o.ss, off), shfl_xor(o.ts, off),
+                      shfl_xor(o.mt, off), shfl_xor(o.st, off), shfl_xor(o.x, off)};
+}
+template <class A>
+__device__ __forceinline__ DivPair<A> shfl_xor(const DivPair<A>& o, int off) {
+  return DivPair<A>{shfl_xor(o.q, off), shfl_xor(o.p, off)};
 }
 
 template <class V, class M>
@@ -90,6 +106,7 @@ struct DevicePolicy {
   }
   static __device__ __forceinline__ A log(A x) { return ::log(x); }
   static __device__ __forceinline__ A tanh(A x) { return ::tanh(x); }
+  static __device__ __forceinline__ A log1p_unit(A x) { return ::log1p(x); }
 
   // columns [c0, c0 + cnt): one 16-byte load when it is a whole aligned vector, else cnt scalar
   // loads (the same values either way); kept raw until used, to hold fewer registers
@@ -121,6 +138,24 @@ struct DevicePolicy {
     }
   }
   static __device__ __forceinline__ A load_one(const T* row, int64_t i) { return to_acc(row[i]); }
+  // another storage type's columns in this type's split (the divergence's teacher): one 16-byte
+  // load where the types' sizes match and the vector is whole and aligned, else scalar loads
+  template <class U>
+  using RawOf = Cols<U, kWidth>;
+  template <class U>
+  static __device__ __forceinline__ void load_as(const U* row, int64_t c0, int cnt, RawOf<U>& x) {
+    const U* p = row + c0;
+    if (sizeof(U) == sizeof(T) && cnt == kWidth && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
+      x = *reinterpret_cast<const RawOf<U>*>(p);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kWidth; ++k) {
+        if (k < cnt) x.v[k] = p[k];
+      }
+    }
+  }
+  template <class U>
+  static __device__ __forceinline__ A at_as(const RawOf<U>& x, int k) { return static_cast<A>(to_acc(x.v[k])); }
 
   __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
   template <class F, class V, class M>
@@ -171,6 +206,18 @@ GRPO_ROW_KERNEL(T) row_fused_kernel(RowFusedParams p) {
   // the batch's std (scale "batch") once per block by the whole block (block-uniform branch)
   const A batch_sigma = reward_batch_sigma(pol, p.rew);
   for (int64_t r = blockIdx.x; r < p.row.n; r += gridDim.x) fused_row<Pol>(pol, p, r, xf, batch_sigma);
+}
+
+// the divergence rows, student storage T, teacher Tt; the block's scratch holds DivOnline partials
+template <class T, class Tt, int MODE>
+GRPO_ROW_KERNEL(T) divergence_kernel(DivergenceParams p) {
+  using Pol = DevicePolicy<T>;
+  using A = typename Pol::A;
+  __shared__ DivOnline<A> scratch[32];
+  const Pol pol{reinterpret_cast<Online<A>*>(scratch), nullptr};
+  const HeadXform<Pol> xs(p.student), xt(p.teacher);
+  const DivConsts<A> c(p.beta);
+  for (int64_t r = blockIdx.x; r < p.n; r += gridDim.x) divergence_row<Pol, Tt, MODE>(pol, p, r, xs, xt, c);
 }
 
 template <class R>
@@ -224,6 +271,37 @@ cudaError_t launch_by_dtype(const Params& p, int dtype, dim3 grid, dim3 block, i
   return cudaGetLastError();
 }
 
+template <class T, class Tt>
+cudaError_t launch_divergence_tt(const DivergenceParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
+  switch (div_mode(p.beta)) {
+    case kDivForward:
+      divergence_kernel<T, Tt, kDivForward><<<grid, block, 0, stream>>>(p);
+      break;
+    case kDivReverse:
+      divergence_kernel<T, Tt, kDivReverse><<<grid, block, 0, stream>>>(p);
+      break;
+    default:
+      divergence_kernel<T, Tt, kDivMixture><<<grid, block, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+template <class T>
+cudaError_t launch_divergence_t(const DivergenceParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
+  switch (p.teacher.dtype) {
+    case kF32:
+      return launch_divergence_tt<T, float>(p, grid, block, stream);
+    case kF64:
+      return launch_divergence_tt<T, double>(p, grid, block, stream);
+    case kF16:
+      return launch_divergence_tt<T, __half>(p, grid, block, stream);
+    case kBF16:
+      return launch_divergence_tt<T, __nv_bfloat16>(p, grid, block, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
 
 cudaError_t row_stats_cuda(const RowStatsParams& p, int device, cudaStream_t stream) {
@@ -267,6 +345,25 @@ cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStrea
     return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+cudaError_t divergence_rows_cuda(const DivergenceParams& p, int device, cudaStream_t stream) {
+  if (p.n <= 0) return cudaSuccess;
+  DeviceGuard guard(device);
+  if (guard.err != cudaSuccess) return guard.err;
+  const dim3 grid(row_blocks(p.n)), block(row_threads(p.V, p.student.dtype));
+  switch (p.student.dtype) {
+    case kF32:
+      return launch_divergence_t<float>(p, grid, block, stream);
+    case kF64:
+      return launch_divergence_t<double>(p, grid, block, stream);
+    case kF16:
+      return launch_divergence_t<__half>(p, grid, block, stream);
+    case kBF16:
+      return launch_divergence_t<__nv_bfloat16>(p, grid, block, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace grpo

@@ -130,6 +130,31 @@ struct GroupNormParams {
   void* out;
 };
 
+// The divergence row pass (grpo_kernels/divergence.py; divergence_sweep.h): both heads' raw logits
+// of one chunk, [n, V] each, row r of a head at logits + r * ld (elements), unit column stride.
+struct DivHead {
+  const void* logits;
+  int64_t ld;
+  int dtype;           // DType; the heads' dtypes may differ
+  double scale;        // HeadTransform.kernel_args(): scale, softcap (<= 0: none), temperature
+  double softcap;
+  double temperature;
+};
+
+struct DivergenceParams {
+  DivHead student;
+  DivHead teacher;
+  int64_t n;
+  int64_t V;
+  double beta;        // in [0, 1]; 0 and 1 are their own cases
+  const void* coef;   // dLoss/dD in the accumulation dtype, [] or [n]; null: no gradient
+  int coef_per_row;   // 1: coef[r], 0: coef[0]
+  void* out;          // [n, V] the student's dtype, row r at out + r * ld_out; may be student.logits
+  int64_t ld_out;
+  void* div;          // [n] outputs, accumulation dtype (the student's: fp64 for fp64, else fp32)
+  void* entropy;
+};
+
 // ---------------------------------------------------------------------------------
 // The per-token GRPO epilogue: epilogue.token_epilogue for one token, same op order
 // (saturating exp, zero-wins scaling).
@@ -396,6 +421,7 @@ void row_stats_cpu(const RowStatsParams& p, bool emulate_device);
 void row_grad_cpu(const RowGradParams& p, bool emulate_device);
 void row_fused_cpu(const RowFusedParams& p, bool emulate_device);
 void group_normalize_cpu(const GroupNormParams& p, bool emulate_device);
+void divergence_rows_cpu(const DivergenceParams& p, bool emulate_device);
 
 }  // namespace grpo
 
@@ -410,5 +436,6 @@ cudaError_t row_stats_cuda(const RowStatsParams& p, int device, cudaStream_t str
 cudaError_t row_grad_cuda(const RowGradParams& p, int device, cudaStream_t stream);
 cudaError_t row_fused_cuda(const RowFusedParams& p, int device, cudaStream_t stream);
 cudaError_t group_normalize_cuda(const GroupNormParams& p, int device, cudaStream_t stream);
+cudaError_t divergence_rows_cuda(const DivergenceParams& p, int device, cudaStream_t stream);
 }  // namespace grpo
 #endif

@@ -1,4 +1,4 @@
-// The row pass on CPU tensors: two host policies of row_sweep.h.
+// The row pass on CPU tensors: two host policies of row_sweep.h (and of divergence_sweep.h).
 //
 // - Production (the `cpp` backend): one lane per row, 256-column vectors whose loops `omp simd`
 //   vectorizes (a polynomial exp), rows spread over threads with at::parallel_for.
@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "divergence_sweep.h"
 #include "group_sweep.h"
 #include "row_sweep.h"
 
@@ -55,6 +56,25 @@ inline float vexp(float x) {
   return under ? (x != x ? x : 0.0f) : y;
 }
 inline double vexp(double x) { return std::exp(x); }
+
+// log1p on [0, 1] (the divergence's logaddexp), branch-free for `omp simd`: fp32 as
+// 2 atanh(s), s = x / (2 + x) in [0, 1/3], by its series to s^13 (truncation < 3e-8 relative);
+// fp64: the libm log1p.
+inline float vlog1p_unit(float x) {
+  // s clamped at 1e-12 (log1p then 2e-12 instead of x: far below an ulp of log m): s * s^2 stays
+  // a normal number, where a subnormal one would cost ~100 cycles per element
+  float s = x / (2.0f + x);
+  s = s > 1e-12f ? s : 1e-12f;
+  const float s2 = s * s;
+  float p = 1.0f / 13.0f;
+  p = p * s2 + 1.0f / 11.0f;
+  p = p * s2 + 1.0f / 9.0f;
+  p = p * s2 + 1.0f / 7.0f;
+  p = p * s2 + 1.0f / 5.0f;
+  p = p * s2 + 1.0f / 3.0f;
+  return 2.0f * s + 2.0f * s * s2 * p;
+}
+inline double vlog1p_unit(double x) { return std::log1p(x); }
 
 // g[0..cnt) rounded to the storage type
 template <class T, class A>
@@ -111,11 +131,19 @@ struct HostPolicy {
   static A exp(A x) { return kEmulate ? std::exp(x) : vexp(x); }
   static A log(A x) { return std::log(x); }
   static A tanh(A x) { return std::tanh(x); }
+  static A log1p_unit(A x) { return kEmulate ? std::log1p(x) : vlog1p_unit(x); }
 
   // the host reads the columns where they are used: no loads to put in flight
   using Raw = const T*;
   static void load(const T* row, int64_t c0, int, Raw& p) { p = row + c0; }
   static A at(Raw p, int k) { return static_cast<A>(p[k]); }
+  // another storage type's columns (the divergence's teacher), converted to A directly
+  template <class U>
+  using RawOf = const U*;
+  template <class U>
+  static void load_as(const U* row, int64_t c0, int, RawOf<U>& p) { p = row + c0; }
+  template <class U>
+  static A at_as(RawOf<U> p, int k) { return static_cast<A>(p[k]); }
   static void store(T* row, int64_t c0, int cnt, const A* g) { store_as(row + c0, cnt, g); }
   static A load_one(const T* row, int64_t i) { return static_cast<A>(row[i]); }
 
@@ -144,10 +172,14 @@ int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int
 // f(r) for every row, the rows spread over threads (each row is independent: the same bits
 // whatever the thread count)
 template <class F>
-void each_row(const RowArgs& r, const F& f) {
-  at::parallel_for(0, r.n, grain_rows(r.V), [&](int64_t b, int64_t e) {
+void each_row(int64_t n, int64_t V, const F& f) {
+  at::parallel_for(0, n, grain_rows(V), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) f(i);
   });
+}
+template <class F>
+void each_row(const RowArgs& r, const F& f) {
+  each_row(r.n, r.V, f);
 }
 
 template <class T, bool kEmulate>
@@ -185,6 +217,23 @@ void group_normalize_t(const GroupNormParams& p) {
   group_normalize_all(HostPolicy<A, kEmulate>{kEmulate ? kGroupThreads : 1}, p);
 }
 
+// the divergence rows of student type T and teacher type Tt (the student's lanes and vectors)
+template <class T, bool kEmulate, class Tt>
+void divergence_t(const DivergenceParams& p) {
+  using P = HostPolicy<T, kEmulate>;
+  const P pol{kEmulate ? row_threads(p.V, p.student.dtype) : 1};
+  const HeadXform<P> xs(p.student), xt(p.teacher);
+  const DivConsts<typename P::A> c(p.beta);
+  switch (div_mode(p.beta)) {
+    case kDivForward:
+      return each_row(p.n, p.V, [&](int64_t r) { divergence_row<P, Tt, kDivForward>(pol, p, r, xs, xt, c); });
+    case kDivReverse:
+      return each_row(p.n, p.V, [&](int64_t r) { divergence_row<P, Tt, kDivReverse>(pol, p, r, xs, xt, c); });
+    default:
+      return each_row(p.n, p.V, [&](int64_t r) { divergence_row<P, Tt, kDivMixture>(pol, p, r, xs, xt, c); });
+  }
+}
+
 [[noreturn]] void bad_dtype(const char* what, int dtype) {
   throw std::invalid_argument(std::string("grpo_kernels ") + what + ": unsupported dtype code " +
                               std::to_string(dtype));
@@ -205,6 +254,31 @@ void dispatch(const Params& p, bool emulate, const char* what) {
       return emulate ? F<c10::BFloat16, true>::run(p) : F<c10::BFloat16, false>::run(p);
     default:
       bad_dtype(what, p.row.dtype);
+  }
+}
+
+// F<T, kEmulate>::run(p) for the student's dtype, teacher dtype Tt
+template <class Tt>
+struct DivergenceWith {
+  template <class T, bool E>
+  struct F {
+    static void run(const DivergenceParams& p) { divergence_t<T, E, Tt>(p); }
+  };
+};
+
+template <template <class, bool> class F>
+void dispatch_student(const DivergenceParams& p, bool emulate) {
+  switch (p.student.dtype) {
+    case kF32:
+      return emulate ? F<float, true>::run(p) : F<float, false>::run(p);
+    case kF64:
+      return emulate ? F<double, true>::run(p) : F<double, false>::run(p);
+    case kF16:
+      return emulate ? F<c10::Half, true>::run(p) : F<c10::Half, false>::run(p);
+    case kBF16:
+      return emulate ? F<c10::BFloat16, true>::run(p) : F<c10::BFloat16, false>::run(p);
+    default:
+      bad_dtype("divergence_rows_ (student)", p.student.dtype);
   }
 }
 
@@ -231,6 +305,22 @@ void row_grad_cpu(const RowGradParams& p, bool emulate_device) { dispatch<Grad>(
 
 void row_fused_cpu(const RowFusedParams& p, bool emulate_device) {
   dispatch<Fused>(p, emulate_device, "row_fused_");
+}
+
+void divergence_rows_cpu(const DivergenceParams& p, bool emulate_device) {
+  if (p.n <= 0) return;
+  switch (p.teacher.dtype) {
+    case kF32:
+      return dispatch_student<DivergenceWith<float>::F>(p, emulate_device);
+    case kF64:
+      return dispatch_student<DivergenceWith<double>::F>(p, emulate_device);
+    case kF16:
+      return dispatch_student<DivergenceWith<c10::Half>::F>(p, emulate_device);
+    case kBF16:
+      return dispatch_student<DivergenceWith<c10::BFloat16>::F>(p, emulate_device);
+    default:
+      bad_dtype("divergence_rows_ (teacher)", p.teacher.dtype);
+  }
 }
 
 void group_normalize_cpu(const GroupNormParams& p, bool emulate_device) {

@@ -11,6 +11,8 @@
 //   P::exp/log/tanh        the math (device: __expf in the hot loops; host: a polynomial exp)
 //   P::Raw, P::load/at/store  a vector of W columns: its raw load (P::Raw), column k of it in
 //                          P::A, the store of its gradient; P::load_one one column in P::A
+//   P::RawOf<U>, P::load_as<U>/at_as<U>  the same for another storage type U in this split (the
+//                          divergence's teacher, divergence_sweep.h); P::log1p_unit log1p on [0, 1]
 //   pol.reduce_lanes(f, empty, merge)  f(lane, L) on every lane, merged into one value that every
 //                          lane gets: the device's warp-shuffle tree then block merge, or an exact
 //                          host emulation of it, or (one lane) f(0, 1)

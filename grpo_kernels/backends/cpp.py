@@ -51,7 +51,7 @@ def _find_csrc() -> Path:
 _CSRC = _find_csrc()
 _CPP_SOURCES = ("row_pass_cpu.cpp", "bindings.cpp")
 _CUDA_SOURCES = ("row_pass.cu",)
-_HEADERS = ("row_pass.h", "row_sweep.h", "group_sweep.h")
+_HEADERS = ("row_pass.h", "row_sweep.h", "group_sweep.h", "divergence_sweep.h")
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 if sys.platform == "win32":
@@ -393,6 +393,23 @@ class CppRowBackend(RowBackend):
         )
         return (RowStats(lse=lse, entropy=ent, target_logit=tl),
                 TokenEpilogue(loss, dlogp, rewards["adv_out"] if rewards else None))
+
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
+        """The divergence row pass (contract: ``grpo_kernels.divergence``) in one kernel: D and the
+        student's entropy [n] in the accumulation dtype; with ``coef`` ([] or [n]) ``coef * dD/dz_s``
+        into ``out`` ([n, V], zs's dtype; None: over ``zs``). The teacher's logits ``zt`` are read in
+        their own dtype. ``execution`` is unused: the reduction order is fixed by V and the launch."""
+        ext = load_extension()
+        acc = accumulation_dtype(zs.dtype)
+        dev = zs.device
+        div, ent = (torch.empty(zs.shape[0], dtype=acc, device=dev) for _ in range(2))
+        c = None if coef is None else coef.detach().to(device=dev, dtype=acc).contiguous()
+        (s_scale, s_cap, s_temp), (t_scale, t_cap, t_temp) = spec.student.kernel_args(), spec.teacher.kernel_args()
+        ext.divergence_rows_(zs, zt, div, ent, c, out, student_scale=s_scale, student_softcap=s_cap or None,
+                             student_temperature=s_temp, teacher_scale=t_scale, teacher_softcap=t_cap or None,
+                             teacher_temperature=t_temp, beta=float(spec.beta), stream=_stream(zs),
+                             **self._emulation(zs))
+        return div, ent
 
     def group_normalize(self, rewards, num_generations: int, scale_rewards: str, eps: float):
         """``advantages.normalize_groups`` in one kernel, on the arguments as checked by
