@@ -110,3 +110,17 @@ def test_deterministic_and_batch_invariant_rows_are_bitwise(backend):
     assert torch.equal(small[1].divergence, full[1].divergence[2:4])
     assert torch.equal(small[1].entropy, full[1].entropy[2:4])
     assert torch.equal(small[2][0], full[2][0][2:4])
+
+
+def test_auto_on_the_cpu_keeps_the_faster_torch_divergence_pass():
+    """``auto`` on the CPU runs the torch divergence pass (measured faster than the C++ one there:
+    backends/cpp.py, ``divergence_auto_devices``), while a named 'cpp' runs its own."""
+    import torch as _torch
+
+    from grpo_kernels.backends import divergence_backend
+
+    auto, why = divergence_backend(ExecutionOptions(backend="auto").validate(), _torch.device("cpu"), _torch.float32)
+    assert auto.name == "torch", why
+    require("cpp", "cpu", _torch.float32)
+    named, _ = divergence_backend(ExecutionOptions(backend="cpp").validate(), _torch.device("cpu"), _torch.float32)
+    assert named.name == "cpp"

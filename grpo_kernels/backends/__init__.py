@@ -153,8 +153,11 @@ def divergence_backend(execution, device, dtype: torch.dtype, vocab_parallel: bo
     ``auto`` else the torch row pass, and a named backend without one raises BackendUnavailable."""
     backend, why = choose_backend(execution, device, dtype)
     able = backend.divergence_rows_ is not None and (backend.divergence_vocab_parallel or not vocab_parallel)
-    if able:
+    preferred = backend.divergence_auto_devices is None or torch.device(device).type in backend.divergence_auto_devices
+    if able and (preferred or execution.backend != "auto"):
         return backend, why
+    if able:  # auto, on a device where this backend's divergence pass is not the faster one
+        return _load("torch")[0], f"auto: portable torch ops (faster than {backend.name}'s divergence pass here)"
     what = "vocab-parallel divergence row pass" if backend.divergence_rows_ is not None else "divergence row pass"
     if execution.backend != "auto":
         raise BackendUnavailable(f"backend {backend.name!r} has no {what} (use backend='torch', or 'auto')")

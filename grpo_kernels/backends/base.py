@@ -33,7 +33,7 @@ epilogue contract: ``grpo_kernels.epilogue``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -79,6 +79,9 @@ class RowBackend:
     #: whether ``divergence_rows_`` takes ``vocab=`` (a ``collective.VocabGroup``: the chunk is one
     #: rank's vocabulary slice and its row sums are combined over the ranks)
     divergence_vocab_parallel: bool = False
+    #: the devices on which ``auto`` takes this backend's divergence pass (None: every device it
+    #: runs on); elsewhere ``auto`` runs the torch pass
+    divergence_auto_devices: Optional[Tuple[str, ...]] = None
 
     def temp_bytes(self, device) -> int:
         """``temp_bytes_per_elem`` on ``device`` (a backend whose temporaries depend on it overrides this)."""
