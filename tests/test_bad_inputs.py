@@ -574,3 +574,27 @@ def test_topk_forward_kl_bad_inputs():
     with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
                                          r"shape\), got \(3, 4, 1\)"):
         topk_forward_kl(h, w, ids, lt[..., :1])
+
+
+def test_verl_training_step_refusals():
+    """What verl's switched FSDP training steps (the ``ppo_loss`` one and the distillation one) refuse,
+    before any model work (runs where verl is installed: its own venv)."""
+    pytest.importorskip("verl")
+    from tensordict import TensorDict
+    from types import SimpleNamespace
+    from verl.utils import tensordict_utils as tu
+
+    from grpo_kernels.integrations.verl_step import refuse_unsupported
+
+    engine = SimpleNamespace(use_ulysses_sp=False)
+    with pytest.raises(NotImplementedError, match=r"does not support Ulysses sequence parallelism "
+                                                  r"\(ulysses_sequence_parallel_size > 1\)"):
+        refuse_unsupported(SimpleNamespace(use_ulysses_sp=True), TensorDict({}, batch_size=[]))
+    td = TensorDict({}, batch_size=[])
+    tu.assign_non_tensor(td, calculate_sum_pi_squared=True)
+    with pytest.raises(NotImplementedError, match=r"\(training step\) does not compute calculate_sum_pi_squared"):
+        refuse_unsupported(engine, td)
+    td = TensorDict({}, batch_size=[])
+    tu.assign_non_tensor(td, multi_modal_inputs=[{"pixel_values": None}])
+    with pytest.raises(NotImplementedError, match="the fused verl loss does not support multimodal inputs"):
+        refuse_unsupported(engine, td)

@@ -15,7 +15,7 @@ where they call it.
 - ``grpo_kernels.integrations.trl``: ``FusedGRPOTrainer``, a drop-in ``trl.GRPOTrainer``
   (``FusedGRPOMixin``; its logging in ``trl_metrics``).
 - ``grpo_kernels.integrations.verl``: the verl switch (``enable``); its parts in ``verl_config``,
-  ``verl_forward``, ``verl_loss`` and ``verl_engine``.
+  ``verl_forward``, ``verl_loss``, ``verl_step``, ``verl_engine`` and ``verl_distill``.
 """
 
 __all__ = ["transformers", "trl"]
