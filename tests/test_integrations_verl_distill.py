@@ -10,7 +10,7 @@ trainer sets (``distillation_use_topk``, ``distillation_only``): stock (material
 logits processor) and switched give the same loss, metrics, parameter gradients and top-k rows in
 ``model_output``, for supervised top-k alone, top-k plus the (fused) policy loss, policy-gradient
 top-k with and without task rewards, and the single-sample estimator losses (``k3``, ``k1``), packed
-and padded; and the switched step never allocates a tensor of N*V elements.
+and padded, in one micro-batch and in four; and the switched step never allocates a tensor of N*V elements.
 
 Float64 to 1e-10: verl's ``kl_divergence`` casts to float32 (its one float32 step), so the float64
 runs take that cast out (``_fp64_kl``, as tests/test_integrations_verl_topk.py does); the float32 runs
@@ -70,10 +70,10 @@ def _loss_fn(loss_kw: dict):
     return functools.partial(dl.distillation_ppo_loss, config=config, distillation_config=dcfg), dcfg
 
 
-def _distill_batch(dtype, use_remove_padding, dcfg, seed=3):
+def _distill_batch(dtype, use_remove_padding, dcfg, seed=3, micro=8):
     """tiv._batch plus the teacher's tensors (nested over the packed sequences, as verl's teacher
     workers return them) and the flags ray_trainer._update_actor sets."""
-    td = tiv._batch(dtype, use_remove_padding)
+    td = tiv._batch(dtype, use_remove_padding, micro=micro)
     offsets = td["input_ids"].offsets()
     nnz = int(offsets[-1])
     g = torch.Generator().manual_seed(seed)
@@ -121,11 +121,11 @@ def _compare(stock, fused, tol, use_topk):
             torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol, msg=k)
 
 
-def _run(monkeypatch, dtype, use_remove_padding, loss_kw):
+def _run(monkeypatch, dtype, use_remove_padding, loss_kw, micro=8):
     model = tiv._tiny_fsdp_model(dtype)
     eng = tiv._engine(model, monkeypatch, use_remove_padding)
     loss_fn, dcfg = _loss_fn(loss_kw)
-    data = _distill_batch(dtype, use_remove_padding, dcfg)
+    data = _distill_batch(dtype, use_remove_padding, dcfg, micro=micro)
     n_tokens = int(data["input_ids"].offsets()[-1])
     stock = _step(eng, data, loss_fn)
     try:
@@ -133,8 +133,9 @@ def _run(monkeypatch, dtype, use_remove_padding, loss_kw):
         fused = _step(eng, data, loss_fn)
     finally:
         gkv.disable()
-    assert stock[2] >= n_tokens * VOCAB  # the stock step builds the [N, V] logits
-    assert fused[2] < n_tokens * VOCAB, (fused[2], n_tokens * VOCAB)
+    if micro >= len(data["input_ids"]):  # one micro-batch of all N tokens (else its share of them)
+        assert stock[2] >= n_tokens * VOCAB  # the stock step builds the [N, V] logits
+        assert fused[2] < n_tokens * VOCAB, (fused[2], n_tokens * VOCAB)
     return stock, fused, dcfg.distillation_loss.loss_settings.use_topk
 
 
@@ -150,6 +151,14 @@ def test_distillation_step_switched_equals_stock_fp64(gloo_group, monkeypatch, _
 def test_distillation_step_switched_equals_stock_fp32_as_shipped(gloo_group, monkeypatch, mode):
     stock, fused, use_topk = _run(monkeypatch, torch.float32, True, mode)
     _compare(stock, fused, 1e-5, use_topk)
+
+
+@pytest.mark.parametrize("mode", [m for i, m in MODES if i in ("topk+policy", "topk-pg")], ids=["topk+policy", "topk-pg"])
+def test_distillation_step_over_micro_batches_fp64(gloo_group, monkeypatch, _fp64_kl, mode):
+    """Four micro-batches of the eight sequences: the teacher's nested tensors split with the rest and
+    verl's per-micro-batch loss scaling and metric lists come out the same."""
+    stock, fused, use_topk = _run(monkeypatch, torch.float64, True, mode, micro=2)
+    _compare(stock, fused, 1e-10, use_topk)
 
 
 def test_distillation_step_refuses_ulysses(gloo_group, monkeypatch):
