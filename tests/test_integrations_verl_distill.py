@@ -121,11 +121,12 @@ def _compare(stock, fused, tol, use_topk):
             torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol, msg=k)
 
 
-def _run(monkeypatch, dtype, use_remove_padding, loss_kw, micro=8):
+def _run(monkeypatch, dtype, use_remove_padding, loss_kw, micro=8, entropy=True):
     model = tiv._tiny_fsdp_model(dtype)
     eng = tiv._engine(model, monkeypatch, use_remove_padding)
     loss_fn, dcfg = _loss_fn(loss_kw)
     data = _distill_batch(dtype, use_remove_padding, dcfg, micro=micro)
+    tu.assign_non_tensor(data, calculate_entropy=entropy)
     n_tokens = int(data["input_ids"].offsets()[-1])
     stock = _step(eng, data, loss_fn)
     try:
@@ -151,6 +152,15 @@ def test_distillation_step_switched_equals_stock_fp64(gloo_group, monkeypatch, _
 def test_distillation_step_switched_equals_stock_fp32_as_shipped(gloo_group, monkeypatch, mode):
     stock, fused, use_topk = _run(monkeypatch, torch.float32, True, mode)
     _compare(stock, fused, 1e-5, use_topk)
+
+
+@pytest.mark.parametrize("mode", [m for i, m in MODES if i in ("topk-only", "topk+policy", "k3+policy")],
+                         ids=["topk-only", "topk+policy", "k3+policy"])
+def test_distillation_step_without_entropy_fp64(gloo_group, monkeypatch, _fp64_kl, mode):
+    """``calculate_entropy=False`` (the trainer's flag when ``entropy_coeff`` is 0): no entropy in
+    ``model_output``, and for top-k alone no vocabulary work besides the rows."""
+    stock, fused, use_topk = _run(monkeypatch, torch.float64, True, mode, entropy=False)
+    _compare(stock, fused, 1e-10, use_topk)
 
 
 @pytest.mark.parametrize("mode", [m for i, m in MODES if i in ("topk+policy", "topk-pg")], ids=["topk+policy", "topk-pg"])
