@@ -147,8 +147,8 @@ def test_distillation_step_switched_equals_stock_fp64(gloo_group, monkeypatch, _
     _compare(stock, fused, 1e-10, use_topk)
 
 
-@pytest.mark.parametrize("mode", [m for i, m in MODES if i in ("topk-only", "topk+policy", "topk-pg")],
-                         ids=["topk-only", "topk+policy", "topk-pg"])
+@pytest.mark.parametrize("mode", [m for i, m in MODES if i in ("topk-only", "topk+policy", "topk-pg", "k3+policy")],
+                         ids=["topk-only", "topk+policy", "topk-pg", "k3+policy"])
 def test_distillation_step_switched_equals_stock_fp32_as_shipped(gloo_group, monkeypatch, mode):
     stock, fused, use_topk = _run(monkeypatch, torch.float32, True, mode)
     _compare(stock, fused, 1e-5, use_topk)
@@ -158,7 +158,11 @@ def test_distillation_step_switched_equals_stock_fp32_as_shipped(gloo_group, mon
                          ids=["topk-only", "topk+policy", "k3+policy"])
 def test_distillation_step_without_entropy_fp64(gloo_group, monkeypatch, _fp64_kl, mode):
     """``calculate_entropy=False`` (the trainer's flag when ``entropy_coeff`` is 0): no entropy in
-    ``model_output``, and for top-k alone no vocabulary work besides the rows."""
+    ``model_output``; top-k alone and top-k plus the (fused) policy loss run no ``token_logprobs`` sweep."""
+    from grpo_kernels.integrations import verl_distill
+
+    if mode["loss_mode"] == "forward_kl_topk":
+        monkeypatch.setattr(verl_distill, "token_logprobs", lambda *a, **k: pytest.fail("a token_logprobs sweep ran"))
     stock, fused, use_topk = _run(monkeypatch, torch.float64, True, mode, entropy=False)
     _compare(stock, fused, 1e-10, use_topk)
 
