@@ -557,25 +557,6 @@ def test_verl_sum_pi_squared_refusals():
             verl_forward.linear_cross_entropy(h, w, t, 1.0, "none", object(), backend="torch")
 
 
-def test_topk_forward_kl_bad_inputs():
-    from grpo_kernels.topk_distill import topk_forward_kl
-
-    b = batch(device="cpu")
-    h, w = b["hidden"], b["weight"]
-    ids = torch.zeros(B, T, 2, dtype=torch.int64)
-    lt = torch.full((B, T, 2), -1.0)
-    with pytest.raises(ValueError, match=r"teacher_topk_ids must have shape \(3, 4, 2\) \(hidden's leading "
-                                         r"dimensions, K\), got \(3, 2\)"):
-        topk_forward_kl(h, w, ids[:, :2, 0], lt)
-    with pytest.raises(ValueError, match=r"teacher_topk_ids must hold 1 <= K <= V ids per token, got K = 0"):
-        topk_forward_kl(h, w, ids[..., :0], lt[..., :0])
-    with pytest.raises(ValueError, match=r"teacher_topk_ids holds token ids outside \[0, 11\)"):
-        topk_forward_kl(h, w, ids + V, lt)
-    with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
-                                         r"shape\), got \(3, 4, 1\)"):
-        topk_forward_kl(h, w, ids, lt[..., :1])
-
-
 def test_verl_training_step_refusals():
     """What verl's switched FSDP training steps (the ``ppo_loss`` one and the distillation one) refuse,
     before any model work (runs where verl is installed: its own venv)."""
@@ -598,3 +579,23 @@ def test_verl_training_step_refusals():
     tu.assign_non_tensor(td, multi_modal_inputs=[{"pixel_values": None}])
     with pytest.raises(NotImplementedError, match="the fused verl loss does not support multimodal inputs"):
         refuse_unsupported(engine, td)
+
+
+def test_topk_forward_kl_bad_inputs():
+    from grpo_kernels.topk_distill import topk_forward_kl
+
+    b = batch(device="cpu")
+    h, w = b["hidden"], b["weight"]
+    ids = torch.zeros(B, T, 2, dtype=torch.int64)
+    lt = torch.full((B, T, 2), -1.0)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must have shape \(3, 4, 2\) \(hidden's leading "
+                                         r"dimensions, K\), got \(3, 2\)"):
+        topk_forward_kl(h, w, ids[:, :2, 0], lt)
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must hold 1 <= K <= V ids per token, got K = 0"):
+        topk_forward_kl(h, w, ids[..., :0], lt[..., :0])
+    with pytest.raises(ValueError, match=r"teacher_topk_ids holds token ids outside \[0, 11\)"):
+        topk_forward_kl(h, w, ids + V, lt)
+    with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
+                                         r"shape\), got \(3, 4, 1\)"):
+        topk_forward_kl(h, w, ids, lt[..., :1])
+
