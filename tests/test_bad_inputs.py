@@ -598,4 +598,3 @@ def test_topk_forward_kl_bad_inputs():
     with pytest.raises(ValueError, match=r"teacher_topk_logps must have shape \(3, 4, 2\) \(teacher_topk_ids' "
                                          r"shape\), got \(3, 4, 1\)"):
         topk_forward_kl(h, w, ids, lt[..., :1])
-
