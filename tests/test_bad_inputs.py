@@ -600,6 +600,30 @@ def test_verl_sum_pi_squared_refusals():
             verl_forward.linear_cross_entropy(h, w, t, 1.0, "none", object(), backend="torch")
 
 
+def test_verl_training_step_refusals():
+    """What verl's switched FSDP training steps (the ``ppo_loss`` one and the distillation one) refuse,
+    before any model work (runs where verl is installed: its own venv)."""
+    pytest.importorskip("verl")
+    from tensordict import TensorDict
+    from types import SimpleNamespace
+    from verl.utils import tensordict_utils as tu
+
+    from grpo_kernels.integrations.verl_step import refuse_unsupported
+
+    engine = SimpleNamespace(use_ulysses_sp=False)
+    with pytest.raises(NotImplementedError, match=r"does not support Ulysses sequence parallelism "
+                                                  r"\(ulysses_sequence_parallel_size > 1\)"):
+        refuse_unsupported(SimpleNamespace(use_ulysses_sp=True), TensorDict({}, batch_size=[]))
+    td = TensorDict({}, batch_size=[])
+    tu.assign_non_tensor(td, calculate_sum_pi_squared=True)
+    with pytest.raises(NotImplementedError, match=r"\(training step\) does not compute calculate_sum_pi_squared"):
+        refuse_unsupported(engine, td)
+    td = TensorDict({}, batch_size=[])
+    tu.assign_non_tensor(td, multi_modal_inputs=[{"pixel_values": None}])
+    with pytest.raises(NotImplementedError, match="the fused verl loss does not support multimodal inputs"):
+        refuse_unsupported(engine, td)
+
+
 def test_topk_forward_kl_bad_inputs():
     from grpo_kernels.topk_distill import topk_forward_kl
 

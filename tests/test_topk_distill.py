@@ -63,3 +63,12 @@ def test_overlap_diagnostics_by_hand():
     assert float(full.losses.abs().max()) < 1e-12
     none = topk_forward_kl(h, w, low.indices, logp.gather(-1, low.indices), bias=b)
     assert bool((none.overlap_count == 0).all()) and bool((none.overlap_token_advantage == 0).all())
+
+
+def test_exported_from_the_package_top_level():
+    import grpo_kernels
+    from grpo_kernels import api
+
+    assert grpo_kernels.topk_forward_kl is topk_forward_kl
+    assert grpo_kernels.token_statistics is api.token_statistics
+    assert {"topk_forward_kl", "token_statistics"} <= set(grpo_kernels.__all__)

@@ -17,7 +17,7 @@ where they call it.
   ``trl.DistillationTrainer`` (``FusedDistillationMixin``, in ``trl_distill``); what both share
   (TRL's lazy import, the multimodal check) in ``trl_common``.
 - ``grpo_kernels.integrations.verl``: the verl switch (``enable``); its parts in ``verl_config``,
-  ``verl_forward``, ``verl_loss`` and ``verl_engine``.
+  ``verl_forward``, ``verl_loss``, ``verl_step``, ``verl_engine`` and ``verl_distill``.
 """
 
 __all__ = ["transformers", "trl"]

@@ -1,6 +1,6 @@
 """verl 0.9.1 -> ``grpo_kernels``: log-probs, entropy and the whole actor loss without [N, V] logits.
 
-Two pieces, both installed by one call, ``enable()``, in every process that builds a verl engine
+Three pieces, all installed by one call, ``enable()``, in every process that builds a verl engine
 (for Ray workers: ``ray.init(runtime_env={"worker_process_setup_hook":
 "grpo_kernels.integrations.verl.enable"})``, or import-and-call it in your worker entry point):
 
@@ -31,16 +31,24 @@ Two pieces, both installed by one call, ``enable()``, in every process that buil
    metrics of bypass_mode, ...) are verl's own ``ppo_loss`` evaluated on the fused pass's detached
    log-probs and entropies (O(B*T), no vocabulary work).
 
-What the fused loss step refuses (``NotImplementedError``, naming it): Ulysses sequence parallelism
-(``ulysses_sequence_parallel_size > 1``), top-K distillation, ``calculate_sum_pi_squared`` in the
+3. **Distillation.** When the engine's loss function is verl's ``distillation_ppo_loss`` (what the worker
+   installs when distillation is enabled), the same switched ``forward_step`` runs ``verl_distill``'s
+   step inside the FSDP module's forward: verl's top-k rows from ``topk_forward_kl`` (no [N, V]),
+   ``token_logprobs`` where the distillation loss needs differentiable log-probs, ``fused_ppo_loss``
+   for a policy loss added to supervised top-k, and verl's own ``distillation_ppo_loss`` combining them.
+
+What the fused training steps refuse (``NotImplementedError``, naming it): Ulysses sequence parallelism
+(``ulysses_sequence_parallel_size > 1``), ``calculate_sum_pi_squared`` in the
 training step (the forward-only log-prob pass answers it through the forward backend),
 multimodal inputs, a per-sample temperature tensor with different values, and ``config_to_options``'s
 list (``kl_loss_type="full"``, an unknown ``loss_mode``). Pass ``enable(loss=False)`` to keep verl's loss.
 
 Modules, by concern (this one is the switch and re-exports the public names):
 ``verl_config`` (``config_to_options``, ``KL_LOSS_TYPES``, the settings ``enable()`` installs),
-``verl_forward`` (the forward backend, ``linear_cross_entropy``), ``verl_loss`` (``fused_ppo_loss``)
-and ``verl_engine`` (the FSDP engine's fused training step).
+``verl_forward`` (the forward backend, ``linear_cross_entropy``), ``verl_loss`` (``fused_ppo_loss``),
+``verl_step`` (one training micro-batch of the FSDP engine, run inside its module's forward),
+``verl_engine`` (the switched ``forward_step``, the ``ppo_loss`` step) and ``verl_distill`` (the
+``distillation_ppo_loss`` step).
 """
 from __future__ import annotations
 
@@ -78,7 +86,8 @@ def enable(*, forward: bool = True, loss: bool = True, backend: str = "auto", ch
 
     ``forward``: register ``fused_kernel_options.impl_backend="grpo_kernels"`` (with verl's
     ``use_fused_kernels=True``). ``loss``: the FSDP engine's training step runs ``fused_ppo_loss``
-    inside the model's forward whenever its loss is verl's ``ppo_loss``. ``backend`` / ``chunk_size``:
+    inside the model's forward whenever its loss is verl's ``ppo_loss``, and the distillation step
+    (``verl_distill``) whenever it is verl's ``distillation_ppo_loss``. ``backend`` / ``chunk_size``:
     ``grpo_kernels``'s (``auto``: triton on CUDA, the C++ row pass on the CPU)."""
     import verl
     import verl.utils.kernel.linear_cross_entropy as lce_mod

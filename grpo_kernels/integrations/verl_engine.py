@@ -1,22 +1,22 @@
 """verl 0.9.1's FSDP engine with the fused actor loss: ``FSDPEngineWithLMHead.forward_step`` runs
 ``fused_ppo_loss`` *inside* the FSDP module's forward (the lm_head weight is whole only there)
 whenever the engine's loss function is verl's ``ppo_loss`` (what ``TrainingWorker`` installs for the
-actor). Forward-only passes, the critic and other losses keep verl's code. ``enable(loss=True)``
-(``grpo_kernels.integrations.verl``) installs ``wrap_forward_step``.
+actor), and the fused distillation step (``verl_distill``) whenever it is verl's
+``distillation_ppo_loss`` (what it installs when distillation is enabled). Forward-only passes, the
+critic and other losses keep verl's code. ``enable(loss=True)`` (``grpo_kernels.integrations.verl``)
+installs ``wrap_forward_step``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import NamedTuple, Optional
-
-import torch
 
 from grpo_kernels.integrations import transformers as gkt
-from grpo_kernels.integrations.common import enable_fused_forward, run_in_forward
-from grpo_kernels.integrations.verl_config import SETTINGS, scalar_temperature
+from grpo_kernels.integrations.verl_config import SETTINGS
+from grpo_kernels.integrations.verl_distill import distillation_configs, run_distillation_step
 from grpo_kernels.integrations.verl_forward import BACKEND_NAME, capture_sum_pi_squared
 from grpo_kernels.integrations.verl_loss import fused_ppo_loss
+from grpo_kernels.integrations.verl_step import EngineStep, packed_hidden, prepare_step, run_step
 
 __all__ = ["ppo_config", "wrap_forward_step", "run_fused_step", "wants_fused_sum_pi_squared",
            "forward_with_sum_pi_squared"]
@@ -40,13 +40,27 @@ def wrap_forward_step(original):
     def forward_step(self, micro_batch, loss_function, forward_only):
         if forward_only and wants_fused_sum_pi_squared(self, micro_batch):
             return forward_with_sum_pi_squared(original, self, micro_batch, loss_function)
-        config = None if forward_only or not SETTINGS.loss else ppo_config(loss_function)
-        if config is None:
+        if forward_only or not SETTINGS.loss:
+            return original(self, micro_batch, loss_function, forward_only)
+        configs = distillation_configs(loss_function)
+        if configs is not None:
+            return run_distillation_step(self, micro_batch, *configs)
+        config = ppo_config(loss_function)
+        if config is None or _distillation_flags(micro_batch):
+            # verl's own step: another loss, or ppo_loss with distillation's flags (which verl's step
+            # does not run either: its logits processor is then ppo_loss)
             return original(self, micro_batch, loss_function, forward_only)
         return run_fused_step(self, micro_batch, config)
 
     forward_step._grpo_kernels_original = original
     return forward_step
+
+
+def _distillation_flags(micro_batch) -> bool:
+    from verl.utils import tensordict_utils as tu
+
+    return any(tu.get_non_tensor_data(data=micro_batch, key=k, default=False)
+               for k in ("distillation_use_topk", "distillation_only"))
 
 
 def wants_fused_sum_pi_squared(engine, micro_batch) -> bool:
@@ -103,75 +117,19 @@ def forward_with_sum_pi_squared(original, engine, micro_batch, loss_function):
         del engine.prepare_model_outputs
 
 
-class _EngineStep(NamedTuple):
-    """One micro-batch's fused step, as the engine prepared it."""
-
-    config: object  # verl's ActorConfig
-    micro_batch: object  # the TensorDict, on the engine's device
-    dp_group: object
-    nnz: int  # packed tokens (the engine pads the packed sequence at its tail)
-    labels: torch.Tensor  # [nnz] verl's input_ids_rmpad_rolled
-    temperature: float
-    calc_entropy: bool
-    use_remove_padding: bool
-    attention_mask: Optional[torch.Tensor]  # [B, L] in the padded layout
-
-
-def _refuse_unsupported(engine, micro_batch, get) -> None:
-    if getattr(engine, "use_ulysses_sp", False):
-        raise NotImplementedError("the fused verl loss does not support Ulysses sequence parallelism "
-                                  "(ulysses_sequence_parallel_size > 1): enable(loss=False)")
-    for key in ("distillation_use_topk", "distillation_only"):
-        if get(key=key, default=False):
-            raise NotImplementedError(f"the fused verl loss does not support {key}=True: enable(loss=False)")
-    if get(key="calculate_sum_pi_squared", default=False):
-        # verl's trainer asks for it in the forward-only old-log-prob pass only (answered above, in the
-        # fused forward's sweep); the training step's sweep is grpo_loss's, which does not compute it
-        raise NotImplementedError("the fused verl loss (training step) does not compute calculate_sum_pi_squared=True "
-                                  "(the forward-only log-prob pass does): enable(loss=False)")
-    if micro_batch.get("multi_modal_inputs", None) is not None:
-        raise NotImplementedError("the fused verl loss does not support multimodal inputs: enable(loss=False)")
-
-
 def run_fused_step(engine, micro_batch, config):
     """``forward_step(micro_batch, ppo_loss, forward_only=False)`` with ``fused_ppo_loss`` in the forward:
     ``(loss, {"model_output", "loss", "metrics"})`` as verl's step returns them."""
-    from verl.utils import tensordict_utils as tu
-    from verl.workers.engine.fsdp import transformer_impl as impl  # the engine's own device helpers
-
-    micro_batch = micro_batch.to(impl.get_device_id())
-    get = functools.partial(tu.get_non_tensor_data, data=micro_batch)
-    _refuse_unsupported(engine, micro_batch, get)
-    model_inputs, output_args = engine.prepare_model_inputs(micro_batch=micro_batch)
-    nnz = int(micro_batch["input_ids"].offsets()[-1])
-    step = _EngineStep(
-        config=config, micro_batch=micro_batch, dp_group=engine.get_data_parallel_group(), nnz=nnz,
-        labels=output_args["input_ids_rmpad_rolled"].reshape(-1)[:nnz],
-        # verl's (non-fused) forward divides the logits by the temperature as a float32 tensor
-        temperature=float(torch.tensor(scalar_temperature(micro_batch["temperature"]), dtype=torch.float32)),
-        calc_entropy=bool(get(key="calculate_entropy", default=False)),
-        use_remove_padding=get(key="use_remove_padding", default=True),
-        attention_mask=model_inputs.get("attention_mask"),
-    )
-    enable_fused_forward(engine.module)
-    autocast_dtype = getattr(engine, "_autocast_dtype", torch.bfloat16)
-    autocast_ctx = (contextlib.nullcontext() if autocast_dtype == torch.float32
-                    else torch.autocast(device_type=impl.get_device_name(), dtype=autocast_dtype))
-    with autocast_ctx:
-        loss, metrics, model_output = run_in_forward(engine.module, functools.partial(_loss_in_forward, step),
-                                                     **model_inputs, use_cache=False)
+    step, model_inputs = prepare_step(engine, micro_batch, config)
+    loss, metrics, model_output = run_step(engine, model_inputs, functools.partial(_loss_in_forward, step))
     output = {"model_output": model_output, "loss": loss.detach().item(), "metrics": metrics}
     return loss, output
 
 
-def _loss_in_forward(step: _EngineStep, lm, **inputs):
+def _loss_in_forward(step: EngineStep, lm, **inputs):
     """The causal LM's forward under the fused step: the backbone's packed states, then ``fused_ppo_loss``
     -> (loss, metrics, the detached packed log-probs / entropies)."""
-    hidden, _ = gkt.backbone_hidden_states(lm, **inputs)
-    if step.use_remove_padding:
-        packed = hidden.reshape(-1, hidden.shape[-1])[:step.nnz]  # the static pad sits at the tail
-    else:
-        packed = hidden[step.attention_mask.bool()]
+    packed = packed_hidden(step, lm, **inputs)
     with gkt.kernel_head(lm, packed) as (h, w, b, softcap):
         mo = {"hidden_states": h, "lm_head_weight": w, "lm_head_bias": b, "logit_softcap": softcap,
               "labels": step.labels, "temperature": step.temperature, "calculate_entropy": step.calc_entropy}
