@@ -239,11 +239,10 @@ void divergence_t(const DivergenceParams& p) {
                               std::to_string(dtype));
 }
 
-// F<T, kEmulate>::run(p) for the row dtype
+// F<T, kEmulate>::run(p) for the storage type T of the dtype code `dtype`
 template <template <class, bool> class F, class Params>
-void dispatch(const Params& p, bool emulate, const char* what) {
-  if (p.row.n <= 0) return;
-  switch (p.row.dtype) {
+void dispatch_dtype(int dtype, const Params& p, bool emulate, const char* what) {
+  switch (dtype) {
     case kF32:
       return emulate ? F<float, true>::run(p) : F<float, false>::run(p);
     case kF64:
@@ -253,8 +252,15 @@ void dispatch(const Params& p, bool emulate, const char* what) {
     case kBF16:
       return emulate ? F<c10::BFloat16, true>::run(p) : F<c10::BFloat16, false>::run(p);
     default:
-      bad_dtype(what, p.row.dtype);
+      bad_dtype(what, dtype);
   }
+}
+
+// F<T, kEmulate>::run(p) for the row dtype
+template <template <class, bool> class F, class Params>
+void dispatch(const Params& p, bool emulate, const char* what) {
+  if (p.row.n <= 0) return;
+  dispatch_dtype<F>(p.row.dtype, p, emulate, what);
 }
 
 // F<T, kEmulate>::run(p) for the student's dtype, teacher dtype Tt
@@ -265,22 +271,6 @@ struct DivergenceWith {
     static void run(const DivergenceParams& p) { divergence_t<T, E, Tt>(p); }
   };
 };
-
-template <template <class, bool> class F>
-void dispatch_student(const DivergenceParams& p, bool emulate) {
-  switch (p.student.dtype) {
-    case kF32:
-      return emulate ? F<float, true>::run(p) : F<float, false>::run(p);
-    case kF64:
-      return emulate ? F<double, true>::run(p) : F<double, false>::run(p);
-    case kF16:
-      return emulate ? F<c10::Half, true>::run(p) : F<c10::Half, false>::run(p);
-    case kBF16:
-      return emulate ? F<c10::BFloat16, true>::run(p) : F<c10::BFloat16, false>::run(p);
-    default:
-      bad_dtype("divergence_rows_ (student)", p.student.dtype);
-  }
-}
 
 template <class T, bool E>
 struct Stats {
@@ -309,15 +299,16 @@ void row_fused_cpu(const RowFusedParams& p, bool emulate_device) {
 
 void divergence_rows_cpu(const DivergenceParams& p, bool emulate_device) {
   if (p.n <= 0) return;
+  const char* student = "divergence_rows_ (student)";
   switch (p.teacher.dtype) {
     case kF32:
-      return dispatch_student<DivergenceWith<float>::F>(p, emulate_device);
+      return dispatch_dtype<DivergenceWith<float>::F>(p.student.dtype, p, emulate_device, student);
     case kF64:
-      return dispatch_student<DivergenceWith<double>::F>(p, emulate_device);
+      return dispatch_dtype<DivergenceWith<double>::F>(p.student.dtype, p, emulate_device, student);
     case kF16:
-      return dispatch_student<DivergenceWith<c10::Half>::F>(p, emulate_device);
+      return dispatch_dtype<DivergenceWith<c10::Half>::F>(p.student.dtype, p, emulate_device, student);
     case kBF16:
-      return dispatch_student<DivergenceWith<c10::BFloat16>::F>(p, emulate_device);
+      return dispatch_dtype<DivergenceWith<c10::BFloat16>::F>(p.student.dtype, p, emulate_device, student);
     default:
       bad_dtype("divergence_rows_ (teacher)", p.teacher.dtype);
   }
