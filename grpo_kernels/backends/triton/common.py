@@ -49,6 +49,16 @@ def next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
 
 
+def tiles_for(configs, vocab: int, cap: Optional[int] = None):
+    """The autotune configs worth trying at ``vocab`` columns: tiles at most the next power of two
+    of V (at least 1024; a tiny V needs no 8K tile) and at most ``cap``; the smallest one when none
+    is left."""
+    limit = max(1024, next_pow2(int(vocab)))
+    if cap is not None:
+        limit = min(limit, cap)
+    return [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] <= limit] or configs[:1]
+
+
 def env_block_v() -> Optional[int]:
     """``GRPO_KERNELS_TRITON_BLOCK_V``: a fixed vocabulary tile (power of 2), no autotuning."""
     return env.triton_block_v()

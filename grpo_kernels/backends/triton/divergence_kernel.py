@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from grpo_kernels.backends.triton import common
-from grpo_kernels.backends.triton.common import INTERPRET, next_pow2, tanh, tl_acc, to_acc
+from grpo_kernels.backends.triton.common import INTERPRET, tanh, tl_acc, to_acc
 from grpo_kernels.divergence import DivergenceSpec, HeadTransform
 from grpo_kernels.epilogue import accumulation_dtype
 
@@ -246,11 +246,8 @@ FP64_MAX_BLOCK = 2048
 def _prune_configs(configs, named_args, **kwargs):
     """Drop tiles far larger than the vocabulary (a tiny V needs no 8K tile), and fp64 tiles past
     FP64_MAX_BLOCK."""
-    limit = max(1024, next_pow2(int(named_args["V"])))
-    if named_args["zs_ptr"].dtype == torch.float64:
-        limit = min(limit, FP64_MAX_BLOCK)
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] <= limit]
-    return kept or configs[:1]
+    cap = FP64_MAX_BLOCK if named_args["zs_ptr"].dtype == torch.float64 else None
+    return common.tiles_for(configs, named_args["V"], cap)
 
 
 #: one program per row, looping over V; each tile holds two heads, so no 8192 tile

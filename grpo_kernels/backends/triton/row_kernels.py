@@ -28,7 +28,7 @@ import triton.language as tl
 
 from grpo_kernels.backends.base import RowStats
 from grpo_kernels.backends.triton import common
-from grpo_kernels.backends.triton.common import INTERPRET, next_pow2, tanh, tl_acc, to_acc
+from grpo_kernels.backends.triton.common import INTERPRET, tanh, tl_acc, to_acc
 from grpo_kernels.backends.triton.advantages_kernel import reward_advantage, reward_block
 from grpo_kernels.backends.triton.objective_kernel import epilogue_params, grpo_token_epilogue, token_vectors
 from grpo_kernels.epilogue import SCALE_MODE_CODES, TokenEpilogue, accumulation_dtype, reward_matrix
@@ -243,10 +243,8 @@ def row_fused_kernel(
 
 
 def _prune_row_configs(configs, named_args, **kwargs):
-    """Drop tiles far larger than the vocabulary (a tiny V needs no 8K tile)."""
-    limit = max(1024, next_pow2(int(named_args["V"])))
-    kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_V"] <= limit]
-    return kept or configs[:1]
+    """Drop tiles far larger than the vocabulary (``common.tiles_for``)."""
+    return common.tiles_for(configs, named_args["V"])
 
 
 # one program per row, looping over V: tile, warps and pipelining stages
