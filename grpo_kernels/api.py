@@ -263,7 +263,8 @@ def grpo_loss(
     ``ref_weight`` [V, H_r] (``ref_bias`` [V]; any hidden width, its own float dtype; the policy's
     temperature and softcap), in the same sweep; ``ref_logps`` is then not read, no gradient reaches
     the reference, and ``metrics.kl_mean`` is the exact mean. With ``beta=0`` the reference is not
-    needed (given, it is not read). Not vocab-parallel yet.
+    needed (given, it is not read). Under vocab parallelism ``ref_weight`` / ``ref_bias`` hold the
+    same vocabulary rows as ``weight`` on each rank and ``ref_hidden`` is replicated.
 
     Vocab parallel: ``process_group`` / ``vocab_start`` / ``reduce_grad_hidden`` as in
     ``token_logprobs``; the loss and metrics are the global ones on every rank,
@@ -280,7 +281,7 @@ def grpo_loss(
                       ref_bias=ref_bias)
 
 
-def _reference_head(opts: GRPOOptions, vp: VocabParallel, hidden, weight, ref_hidden, ref_weight, ref_bias):
+def _reference_head(opts: GRPOOptions, hidden, weight, ref_hidden, ref_weight, ref_bias):
     """(ref_hidden, ref_weight, ref_bias) of the exact KL, checked and detached (autocast as the
     policy's head); all None when the call's KL is not the exact one (beta 0: not read)."""
     given = [n for n, x in (("ref_hidden", ref_hidden), ("ref_weight", ref_weight), ("ref_bias", ref_bias))
@@ -296,9 +297,9 @@ def _reference_head(opts: GRPOOptions, vp: VocabParallel, hidden, weight, ref_hi
     if missing:
         raise ValueError(f"{missing[0]} is required with kl_estimator='full' and beta != 0 (the reference's hidden "
                          "states [B, T, H_r] and head [V, H_r]; ref_logps is not read)")
-    if vp.enabled:
-        raise NotImplementedError("kl_estimator='full' has no vocab-parallel form yet; use kl_estimator='k3' "
-                                  "with ref_logps under a process_group")
+    # the reference's head is local tensors: this rank's rows of it beside a vocab-sharded policy head
+    collective.refuse_dtensors("grpo_loss's reference head", dict(ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                                                 ref_bias=ref_bias))
     check.second_head(hidden, weight, ref_hidden, ref_weight, ref_bias, prefix="ref",
                       roles="the policy and the reference")
     ref_hidden, ref_weight, ref_bias, _ = _autocast_head(ref_hidden, ref_weight, ref_bias)
@@ -329,7 +330,7 @@ def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, 
                          + ("both" if rewards is not None else "neither"))
     if rewards is None and reward_weights is not None:
         raise ValueError("reward_weights is given without rewards (it weights the reward functions' columns)")
-    ref_head = _reference_head(opts, vp, hidden, weight, ref_hidden, ref_weight, ref_bias)
+    ref_head = _reference_head(opts, hidden, weight, ref_hidden, ref_weight, ref_bias)
     # the exact KL reads the reference's head, not ref_logps: given anyway, they are checked, then not read
     needs_ref_logps = opts.beta if opts.kl_estimator != "full" else 0.0
     batch = check.grpo_batch(hidden, mask, targets, advantages, old_logps, ref_logps, importance_sampling_ratio,

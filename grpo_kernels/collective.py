@@ -152,6 +152,20 @@ def exchange(name: str, vocab_start: Optional[int], vocab_local: int, n: int, hi
     return VocabGroup(group, starts[rank], vocab_local, end, min(m[5] for m in meta), reduce_grad_hidden)
 
 
+def refuse_dtensors(taker: str, tensors: dict) -> None:
+    """Raises a TypeError naming the first DTensor among ``tensors`` (name -> tensor or None), which
+    ``taker`` (the function, in the message) takes as local tensors only: a DTensor (e.g. a
+    ColwiseParallel head) would reach the sweep's matmuls as a distributed operand."""
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise TypeError(f"{name} is a DTensor: {taker} takes local tensors; pass {name}.to_local() "
+                            "with process_group= and vocab_start= (docs/distributed.md)")
+
+
 def local_operands(hidden, weight, bias, group, reduce_grad_hidden):
     """DTensor operands to local tensors: a vocab-sharded lm_head (``Shard(0)`` on a 1-D mesh,
     as ``ColwiseParallel`` leaves it) gives its local rows and its mesh's group; a replicated

@@ -54,19 +54,6 @@ def _execution(backend, chunk_size, deterministic, batch_invariant) -> Execution
                             batch_invariant=batch_invariant).validate()
 
 
-def _refuse_dtensors(tensors: dict) -> None:
-    """distill_loss takes local tensors: a DTensor (e.g. a ColwiseParallel head) would reach the
-    sweep's matmuls as a distributed operand."""
-    if not torch.distributed.is_available():
-        return
-    from torch.distributed.tensor import DTensor
-
-    for name, t in tensors.items():
-        if isinstance(t, DTensor):
-            raise TypeError(f"{name} is a DTensor: distill_loss takes local tensors; pass {name}.to_local() "
-                            "with process_group= and vocab_start= (docs/distributed.md)")
-
-
 def _vocab_parallel(process_group, vocab_start, execution: ExecutionOptions) -> VocabParallel:
     """Vocab parallelism from ``process_group`` / ``vocab_start`` (``vocab_start`` alone: an error;
     its value is checked collectively, every rank raising alike, when the plan is made)."""
@@ -143,7 +130,7 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
     num_items = _num_items(num_items_in_batch)
-    _refuse_dtensors(dict(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
+    collective.refuse_dtensors("distill_loss", dict(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
                           teacher_weight=teacher_weight, teacher_bias=teacher_bias))
     check.tensor("hidden", hidden, ndim=(3,), floating=True)
     B, T, H = hidden.shape

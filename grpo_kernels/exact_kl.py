@@ -23,15 +23,19 @@ import torch
 
 from grpo_kernels import sweep
 from grpo_kernels.backends.base import RowBackend
+from grpo_kernels.collective import VocabGroup
 from grpo_kernels.divergence import DivergenceSpec
 from grpo_kernels.options import ExecutionOptions, GRPOOptions
+from grpo_kernels.plan import Plan
 
 
 @dataclass(frozen=True)
 class ExactKL:
     """The exact KL of one loss call on its real rows: ``hidden`` [n, H_r] (the reference's hidden
     states at the rows the sweep covers), ``weight`` [V, H_r] and ``bias`` [V] (or None) in the
-    reference's own float dtype; ``beta`` the KL coefficient; ``backend`` the divergence row pass."""
+    reference's own float dtype; ``beta`` the KL coefficient; ``backend`` the divergence row pass;
+    ``vocab`` the plan's ``collective.VocabGroup`` under vocab parallelism (``weight`` and ``bias``
+    then hold this rank's vocabulary rows, the policy's; None: the whole vocabulary)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
@@ -40,16 +44,18 @@ class ExactKL:
     spec: DivergenceSpec
     backend: RowBackend
     execution: ExecutionOptions
+    vocab: Optional[VocabGroup] = None
 
     @classmethod
     def of(cls, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: Optional[torch.Tensor],
-           rows: torch.Tensor, options: GRPOOptions, backend: RowBackend,
-           execution: ExecutionOptions) -> "ExactKL":
+           rows: torch.Tensor, options: GRPOOptions, plan: Plan) -> "ExactKL":
         """``ref_hidden`` [B*T, H_r] at the real rows ``rows`` [n]; ``options`` the call's own (with
-        its beta, before ``without_exact_kl``)."""
+        its beta, before ``without_exact_kl``); ``plan`` the call's (its divergence backend, execution
+        options and vocabulary group)."""
         return cls(ref_hidden.detach().index_select(0, rows), ref_weight.detach(),
                    None if ref_bias is None else ref_bias.detach(), options.beta,
-                   DivergenceSpec.reverse_kl(options.temperature, options.logit_softcap), backend, execution)
+                   DivergenceSpec.reverse_kl(options.temperature, options.logit_softcap), plan.divergence,
+                   plan.execution, plan.vocab)
 
     def rows_(self, start: int, end: int, z: torch.Tensor, coef: Optional[torch.Tensor] = None,
               out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -59,7 +65,10 @@ class ExactKL:
         tile = sweep.BATCH_INVARIANT_ROWS if self.execution.batch_invariant else None
         with torch.no_grad():  # the reference is a constant: never a graph, never a gradient
             zr = sweep.logits(self.hidden[start:end], self.weight, self.bias, tile)
-        kl, _ = self.backend.divergence_rows_(z, zr, self.spec, coef, self.execution, out=out)
+        # under vocab parallelism both heads' logsumexps and the row sums are all-reduced in the pass:
+        # KL_t is the global one on every rank, and the gradient this rank's slice of it
+        extra = {} if self.vocab is None else {"vocab": self.vocab}
+        kl, _ = self.backend.divergence_rows_(z, zr, self.spec, coef, self.execution, out=out, **extra)
         return kl
 
     def around(self, row_work: Callable, kl_out: torch.Tensor, coef: Optional[torch.Tensor] = None) -> Callable:

@@ -88,8 +88,7 @@ def real_rows(call: LossCall) -> RealRows:
                              ref_dtype=call.ref_weight.dtype if exact else None)
     kl = None
     if exact:
-        kl = ExactKL.of(call.ref_hidden, call.ref_weight, call.ref_bias, rows, call.options, plan.divergence,
-                        call.execution)
+        kl = ExactKL.of(call.ref_hidden, call.ref_weight, call.ref_bias, rows, call.options, plan)
         call = dataclasses.replace(call, options=options)
     acc = accumulation_dtype(call.hidden.dtype)
     to_acc = lambda t: None if t is None else t.to(acc)  # noqa: E731

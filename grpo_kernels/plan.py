@@ -266,7 +266,8 @@ def plan_call(hidden: torch.Tensor, weight: torch.Tensor, options: GRPOOptions, 
     divergence = None
     per_logit = None
     if ref_dtype is not None:
-        divergence, _ = divergence_backend(execution, hidden.device, hidden.dtype)
+        # under vocab parallelism its row sums are combined over the ranks: a pass that takes vocab=
+        divergence, _ = divergence_backend(execution, hidden.device, hidden.dtype, vocab_parallel.enabled)
         per_logit = exact_kl_bytes(hidden.dtype, ref_dtype, backend, divergence, hidden.device)
     rows = chunk_rows(n, weight.shape[0], hidden.dtype, backend, execution.chunk_size, hidden.device,
                       bytes_per_logit=per_logit)

@@ -388,6 +388,77 @@ def _vp_distill_dtensor_refused(rank):
     return {"refused": 1.0}
 
 
+#: the exact KL (kl_estimator="full") under vocab parallelism, one case per loss path: (options, path)
+VP_EXACT_KL = {
+    "dapo_one_sweep": dict(loss_type="dapo", beta=0.04),
+    "grpo_softcap_temperature": dict(loss_type="grpo", beta=0.05, logit_softcap=3.0, temperature=0.7),
+    "bnpo_entropy_quantile": dict(loss_type="bnpo", beta=0.1, top_entropy_quantile=0.5),
+    "grpo_sequence_cut": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.02, chunk_size=None),
+    "grpo_sequence_two_sweeps": dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.02),
+    "verl_vanilla_token_mean": dict(policy_loss="vanilla", loss_agg_mode="token-mean", beta=0.03),
+    "dapo_no_grad": dict(loss_type="dapo", beta=0.04, no_grad=True),
+}
+
+
+def _vp_exact_kl(rank, name, backend):
+    """grpo_loss(kl_estimator="full") (``auto``: the C++ GRPO row pass where built, beside the torch
+    divergence pass) with both heads (policy and reference, and their biases) split
+    alike over the vocabulary (uneven slices, rank 1 holding the lower slice, chunks of 4 rows,
+    ref_hidden replicated, of another width) against the float64 oracle on the whole heads in one
+    process: loss, kl_mean and the per-token KL, grad_hidden whole on every rank, each rank's
+    grad_weight / grad_bias rows."""
+    from test_exact_kl import make_ref
+
+    from grpo_kernels.reference import reference_grpo_loss
+
+    kw = dict(dict(chunk_size=4, max_completion_length=7), **VP_EXACT_KL[name], kl_estimator="full")
+    no_grad = kw.pop("no_grad", False)
+    batch = make_batch(V=V, H=H, seed=31)
+    ref = make_ref(seed=31, vocab=V)
+    leaves = [batch[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    want, wm = reference_grpo_loss(
+        *leaves[:2], batch["targets"], batch["advantages"], batch["mask"], batch["old_logps"], batch["ref_logps"],
+        bias=leaves[2], return_metrics=True, **ref, **kw)
+    want.backward()
+    lo, hi = SPLIT[1 - rank]
+    h = batch["hidden"].clone().requires_grad_()
+    w, b = (batch[k][lo:hi].clone().requires_grad_() for k in ("weight", "bias"))
+    with torch.set_grad_enabled(not no_grad):
+        loss, m = gk.grpo_loss(h, w, batch["targets"], batch["advantages"], batch["mask"], batch["old_logps"],
+                               batch["ref_logps"], bias=b, return_metrics=True, process_group=dist.group.WORLD,
+                               vocab_start=lo, backend=backend, ref_hidden=ref["ref_hidden"],
+                               ref_weight=ref["ref_weight"][lo:hi], ref_bias=ref["ref_bias"][lo:hi], **kw)
+    out = {"loss": rel_err(loss, want), "kl_mean": rel_err(m.kl_mean, wm["kl_mean"]),
+           "kl": rel_err(m.kl, wm["kl"] * batch["mask"]), "logps": rel_err(m.logps, wm["logps"] * batch["mask"])}
+    if not no_grad:
+        loss.backward()
+        out.update(grad_hidden=rel_err(h.grad, leaves[0].grad), grad_weight_shard=rel_err(w.grad, leaves[1].grad[lo:hi]),
+                   grad_bias_shard=rel_err(b.grad, leaves[2].grad[lo:hi]))
+    return out
+
+
+def _vp_exact_kl_named_backend_refused(rank):
+    """A named backend whose divergence pass takes no vocab= raises BackendUnavailable on every rank,
+    before any collective (the plan picks the divergence backend before the ranks exchange)."""
+    from grpo_kernels.backends import BackendUnavailable
+    from test_exact_kl import make_ref
+
+    missing = _backend_missing("cpp")
+    if missing:
+        return {"__skip__": missing}
+    batch = make_batch(V=V, H=H, seed=32)
+    ref = make_ref(seed=32, vocab=V)
+    lo, hi = SPLIT[rank]
+    try:
+        gk.grpo_loss(batch["hidden"], batch["weight"][lo:hi], batch["targets"], batch["advantages"], batch["mask"],
+                     batch["old_logps"], bias=batch["bias"][lo:hi], process_group=dist.group.WORLD, vocab_start=lo,
+                     backend="cpp", beta=0.04, kl_estimator="full", ref_hidden=ref["ref_hidden"],
+                     ref_weight=ref["ref_weight"][lo:hi], ref_bias=ref["ref_bias"][lo:hi])
+    except BackendUnavailable as exc:
+        return {"refused": 0.0 if "has no vocab-parallel divergence row pass" in str(exc) else 1.0}
+    return {"refused": 1.0}
+
+
 SCENARIOS = {
     **{f"vocab_parallel_loss/{k}/{b}": (lambda r, k=k, b=b: _vp_loss_case(r, k, b))
        for b in VP_BACKENDS for k in VP_CASES},
@@ -400,6 +471,9 @@ SCENARIOS = {
     "global_num_items": _global_num_items,
     **{f"vocab_parallel_distill/beta_{b}": (lambda r, b=b: _vp_distill(r, b)) for b in (0.0, 0.5, 1.0)},
     "vocab_parallel_distill/dtensor_refused": _vp_distill_dtensor_refused,
+    **{f"vocab_parallel_exact_kl/{k}/{b}": (lambda r, k=k, b=b: _vp_exact_kl(r, k, b))
+       for b in ("torch", "auto") for k in VP_EXACT_KL},
+    "vocab_parallel_exact_kl/named_backend_refused": _vp_exact_kl_named_backend_refused,
 }
 
 
