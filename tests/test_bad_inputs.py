@@ -643,17 +643,25 @@ def test_topk_forward_kl_bad_inputs():
         topk_forward_kl(h, w, ids, lt[..., :1])
 
 
-def test_exact_kl_has_no_vocab_parallel_form_yet():
-    """kl_estimator='full' under a process_group: NotImplementedError before any collective (a
-    one-process gloo group stands in for the vocab-parallel one)."""
+def test_exact_kl_reference_head_as_a_dtensor_is_refused():
+    """A DTensor reference head (e.g. ColwiseParallel's Shard(0) beside a vocab-sharded policy head):
+    a TypeError naming it, before any collective (a one-process gloo group stands in for the
+    vocab-parallel one; the exact KL itself under vocab parallelism: tests/test_distributed.py)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         b = batch(device="cpu")
-        with pytest.raises(NotImplementedError, match=r"kl_estimator='full' has no vocab-parallel form yet"):
-            call(b, process_group=dist.group.WORLD, **ref_head(b), **FULL)
+        head = ref_head(b)
+        head["ref_weight"] = distribute_tensor(head["ref_weight"], init_device_mesh("cpu", (1,)), [Shard(0)])
+        with pytest.raises(TypeError, match=r"ref_weight is a DTensor: grpo_loss's reference head takes local "
+                                            r"tensors; pass ref_weight\.to_local\(\) with process_group= and "
+                                            r"vocab_start= \(docs/distributed\.md\)"):
+            call(b, process_group=dist.group.WORLD, **head, **FULL)
     finally:
         dist.destroy_process_group()
