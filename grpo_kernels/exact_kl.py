@@ -13,6 +13,11 @@ beta 0 plus ``beta * sum_t w_t KL_t``, and dLoss/dz_t is that objective's gradie
 divergence row pass writing ``beta * w_t * dKL_t/dz`` into a separate buffer (it reads the policy's
 logits, which the GRPO row pass then overwrites with its own gradient), the GRPO row pass with its
 KL term off, then the buffer added into the chunk's gradient.
+
+Under vocab parallelism (``ExactKL.vocab``, the plan's group) both heads hold the same vocabulary
+rows on a rank: the divergence pass all-reduces both heads' logsumexps and the KL's row sums, so
+KL_t is the global one and its gradient this slice's, and the sweep reduces ``grad_hidden`` (the
+KL's part included) once, as for the rest of the objective.
 """
 from __future__ import annotations
 
