@@ -13,7 +13,7 @@ from torch import nn
 from grpo_kernels import collective, epilogue, objective, token_stats, validation as check
 from grpo_kernels.calls import LogprobsCall, LossCall
 from grpo_kernels.metrics import GRPOMetrics, compute_metrics
-from grpo_kernels.ops import loss_op, token_logprobs_op
+from grpo_kernels.ops import loss_op, token_logprobs_op, token_statistics_op
 from grpo_kernels.options import (OPTION_NAMES, ExecutionOptions, GRPOOptions, VocabParallel, split_options,
                                   with_overrides)
 
@@ -209,7 +209,7 @@ def token_statistics(
             if not return_entropy:
                 out = (out[0], torch.zeros_like(out[1]), out[2])
         else:
-            out = token_stats.forward_statistics(LogprobsCall(
+            out = token_statistics_op(LogprobsCall(
                 hidden=h2, weight=w, bias=b, targets=t1, options=options, execution=execution, vocab_parallel=vp,
                 need_entropy=return_entropy))
     return token_stats.TokenStatistics(*(t.reshape(lead) for t in out))

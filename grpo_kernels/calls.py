@@ -94,7 +94,9 @@ class LossCall:
 @dataclass(frozen=True)
 class LogprobsCall:
     """A ``grpo_kernels::token_logprobs`` call: hidden [n, H], weight [V, H], bias [V] or None,
-    targets [n] int64; without ``need_entropy`` the entropies are not computed."""
+    targets [n] int64; without ``need_entropy`` the entropies are not computed. Also the call of
+    ``grpo_kernels::token_statistics`` (the same sweep's arguments, forward only, never vocab
+    parallel): one class, so the two ops cannot drift apart in what they take."""
 
     hidden: Tensor
     weight: Tensor
@@ -152,6 +154,68 @@ class LogprobsGradCall:
         a = dict(zip(cls.NAMES, args))
         return cls(**{name: a[name] for name in _names(HEAD_PARAMS + LOGPROBS_GRAD_PARAMS)},
                    **options_from_op_args(a), needs=tuple(a["needs"]))
+
+
+#: the top-k distillation rows' teacher side and clamp: ids [n, K] int64 in [0, V), log-probs [n, K]
+#: in the accumulation dtype, the clamp's floor (None: no clamp)
+TOPK_PARAMS: Params = (("teacher_topk_ids", Tensor), ("teacher_topk_logps", Tensor),
+                       ("log_prob_min_clamp", Optional[float]))
+
+
+@dataclass(frozen=True)
+class TopKCall:
+    """A ``grpo_kernels::topk_forward_kl`` call: the student's head (hidden [n, H], weight [V, H],
+    bias [V] or None), the teacher's top-k ids [n, K] int64 and log-probs [n, K] (accumulation
+    dtype), the clamp's floor, and the options (only ``temperature`` / ``logit_softcap`` and the
+    execution settings matter; the full objects cross the boundary as for ``LogprobsCall``)."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    teacher_topk_ids: Tensor
+    teacher_topk_logps: Tensor
+    log_prob_min_clamp: Optional[float]
+    options: GRPOOptions
+    execution: ExecutionOptions
+    vocab_parallel: VocabParallel
+
+    PARAMS: ClassVar[Params] = HEAD_PARAMS[:3] + TOPK_PARAMS + OPTION_OP_PARAMS
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+    TENSORS: ClassVar[Tuple[str, ...]] = _names(HEAD_PARAMS[:3] + TOPK_PARAMS)
+
+    def to_op_args(self) -> tuple:
+        return (*(getattr(self, name) for name in self.TENSORS),
+                *option_op_args(self.options, self.execution, self.vocab_parallel))
+
+    @classmethod
+    def from_named(cls, a: dict) -> "TopKCall":
+        """The call from a mapping of op argument names to values (``from_op_args``' lookup)."""
+        return cls(**{name: a[name] for name in cls.TENSORS}, **options_from_op_args(a))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "TopKCall":
+        return cls.from_named(dict(zip(cls.NAMES, args)))
+
+
+@dataclass(frozen=True)
+class TopKGradCall:
+    """A ``grpo_kernels::topk_forward_kl_backward`` call: the forward's call, the upstream gradient
+    of its ``losses`` ([n], accumulation dtype) and the gradients wanted for (hidden, weight, bias)."""
+
+    forward: TopKCall
+    grad_losses: Tensor
+    needs: Tuple[bool, bool, bool]
+
+    PARAMS: ClassVar[Params] = TopKCall.PARAMS + (("grad_losses", Tensor), ("needs", List[bool]))
+    NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
+
+    def to_op_args(self) -> tuple:
+        return (*self.forward.to_op_args(), self.grad_losses, list(self.needs))
+
+    @classmethod
+    def from_op_args(cls, args: Sequence) -> "TopKGradCall":
+        a = dict(zip(cls.NAMES, args))
+        return cls(forward=TopKCall.from_named(a), grad_losses=a["grad_losses"], needs=tuple(a["needs"]))
 
 
 #: the divergence (``divergence.DivergenceSpec``) as op arguments

@@ -1,13 +1,16 @@
 """The fused operations as ``torch.library`` custom ops with registered autograd.
 
 Being custom ops (opaque to the compiler, with fake implementations for shape propagation)
-lets a ``torch.compile(fullgraph=True)`` training step call ``grpo_loss`` and
-``token_logprobs`` without a graph break. Their backward passes are custom ops too.
+lets a ``torch.compile(fullgraph=True)`` training step call ``grpo_loss``, ``token_logprobs``,
+``token_statistics``, ``distill_loss`` and ``topk_forward_kl`` without a graph break: whatever reads
+tensor values back to the host (chunk bounds, ``nonzero`` of the kept rows, ...) happens inside an op.
+The backward passes that recompute are custom ops too.
 
 An op takes flat arguments; each op has one call class in ``grpo_kernels.calls``
-(``LossCall``, ``LogprobsCall``, ``LogprobsGradCall``) whose ``PARAMS`` are its schema and whose
-``to_op_args`` / ``from_op_args`` are the only flattening, by name. The implementations here
-receive the rebuilt call. Call the ops through ``loss_op`` / ``token_logprobs_op``.
+(``LossCall``, ``LogprobsCall``, ``LogprobsGradCall``, ``DistillCall``, ``TopKCall``,
+``TopKGradCall``) whose ``PARAMS`` are its schema and whose ``to_op_args`` / ``from_op_args`` are the
+only flattening, by name. The implementations here receive the rebuilt call. Call the ops through
+the ``*_op`` functions at the end of each section.
 """
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from grpo_kernels import autodiff, distill_op, loss as loss_impl
-from grpo_kernels.calls import DistillCall, LogprobsCall, LogprobsGradCall, LossCall
+from grpo_kernels import autodiff, distill_op, loss as loss_impl, token_stats, topk_distill_op
+from grpo_kernels.calls import DistillCall, LogprobsCall, LogprobsGradCall, LossCall, TopKCall, TopKGradCall
 from grpo_kernels.epilogue import accumulation_dtype
 
 _EMPTY = (0,)
@@ -252,3 +255,78 @@ def distill_loss_op(call: DistillCall) -> Tuple[Tensor, ...]:
     """(loss [], divergence [N], entropy [N], grad_hidden, grad_weight, grad_bias) of a
     ``DistillCall``; a gradient not asked for in ``call.needs`` comes back as an empty tensor."""
     return _distill_op(*call.to_op_args())
+
+
+# ---------------------------------------------------------------- token statistics (forward only)
+
+
+def _ts_impl(call: LogprobsCall):
+    return tuple(token_stats.forward_statistics(call))
+
+
+_ts_op = _define("token_statistics", LogprobsCall, Tuple[Tensor, Tensor, Tensor], _ts_impl, _tl_fake)
+
+
+def token_statistics_op(call: LogprobsCall) -> Tuple[Tensor, Tensor, Tensor]:
+    """hidden [n, H] -> (logp [n], entropy [n], sum_pi_squared [n]) in the accumulation dtype, no
+    autograd (the caller passes detached tensors); without ``call.need_entropy`` the entropy is 0."""
+    return _ts_op(*call.to_op_args())
+
+
+# ---------------------------------------------------------------- top-k distillation rows
+
+
+def _topk_fake(call: TopKCall):
+    hidden = call.hidden
+    n, acc = hidden.shape[0], accumulation_dtype(hidden.dtype)
+    rows = [hidden.new_empty((n,), dtype=acc) for _ in range(4)]
+    return (*rows[:3], hidden.new_empty((n,), dtype=torch.int64), rows[3])
+
+
+_topk_op = _define("topk_forward_kl", TopKCall, Tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+                   topk_distill_op.topk_forward, _topk_fake)
+
+
+def _topk_backward_impl(grad: TopKGradCall):
+    gh, gw, gb = topk_distill_op.topk_backward(grad)
+    hidden = grad.forward.hidden
+    return _grad_or_empty(gh, hidden), _grad_or_empty(gw, hidden), _grad_or_empty(gb, hidden)
+
+
+def _topk_backward_fake(grad: TopKGradCall):
+    return _fake_grads(grad.forward.hidden, grad.forward.weight, grad.forward.bias, grad.needs)
+
+
+_topk_backward_op = _define("topk_forward_kl_backward", TopKGradCall, Tuple[Tensor, Tensor, Tensor],
+                            _topk_backward_impl, _topk_backward_fake)
+
+
+def _topk_setup(ctx, inputs, output):
+    call = TopKCall.from_op_args(inputs)
+    ctx.mark_non_differentiable(*output[1:])  # only the losses have a gradient
+    ctx.save_for_backward(call.hidden, call.weight, call.bias, call.teacher_topk_ids, call.teacher_topk_logps)
+    # as for token_logprobs: tensors through save_for_backward only, the rest of the call kept
+    ctx.call = dataclasses.replace(call, hidden=None, weight=None, bias=None, teacher_topk_ids=None,
+                                   teacher_topk_logps=None)
+    ctx.has_bias = call.bias is not None
+
+
+def _topk_backward(ctx, grad_losses, *_unused):
+    _no_double_backward("topk_forward_kl")
+    hidden, weight, bias, ids, lt = ctx.saved_tensors
+    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+    call = dataclasses.replace(ctx.call, hidden=hidden, weight=weight, bias=bias, teacher_topk_ids=ids,
+                               teacher_topk_logps=lt)
+    gh, gw, gb = _topk_backward_op(*TopKGradCall(call, grad_losses.to(lt.dtype), needs).to_op_args())
+    grads = (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
+    return grads + (None,) * (len(TopKCall.PARAMS) - len(grads))
+
+
+_topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
+
+
+def topk_forward_kl_op(call: TopKCall) -> Tuple[Tensor, ...]:
+    """(losses, student_mass, teacher_mass, overlap_count, overlap_token_advantage), [n] each, of a
+    ``TopKCall``: accumulation dtype (``overlap_count`` int64); only ``losses`` is differentiable, in
+    (hidden, weight, bias), by a backward op that recomputes each chunk's logits."""
+    return _topk_op(*call.to_op_args())

@@ -7,7 +7,9 @@ after the row backend's statistics (which leave the chunk intact) gave the row's
 one more elementwise pass over the chunk in torch, and no second matmul over the vocabulary.
 
 ``forward_statistics(call)`` is that sweep for a ``calls.LogprobsCall`` (forward only: nothing
-here is differentiable; ``grpo_kernels.api.token_statistics`` is the public entry).
+here is differentiable). It runs inside the custom op ``grpo_kernels::token_statistics``
+(``grpo_kernels.ops``), so ``torch.compile(fullgraph=True)`` traces no host read of the sweep;
+``grpo_kernels.api.token_statistics`` is the public entry.
 """
 from __future__ import annotations
 

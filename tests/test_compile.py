@@ -279,3 +279,85 @@ def test_distill_loss_compiled_fullgraph(beta):
 
     compiled = torch.compile(step, fullgraph=True, backend=COMPILER)
     _assert_close(run(compiled), run(step))
+
+
+# ---------------------------------------------------------------- token_statistics, topk_forward_kl
+
+
+def _head(seed, B=3, T=5, H=16, V=37):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = 0.5 * torch.randn(V, H, generator=g, dtype=torch.float64)
+    b = 0.1 * torch.randn(V, generator=g, dtype=torch.float64)
+    return h, w, b, g
+
+
+@pytest.mark.parametrize("return_entropy,softcap", [(True, None), (False, 3.0)])
+def test_token_statistics_compiled_fullgraph(return_entropy, softcap):
+    """token_statistics (the grpo_kernels::token_statistics custom op) in a fullgraph step that
+    also computes with its results: the eager statistics, over several chunks."""
+    h, w, b, g = _head(11)
+    targets = torch.randint(0, w.shape[0], h.shape[:-1], generator=g)
+
+    def step(h, w, b):
+        st = gk.token_statistics(h, w, targets, bias=b, temperature=0.8, logit_softcap=softcap,
+                                 return_entropy=return_entropy, backend="torch", chunk_size=4)
+        return st.logp, st.entropy, st.sum_pi_squared, (st.logp * st.sum_pi_squared).sum()
+
+    want = step(h, w, b)
+    got = torch.compile(step, fullgraph=True, backend=COMPILER)(h, w, b)
+    for x, y in zip(got, want):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        assert rel_err(x, y) <= TOL
+
+
+@pytest.mark.parametrize("clamp,softcap", [(None, None), (-3.0, 4.0)])
+def test_topk_forward_kl_compiled_fullgraph(clamp, softcap):
+    """topk_forward_kl (grpo_kernels::topk_forward_kl and its recomputing backward op) in a fullgraph
+    step: a masked mean of the losses plus the four detached rows; the eager rows, loss and the
+    gradients of hidden, weight and bias."""
+    h, w, b, g = _head(12)
+    K = 4
+    teacher = torch.randn(*h.shape[:-1], w.shape[0], generator=g, dtype=torch.float64).log_softmax(-1)
+    top = teacher.topk(K, dim=-1)
+    mask = torch.rand(h.shape[:-1], generator=g) > 0.3
+
+    def step(h, w, b):
+        rows = gk.topk_forward_kl(h, w, top.indices, top.values, bias=b, temperature=0.9, logit_softcap=softcap,
+                                  log_prob_min_clamp=clamp, chunk_size=4)
+        loss = (rows.losses * mask).sum() / mask.sum().clamp(min=1)
+        return loss, (rows.losses, rows.student_mass, rows.teacher_mass, rows.overlap_count.double(),
+                      rows.overlap_token_advantage)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in (h, w, b)]
+        loss, extras = fn(*leaves)
+        loss.backward()
+        return loss.detach(), extras, tuple(x.grad for x in leaves)
+
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILER)
+    _assert_close(run(compiled), run(step))
+
+
+def test_token_statistics_and_topk_dynamic_shapes():
+    """The fake impls take symbolic sizes: a second shape recompiles once, a third reuses the graph."""
+    def step(h, w, ids, lt, targets):
+        st = gk.token_statistics(h, w, targets, backend="torch")
+        rows = gk.topk_forward_kl(h, w, ids, lt)
+        return rows.losses.sum() + st.sum_pi_squared.sum(), rows.overlap_count
+
+    compiled = torch.compile(step, fullgraph=True, backend=COMPILER)
+    for i, (B, T) in enumerate(((3, 5), (4, 7), (5, 6))):
+        h, w, _, g = _head(B, B=B, T=T)
+        ids = torch.randint(0, w.shape[0], (B, T, 3), generator=g)
+        lt = -1.0 - torch.rand(B, T, 3, generator=g, dtype=torch.float64)
+        targets = torch.randint(0, w.shape[0], (B, T), generator=g)
+        hc = h.clone().requires_grad_()
+        with torch._dynamo.config.patch(error_on_recompile=i == 2):
+            got, count = compiled(hc, w, ids, lt, targets)
+        got.backward()
+        he = h.clone().requires_grad_()
+        want, count_e = step(he, w, ids, lt, targets)
+        want.backward()
+        assert rel_err(got, want) <= TOL and torch.equal(count, count_e)
+        assert rel_err(hc.grad, he.grad) <= TOL

@@ -72,3 +72,15 @@ def test_exported_from_the_package_top_level():
     assert grpo_kernels.topk_forward_kl is topk_forward_kl
     assert grpo_kernels.token_statistics is api.token_statistics
     assert {"topk_forward_kl", "token_statistics"} <= set(grpo_kernels.__all__)
+
+
+def test_no_double_backward():
+    """The backward op (grpo_kernels::topk_forward_kl_backward) has no autograd of its own: a
+    create_graph backward is a clear error, not a silently wrong second derivative."""
+    g = torch.Generator().manual_seed(stable_seed("topk-double-backward"))
+    h = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 6, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, 9, (4, 2), generator=g)
+    rows = topk_forward_kl(h, w, ids, torch.full((4, 2), -1.5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="topk_forward_kl has no double backward"):
+        torch.autograd.grad(rows.losses.sum(), [h], create_graph=True)
