@@ -120,6 +120,10 @@ struct Xform {
 // online softmax statistics: m = running max, s = sum exp(u - m), t = sum exp(u - m) (u - m).
 // ENT = false: the log-prob-only pass, without the entropy's sum t (left 0).
 
+// partial sums of one host vector (online_add): a fixed count, so that the summation order is the
+// same in every instantiation whatever the compiler vectorizes
+constexpr int kHostSums = 16;
+
 template <class A>
 struct Online {
   A m, s, t;
@@ -164,13 +168,32 @@ GRPO_HD inline void online_add(Online<typename P::A>& o, const typename P::A* u,
   if (cm > o.m) online_rescale<P, ENT>(o, cm);  // a NaN element reaches the sums below
   const A mm = o.m;
   A bs = A(0), bt = A(0);
-  if constexpr (P::kSimd) {  // the host's wide vectors: reassociated by the vectorizer
-    GRPO_PRAGMA_SIMD_SUM(bs, bt)
-    for (int k = 0; k < W; ++k) {
-      const A e = P::exp(u[k] - mm);
-      bs += e;
-      if (ENT) bt += ent_term(e, u[k] - mm);
+  if constexpr (P::kSimd) {
+    // the host's wide vectors: kHostSums partial sums, column k into partial k % kHostSums, then a
+    // fixed pairwise tree. A reduction clause would let the vectorizer pick the partials per
+    // instantiation: the log-prob-only pass (ENT = false) and the entropy pass then summed the same
+    // row in different orders, and grpo_loss's logps stopped equalling token_logprobs' bitwise
+    // when unrelated code joined the translation unit (tests/test_batch_invariance.py)
+    constexpr int K = kHostSums;
+    static_assert(W % K == 0, "the host vector width must be a multiple of kHostSums");
+    GRPO_HOST_ALIGN A ps[K], pt[K];
+    for (int j = 0; j < K; ++j) ps[j] = pt[j] = A(0);
+    for (int k0 = 0; k0 < W; k0 += K) {
+      GRPO_PRAGMA_SIMD
+      for (int j = 0; j < K; ++j) {
+        const A d = u[k0 + j] - mm, e = P::exp(d);
+        ps[j] += e;
+        if (ENT) pt[j] += ent_term(e, d);
+      }
     }
+    for (int h = K / 2; h > 0; h /= 2) {
+      for (int j = 0; j < h; ++j) {
+        ps[j] += ps[j + h];
+        if (ENT) pt[j] += pt[j + h];
+      }
+    }
+    bs = ps[0];
+    bt = pt[0];
   } else {  // the device's order, element by element
     GRPO_UNROLL
     for (int k = 0; k < W; ++k) {
