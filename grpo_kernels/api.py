@@ -64,33 +64,6 @@ def _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_gra
     return hidden, weight, bias, vp
 
 
-def _count_argument(name: str, value) -> Optional[torch.Tensor]:
-    """A per-step count (num_items_in_batch, num_sequences_in_batch) as a float64 [] tensor (it
-    stays a tensor under torch.compile: no recompiles, no graph break), checked when values can
-    be read."""
-    if value is None:
-        return None
-    shown = value  # the messages show the value as given
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real number, got {value.dtype}")
-        value = value.detach().reshape(()).to(torch.float64)
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        value = torch.ones((), dtype=torch.float64) * value
-    if check.value_checks_enabled(value):
-        v = float(value)
-        shown = shown if not isinstance(shown, torch.Tensor) else v
-        if v != v or v in (float("inf"), float("-inf")):
-            raise ValueError(f"{name} must be finite, got {shown}")
-        if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {shown}")
-    return value
-
-
 def _reject_reference(execution: ExecutionOptions, vp: VocabParallel) -> None:
     if execution.backend == "reference" and vp.enabled:
         raise ValueError("backend='reference' has no vocab-parallel form; use 'auto', 'torch', 'triton' or 'cpp'")
@@ -315,8 +288,8 @@ def _grpo_loss(hidden, weight, targets, advantages, mask, old_logps, ref_logps, 
     checks, then the op."""
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
-    num_items = _count_argument("num_items_in_batch", num_items_in_batch)
-    num_sequences = _count_argument("num_sequences_in_batch", num_sequences_in_batch)
+    num_items = check.count("num_items_in_batch", num_items_in_batch)
+    num_sequences = check.count("num_sequences_in_batch", num_sequences_in_batch)
     hidden, weight, bias, vp = _vocab_parallel(hidden, weight, bias, process_group, vocab_start, reduce_grad_hidden)
     _reject_reference(execution, vp)
     check.tensor("hidden", hidden, ndim=(3,), floating=True)

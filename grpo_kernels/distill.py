@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -66,25 +65,6 @@ def _vocab_parallel(process_group, vocab_start, execution: ExecutionOptions) -> 
     return VocabParallel(group_name=collective.group_name(process_group), vocab_start=vocab_start).validate()
 
 
-def _num_items(value) -> Optional[torch.Tensor]:
-    """num_items_in_batch as a float64 [] tensor, > 0 (TRL divides by it unclamped)."""
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"num_items_in_batch must be a scalar, got shape {tuple(value.shape)}")
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"num_items_in_batch must be a real number, got {value.dtype}")
-        value = value.detach().reshape(()).to(torch.float64)
-    elif isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"num_items_in_batch must be a number, got {type(value).__name__}")
-    else:
-        value = torch.tensor(float(value), dtype=torch.float64)
-    if check.value_checks_enabled(value) and not (bool(torch.isfinite(value)) and float(value) > 0):
-        raise ValueError(f"num_items_in_batch must be a finite number > 0, got {float(value)}")
-    return value
-
-
 def _teacher_head(hidden, teacher_hidden, teacher_weight, teacher_bias, weight) -> None:
     """teacher_hidden [B, T, H_t], teacher_weight [V, H_t] (V the student's), teacher_bias [V]."""
     check.second_head(hidden, weight, teacher_hidden, teacher_weight, teacher_bias, prefix="teacher",
@@ -129,7 +109,7 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask, *, beta=1
     vocab_parallel = _vocab_parallel(process_group, vocab_start, execution)
     if not isinstance(return_metrics, bool):
         raise TypeError(f"return_metrics must be a bool, got {type(return_metrics).__name__}")
-    num_items = _num_items(num_items_in_batch)
+    num_items = check.count("num_items_in_batch", num_items_in_batch, positive=True)
     collective.refuse_dtensors("distill_loss", dict(hidden=hidden, weight=weight, bias=bias, teacher_hidden=teacher_hidden,
                           teacher_weight=teacher_weight, teacher_bias=teacher_bias))
     check.tensor("hidden", hidden, ndim=(3,), floating=True)

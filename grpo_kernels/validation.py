@@ -82,6 +82,39 @@ def nonnegative(name: str, x: torch.Tensor, what: str = "") -> None:
         raise ValueError(f"{name} must be >= 0{what}, got min {float(x.min())}")
 
 
+def count(name: str, value, *, positive: bool = False) -> Optional[torch.Tensor]:
+    """A per-step count (num_items_in_batch, num_sequences_in_batch) as a float64 [] tensor (it
+    stays a tensor under torch.compile: no recompiles, no graph break), checked when values can
+    be read: finite and >= 0, or with ``positive`` (TRL's distillation divides by it unclamped) a
+    finite number > 0."""
+    if value is None:
+        return None
+    shown = value  # the messages show the value as given
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(value.shape)}")
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number, got {value.dtype}")
+        value = value.detach().reshape(()).to(torch.float64)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        value = torch.ones((), dtype=torch.float64) * value
+    if value_checks_enabled(value):
+        v = float(value)
+        finite = v == v and v not in (float("inf"), float("-inf"))
+        if positive:
+            if not (finite and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
+            return value
+        shown = shown if not isinstance(shown, torch.Tensor) else v
+        if not finite:
+            raise ValueError(f"{name} must be finite, got {shown}")
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {shown}")
+    return value
+
+
 def token_id_dtype(name: str, targets: torch.Tensor) -> None:
     if targets.dtype not in INT_DTYPES:
         raise TypeError(f"{name} must be an integer tensor of token ids (int64/int32/int16/int8/uint8), "
