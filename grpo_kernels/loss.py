@@ -247,17 +247,18 @@ def _sequence_sweep(r: RealRows) -> LossResult:
 
 def _two_sweeps(r: RealRows) -> LossResult:
     """A sequence longer than a chunk, or a batch-scope objective: statistics for every row, the
-    coefficients, then a gradient sweep that recomputes the logits. The exact KL's values come from
-    the statistics sweep, its gradient from the gradient sweep (the reference's logits made again)."""
-    st, logp, ent, kl = _stats_sweep(r, with_kl=True)
+    coefficients, then a gradient sweep that recomputes the logits. The exact KL (values and
+    gradient) comes from the gradient sweep alone, which makes the reference's logits anyway: its
+    coefficients depend on the mask only, so the statistics sweep need not compute it."""
+    st, logp, ent, _ = _stats_sweep(r)
     inputs, weights = _aggregation(r, ent)
     loss_of = _objective(r, inputs, weights)
     dlogp, dent, loss = autodiff.gradients(loss_of, logp, ent)
     dent = dent.index_select(0, r.rows) if r.plan.entropy_grad else None
-    around = None
+    around, kl = None, None
     if r.kl is not None:
-        again, coef = _kl_rows(r, weights)  # the gradient sweep's KL values: the same, not read
-        around = lambda work: r.kl.around(work, again, coef)  # noqa: E731
+        kl, coef = _kl_rows(r, weights)
+        around = lambda work: r.kl.around(work, kl, coef)  # noqa: E731
     grads = sweep.backward_grads(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets, st,
                                  dlogp.index_select(0, r.rows), dent, r.call.needs, around=around)
     return _result(r, loss, logp, ent, grads, weights, kl, r.advantages)
