@@ -70,12 +70,11 @@ def divergence_sweep(call: DistillCall, h, ht, coef: Optional[torch.Tensor]):
     div = torch.empty(h.shape[0], dtype=acc, device=h.device)
     ent = torch.empty_like(div)
     coef = coef if any(needs) else None
-    extra = {} if plan.vocab is None else {"vocab": plan.vocab}
 
     def row_work(s, e, z):
         with torch.no_grad():  # the teacher is a constant: never a graph, never a gradient
             zt = sweep.logits(ht[s:e], call.teacher_weight, call.teacher_bias, tile)
-        div[s:e], ent[s:e] = plan.backend.divergence_rows_(z, zt, call.spec, coef, execution, **extra)
+        div[s:e], ent[s:e] = plan.backend.divergence_rows_(z, zt, call.spec, coef, execution, vocab=plan.vocab)
 
     gh, gw, gb = sweep.sweep(plan, h, call.weight, call.bias, row_work, needs)
     return div, ent, gh, gw, gb

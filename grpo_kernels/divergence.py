@@ -17,9 +17,12 @@ own cases: the mixture form's gradient has the wrong limit there (its ``(1 - bet
 ``m = p``). Everything runs in the accumulation dtype (``epilogue.accumulation_dtype``: fp32;
 fp64 for fp64 student logits). The student's entropy is ``-sum p log p``.
 
-A backend's ``divergence_rows_(zs, zt, spec, coef, execution, out=None)`` returns ``(D,
-entropy)``, [n] each in the accumulation dtype; with ``coef`` (dLoss/dD, a [] or [n] tensor) it
-writes ``coef * dD/dz_s`` into ``out`` ([n, V], the student's dtype; None: over ``zs``).
+A backend's ``divergence_rows_(zs, zt, spec, coef, execution, out=None, vocab=None)`` returns
+``(D, entropy)``, [n] each in the accumulation dtype; with ``coef`` (dLoss/dD, a [] or [n] tensor)
+it writes ``coef * dD/dz_s`` into ``out`` ([n, V], the student's dtype; None: over ``zs``).
+``vocab`` (a ``collective.VocabGroup``): the chunk is one rank's vocabulary slice of both heads and
+the row sums are combined over the ranks; only a backend with ``divergence_vocab_parallel`` takes
+one (``RowBackend.require_whole_vocabulary`` refuses it elsewhere).
 """
 from __future__ import annotations
 

@@ -72,8 +72,7 @@ class ExactKL:
             zr = sweep.logits(self.hidden[start:end], self.weight, self.bias, tile)
         # under vocab parallelism both heads' logsumexps and the row sums are all-reduced in the pass:
         # KL_t is the global one on every rank, and the gradient this rank's slice of it
-        extra = {} if self.vocab is None else {"vocab": self.vocab}
-        kl, _ = self.backend.divergence_rows_(z, zr, self.spec, coef, self.execution, out=out, **extra)
+        kl, _ = self.backend.divergence_rows_(z, zr, self.spec, coef, self.execution, out=out, vocab=self.vocab)
         return kl
 
     def around(self, row_work: Callable, kl_out: torch.Tensor, coef: Optional[torch.Tensor] = None) -> Callable:

@@ -124,3 +124,15 @@ def test_auto_on_the_cpu_keeps_the_faster_torch_divergence_pass():
     require("cpp", "cpu", _torch.float32)
     named, _ = divergence_backend(ExecutionOptions(backend="cpp").validate(), _torch.device("cpu"), _torch.float32)
     assert named.name == "cpp"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_vocabulary_slice_only_reaches_a_vocab_parallel_pass(backend):
+    """``vocab=`` is part of every backend's divergence contract: a backend without
+    ``divergence_vocab_parallel`` refuses a vocabulary slice instead of treating it as a whole row."""
+    rows = divergence_row_backend(backend, torch.float32)
+    if rows.divergence_vocab_parallel:
+        pytest.skip(f"{backend} takes vocabulary slices (tests/test_distributed.py)")
+    zs, zt = torch.randn(2, 20), torch.randn(2, 20)
+    with pytest.raises(ValueError, match=f"^backend '{backend}' has no vocab-parallel divergence row pass"):
+        rows.divergence_rows_(zs, zt, _spec(0.5), None, ExecutionOptions().validate(), vocab=object())

@@ -20,7 +20,7 @@ float dtype, rows contiguous). With ``s = c * tanh(z / c)`` for ``options.logit_
   sampling. Returns ``(RowStats, epilogue.TokenEpilogue)``.
 - ``group_normalize(rewards, num_generations, scale_rewards, eps)`` (optional):
   ``advantages.normalize_groups`` in a kernel.
-- ``divergence_rows_(zs, zt, spec, coef, execution, out=None)`` (optional): the divergence row
+- ``divergence_rows_(zs, zt, spec, coef, execution, out=None, vocab=None)`` (optional): the divergence row
   pass of distillation and of GRPO's exact KL; its contract is ``grpo_kernels.divergence``.
 
 What crosses the fused boundary, the codes the kernels take and the accumulation dtype are the
@@ -91,6 +91,12 @@ class RowBackend:
         """Bytes of temporaries per logit of a chunk that ``divergence_rows_`` needs on ``device``
         beyond both heads' logits (a fused kernel: none)."""
         return 0
+
+    def require_whole_vocabulary(self, vocab) -> None:
+        """Refuses a vocabulary slice (``vocab``, a ``collective.VocabGroup``) in a divergence pass
+        without ``divergence_vocab_parallel`` (``backends.divergence_backend`` never picks one)."""
+        if vocab is not None:
+            raise ValueError(f"backend {self.name!r} has no vocab-parallel divergence row pass")
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None if this backend can run on (device, dtype), else the reason it cannot."""

@@ -399,11 +399,12 @@ class CppRowBackend(RowBackend):
         return (RowStats(lse=lse, entropy=ent, target_logit=tl),
                 TokenEpilogue(loss, dlogp, rewards["adv_out"] if rewards else None))
 
-    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None, vocab=None):
         """The divergence row pass (contract: ``grpo_kernels.divergence``) in one kernel: D and the
         student's entropy [n] in the accumulation dtype; with ``coef`` ([] or [n]) ``coef * dD/dz_s``
         into ``out`` ([n, V], zs's dtype; None: over ``zs``). The teacher's logits ``zt`` are read in
         their own dtype. ``execution`` is unused: the reduction order is fixed by V and the launch."""
+        self.require_whole_vocabulary(vocab)
         ext = load_extension()
         acc = accumulation_dtype(zs.dtype)
         dev = zs.device

@@ -69,7 +69,8 @@ class TritonRowBackend(RowBackend):
     def group_normalize(self, rewards, num_generations, scale_rewards, eps):
         return advantages_kernel.group_normalize(rewards, num_generations, scale_rewards, eps)
 
-    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None):
+    def divergence_rows_(self, zs, zt, spec, coef, execution, out=None, vocab=None):
+        self.require_whole_vocabulary(vocab)
         return divergence_kernel.divergence_rows_(zs, zt, spec, coef, execution, out)
 
 
