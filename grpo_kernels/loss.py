@@ -112,13 +112,9 @@ def grpo_loss_forward(call: LossCall) -> LossResult:
 def _stats_sweep(r: RealRows, with_kl: bool = False):
     """(row statistics [n], logp [B*T], entropy [B*T], exact KL [n] or None) of a statistics-only
     sweep; the exact KL of every row (when the call has it) with ``with_kl``."""
-    if not (with_kl and r.kl is not None):
-        st = sweep.forward_stats(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets)
-        return st, r.full(st.logp), r.full(st.entropy), None
-    st = RowStats.empty(r.hidden.shape[0], r.hidden.dtype, r.hidden.device)
-    kl = torch.empty_like(st.lse)
-    work = r.kl.around(lambda s, e, z: st.put_(s, e, sweep.stats(r.plan, z, r.targets[s:e])), kl)
-    sweep.sweep(r.plan, r.hidden, r.call.weight, r.call.bias, work)
+    kl = torch.empty(r.hidden.shape[0], dtype=r.acc, device=r.hidden.device) if with_kl and r.kl is not None else None
+    around = None if kl is None else (lambda work: r.kl.around(work, kl))
+    st = sweep.forward_stats(r.plan, r.hidden, r.call.weight, r.call.bias, r.targets, around=around)
     return st, r.full(st.logp), r.full(st.entropy), kl
 
 

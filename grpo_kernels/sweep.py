@@ -172,10 +172,15 @@ def fused_(plan: Plan, z, targets, token_inputs: TokenInputs):
     return st, epi
 
 
-def forward_stats(plan: Plan, hidden, weight, bias, targets) -> RowStats:
-    """Per-row lse, entropy and target logit, [n] each (no gradient work)."""
+def forward_stats(plan: Plan, hidden, weight, bias, targets, around: Optional[Callable] = None) -> RowStats:
+    """Per-row lse, entropy and target logit, [n] each (no gradient work). ``around``: wraps the
+    per-chunk callback (more work on the same logits: the exact KL), as in ``backward_grads``."""
     out = RowStats.empty(hidden.shape[0], hidden.dtype, hidden.device)
-    sweep(plan, hidden, weight, bias, lambda s, e, z: out.put_(s, e, stats(plan, z, targets[s:e])))
+
+    def row_work(s, e, z):
+        out.put_(s, e, stats(plan, z, targets[s:e]))
+
+    sweep(plan, hidden, weight, bias, row_work if around is None else around(row_work))
     return out
 
 
