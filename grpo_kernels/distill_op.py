@@ -44,9 +44,9 @@ def divergence_plan(h: torch.Tensor, weight: torch.Tensor, teacher_dtype: torch.
     alone, so a deterministic run makes the same chunks every time."""
     n, vocab = h.shape[0], weight.shape[0]
     backend, _why = divergence_backend(execution, h.device, h.dtype, vocab_parallel.enabled)
-    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
     rows = planning.chunk_rows(n, vocab, h.dtype, None, execution.chunk_size, h.device,
-                               bytes_per_logit=size(h.dtype) + size(teacher_dtype) + backend.divergence_temp_bytes(h.device))
+                               bytes_per_logit=h.dtype.itemsize + teacher_dtype.itemsize
+                               + backend.divergence_temp_bytes(h.device))
     group = _vocab_group(vocab_parallel, h, weight, tokens, rows)
     rows = rows if group is None else group.chunk_rows
     bounds = tuple(planning.uniform_chunks(n, rows))

@@ -128,7 +128,7 @@ def chunk_rows(n: int, vocab: int, dtype: torch.dtype, backend: Optional[RowBack
         return max(1, min(chunk_size, max(n, 1)))
     if bytes_per_logit is None:
         temps = backend.temp_bytes(device if device is not None else "cpu")
-        bytes_per_logit = torch.empty((), dtype=dtype).element_size() + temps
+        bytes_per_logit = dtype.itemsize + temps
     return chunk_rule(device, dtype).rows(max(n, 1), max(1, vocab * bytes_per_logit))
 
 
@@ -294,6 +294,5 @@ def exact_kl_bytes(dtype: torch.dtype, ref_dtype: torch.dtype, backend: RowBacke
     gradient's buffer (the policy's dtype, alive across the GRPO row pass), and the larger of the
     reference's logits with the divergence pass's temporaries and the GRPO row pass's temporaries
     (the two passes run one after the other)."""
-    size = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
-    return 2 * size(dtype) + max(size(ref_dtype) + divergence.divergence_temp_bytes(device),
-                                 backend.temp_bytes(device))
+    return 2 * dtype.itemsize + max(ref_dtype.itemsize + divergence.divergence_temp_bytes(device),
+                                    backend.temp_bytes(device))
