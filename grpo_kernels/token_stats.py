@@ -19,6 +19,7 @@ import torch
 
 from grpo_kernels import plan as planner, sweep
 from grpo_kernels.backends.base import RowStats, slab_bounds
+from grpo_kernels.backends.torch_chunked import scaled_logits
 from grpo_kernels.calls import LogprobsCall
 from grpo_kernels.epilogue import accumulation_dtype
 
@@ -45,11 +46,7 @@ def sum_pi_squared_rows(z: torch.Tensor, lse: torch.Tensor, temperature: float,
     acc = accumulation_dtype(z.dtype)
     out = torch.empty(z.shape[0], dtype=acc, device=z.device)
     for s, e in slab_bounds(z.shape[0], z.shape[1], SLAB_ELEMS):
-        u = z[s:e].to(acc, copy=True)
-        if softcap is not None:
-            u.div_(softcap).tanh_().mul_(softcap)
-        if temperature != 1.0:
-            u.div_(temperature)
+        u = scaled_logits(z[s:e], temperature, softcap, copy=True)
         out[s:e] = u.sub_(lse[s:e].to(acc).unsqueeze(1)).mul_(2.0).exp_().sum(-1)
     return out
 

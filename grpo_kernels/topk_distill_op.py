@@ -16,15 +16,9 @@ from typing import Optional, Tuple
 import torch
 
 from grpo_kernels import plan as planner, sweep
+from grpo_kernels.backends.torch_chunked import scaled_chain_into_, scaled_logits
 from grpo_kernels.calls import TopKCall, TopKGradCall
 from grpo_kernels.epilogue import accumulation_dtype
-
-
-def _scaled(z: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
-    u = z.to(accumulation_dtype(z.dtype), copy=True)
-    if softcap is not None:
-        u.div_(softcap).tanh_().mul_(softcap)
-    return u.div_(temperature) if temperature != 1.0 else u
 
 
 def _clamped(x: torch.Tensor, floor: Optional[float]) -> torch.Tensor:
@@ -63,7 +57,7 @@ def topk_forward(call: TopKCall):
     opts, ids, lt = call.options, call.teacher_topk_ids, call.teacher_topk_logps
 
     def row_work(s, e, z):
-        r = _rows_forward(_scaled(z, opts.temperature, opts.logit_softcap), ids[s:e], lt[s:e], call.log_prob_min_clamp)
+        r = _rows_forward(scaled_logits(z, opts.temperature, opts.logit_softcap, copy=True), ids[s:e], lt[s:e], call.log_prob_min_clamp)
         for buf, val in zip((*outs, count, adv), r):
             buf[s:e] = val
 
@@ -81,18 +75,13 @@ def topk_backward(grad: TopKGradCall):
     up = grad.grad_losses.to(accumulation_dtype(call.hidden.dtype))
 
     def row_work(s, e, z):
-        u = _scaled(z, opts.temperature, opts.logit_softcap)
+        u = scaled_logits(z, opts.temperature, opts.logit_softcap, copy=True)
         lse = torch.logsumexp(u, dim=-1, keepdim=True)
         ls = u.gather(1, ids[s:e]) - lse
         keep = torch.ones_like(ls) if floor is None else (ls >= floor).to(ls.dtype)
         g = -lt_floor[s:e].exp() * keep * up[s:e].unsqueeze(1)  # dL/d ls_k
         grad_u = u.sub_(lse).exp_().mul_(-g.sum(-1, keepdim=True)).scatter_add_(1, ids[s:e], g)
-        if opts.temperature != 1.0:
-            grad_u.div_(opts.temperature)
-        if opts.logit_softcap is not None:
-            t = torch.tanh(z.to(grad_u.dtype) / opts.logit_softcap)
-            grad_u.mul_(1 - t * t)
-        z.copy_(grad_u)
+        scaled_chain_into_(grad_u, z, opts.temperature, opts.logit_softcap)
 
     with torch.no_grad():
         return sweep.sweep(_plan(call, needs), call.hidden, call.weight, call.bias, row_work, needs)

@@ -16,9 +16,11 @@ from grpo_kernels.backends.base import RowBackend, RowStats, slab_bounds
 from grpo_kernels.epilogue import accumulation_dtype
 
 
-def scaled_logits(logits: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
-    """u = softcap(z) / T in the accumulation dtype (a new [n, V] tensor)."""
-    u = logits.to(accumulation_dtype(logits.dtype))
+def scaled_logits(logits: torch.Tensor, temperature: float, softcap: Optional[float],
+                  copy: bool = False) -> torch.Tensor:
+    """u = softcap(z) / T in the accumulation dtype, [n, V]: ``logits`` itself when it is already
+    in that dtype and neither applies, unless ``copy`` (then always a new tensor, free to modify)."""
+    u = logits.to(accumulation_dtype(logits.dtype), copy=copy)
     if softcap is not None:
         u = torch.tanh(u / softcap) * softcap
     return u / temperature if temperature != 1.0 else u
@@ -28,6 +30,17 @@ def _gather_targets(u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     valid = targets >= 0
     picked = u.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def scaled_chain_into_(g: torch.Tensor, logits: torch.Tensor, temperature: float, softcap: Optional[float]) -> None:
+    """``logits`` = g * du/dz for the gradient ``g`` with respect to u = softcap(z) / T (``g`` [n, V]
+    is clobbered): the temperature's 1 / T, then the softcap's 1 - tanh(z / c)^2."""
+    if temperature != 1.0:
+        g.div_(temperature)
+    if softcap is not None:
+        t = torch.tanh(logits.to(g.dtype) / softcap)
+        g.mul_(1 - t * t)
+    logits.copy_(g)
 
 
 class TorchRowBackend(RowBackend):
@@ -116,12 +129,7 @@ class TorchRowBackend(RowBackend):
         if dentropy is not None:
             g.sub_(ent_term * dentropy.unsqueeze(1))
             del ent_term
-        if temperature != 1.0:
-            g.div_(temperature)
-        if softcap is not None:
-            t = torch.tanh(logits.to(g.dtype) / softcap)
-            g.mul_(1 - t * t)
-        logits.copy_(g)
+        scaled_chain_into_(g, logits, temperature, softcap)
 
 
 BACKEND = TorchRowBackend()
