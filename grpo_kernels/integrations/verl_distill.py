@@ -35,7 +35,7 @@ from grpo_kernels.api import token_logprobs
 from grpo_kernels.integrations import transformers as gkt
 from grpo_kernels.integrations.verl_config import SETTINGS
 from grpo_kernels.integrations.verl_loss import fused_ppo_loss
-from grpo_kernels.integrations.verl_step import EngineStep, packed_hidden, prepare_step, run_step
+from grpo_kernels.integrations.verl_step import EngineStep, head_output, packed_hidden, prepare_step, run_step
 from grpo_kernels.topk_distill import topk_forward_kl
 
 __all__ = ["TOPK_KEYS", "distillation_configs", "run_distillation_step"]
@@ -77,10 +77,7 @@ def run_distillation_step(engine, micro_batch, config, distillation_config):
     """``forward_step(micro_batch, distillation_ppo_loss, forward_only=False)`` from hidden states:
     ``(loss, {"model_output", "loss", "metrics"})`` as verl's step returns them."""
     step, model_inputs = prepare_step(engine, micro_batch, config)
-    fn = functools.partial(_distill_in_forward, step, distillation_config)
-    loss, metrics, model_output = run_step(engine, model_inputs, fn)
-    output = {"model_output": model_output, "loss": loss.detach().item(), "metrics": metrics}
-    return loss, output
+    return run_step(engine, model_inputs, functools.partial(_distill_in_forward, step, distillation_config))
 
 
 def _flags(step: EngineStep) -> tuple:
@@ -120,19 +117,15 @@ def _distill_in_forward(step: EngineStep, distillation_config, lm, **inputs):
     with gkt.kernel_head(lm, packed) as (h, w, b, softcap):
         mo = _topk_rows(step, distillation_config, h, w, b, softcap) if use_topk else {}
         if fuse_policy:
-            mo.update(hidden_states=h, lm_head_weight=w, lm_head_bias=b, logit_softcap=softcap, labels=step.labels,
-                      temperature=step.temperature, calculate_entropy=step.calc_entropy)
-            with _fused_policy_loss():
-                loss, metrics = dl.distillation_ppo_loss(step.config, distillation_config, model_output=mo,
-                                                         data=step.micro_batch, dp_group=step.dp_group)
-        else:
-            if not only or step.calc_entropy:
-                out = token_logprobs(h, w, step.labels, bias=b, temperature=step.temperature, logit_softcap=softcap,
-                                     return_entropy=step.calc_entropy, backend=SETTINGS.backend,
-                                     chunk_size=SETTINGS.chunk_size)
-                logp, ent = out if step.calc_entropy else (out, None)
-                mo.update({} if only else {"log_probs": _nested(logp, step)})
-                mo.update({} if ent is None else {"entropy": _nested(ent, step)})
+            mo.update(head_output(step, h, w, b, softcap))
+        elif not only or step.calc_entropy:
+            out = token_logprobs(h, w, step.labels, bias=b, temperature=step.temperature, logit_softcap=softcap,
+                                 return_entropy=step.calc_entropy, backend=SETTINGS.backend,
+                                 chunk_size=SETTINGS.chunk_size)
+            logp, ent = out if step.calc_entropy else (out, None)
+            mo.update({} if only else {"log_probs": _nested(logp, step)})
+            mo.update({} if ent is None else {"entropy": _nested(ent, step)})
+        with _fused_policy_loss() if fuse_policy else contextlib.nullcontext():
             loss, metrics = dl.distillation_ppo_loss(step.config, distillation_config, model_output=mo,
                                                      data=step.micro_batch, dp_group=step.dp_group)
     keep = (*TOPK_KEYS, "log_probs", "entropy")

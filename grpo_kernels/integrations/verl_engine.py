@@ -16,7 +16,7 @@ from grpo_kernels.integrations.verl_config import SETTINGS
 from grpo_kernels.integrations.verl_distill import distillation_configs, run_distillation_step
 from grpo_kernels.integrations.verl_forward import BACKEND_NAME, capture_sum_pi_squared
 from grpo_kernels.integrations.verl_loss import fused_ppo_loss
-from grpo_kernels.integrations.verl_step import EngineStep, packed_hidden, prepare_step, run_step
+from grpo_kernels.integrations.verl_step import EngineStep, head_output, packed_hidden, prepare_step, run_step
 
 __all__ = ["ppo_config", "wrap_forward_step", "run_fused_step", "wants_fused_sum_pi_squared",
            "forward_with_sum_pi_squared"]
@@ -121,9 +121,7 @@ def run_fused_step(engine, micro_batch, config):
     """``forward_step(micro_batch, ppo_loss, forward_only=False)`` with ``fused_ppo_loss`` in the forward:
     ``(loss, {"model_output", "loss", "metrics"})`` as verl's step returns them."""
     step, model_inputs = prepare_step(engine, micro_batch, config)
-    loss, metrics, model_output = run_step(engine, model_inputs, functools.partial(_loss_in_forward, step))
-    output = {"model_output": model_output, "loss": loss.detach().item(), "metrics": metrics}
-    return loss, output
+    return run_step(engine, model_inputs, functools.partial(_loss_in_forward, step))
 
 
 def _loss_in_forward(step: EngineStep, lm, **inputs):
@@ -131,7 +129,6 @@ def _loss_in_forward(step: EngineStep, lm, **inputs):
     -> (loss, metrics, the detached packed log-probs / entropies)."""
     packed = packed_hidden(step, lm, **inputs)
     with gkt.kernel_head(lm, packed) as (h, w, b, softcap):
-        mo = {"hidden_states": h, "lm_head_weight": w, "lm_head_bias": b, "logit_softcap": softcap,
-              "labels": step.labels, "temperature": step.temperature, "calculate_entropy": step.calc_entropy}
+        mo = head_output(step, h, w, b, softcap)
         loss, metrics = fused_ppo_loss(step.config, mo, step.micro_batch, step.dp_group)
     return loss, metrics, {k: mo[k] for k in ("log_probs", "entropy") if k in mo}

@@ -19,7 +19,7 @@ from grpo_kernels.integrations import transformers as gkt
 from grpo_kernels.integrations.common import enable_fused_forward, run_in_forward
 from grpo_kernels.integrations.verl_config import scalar_temperature
 
-__all__ = ["EngineStep", "prepare_step", "run_step", "packed_hidden", "refuse_unsupported"]
+__all__ = ["EngineStep", "prepare_step", "run_step", "head_output", "packed_hidden", "refuse_unsupported"]
 
 
 class EngineStep(NamedTuple):
@@ -76,8 +76,9 @@ def prepare_step(engine, micro_batch, config):
 
 
 def run_step(engine, model_inputs: dict, fn: Callable):
-    """``fn(causal_lm, **model_inputs)`` inside the engine's FSDP module's forward, under the engine's
-    autocast (none for float32 parameters, as verl's step); returns what ``fn`` returns."""
+    """``fn(causal_lm, **model_inputs)`` -> ``(loss, metrics, model_output)`` inside the engine's FSDP
+    module's forward, under the engine's autocast (none for float32 parameters, as verl's step);
+    returns ``(loss, {"model_output", "loss", "metrics"})`` as verl's ``forward_step`` does."""
     from verl.workers.engine.fsdp import transformer_impl as impl
 
     enable_fused_forward(engine.module)
@@ -85,7 +86,15 @@ def run_step(engine, model_inputs: dict, fn: Callable):
     autocast_ctx = (contextlib.nullcontext() if autocast_dtype == torch.float32
                     else torch.autocast(device_type=impl.get_device_name(), dtype=autocast_dtype))
     with autocast_ctx:
-        return run_in_forward(engine.module, fn, **model_inputs, use_cache=False)
+        loss, metrics, model_output = run_in_forward(engine.module, fn, **model_inputs, use_cache=False)
+    return loss, {"model_output": model_output, "loss": loss.detach().item(), "metrics": metrics}
+
+
+def head_output(step: EngineStep, h, w, b, softcap) -> dict:
+    """The model_output ``fused_ppo_loss`` reads: the packed head operands (``kernel_head``'s), the
+    labels, the temperature and whether to compute entropies."""
+    return {"hidden_states": h, "lm_head_weight": w, "lm_head_bias": b, "logit_softcap": softcap,
+            "labels": step.labels, "temperature": step.temperature, "calculate_entropy": step.calc_entropy}
 
 
 def packed_hidden(step: EngineStep, lm, **inputs) -> torch.Tensor:
