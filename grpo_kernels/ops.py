@@ -98,6 +98,19 @@ def _tl_setup(ctx, inputs, output):
     ctx.has_bias = call.bias is not None
 
 
+def _head_needs(ctx) -> Tuple[bool, bool, bool]:
+    """The gradients a recomputing backward must make: (hidden, weight, bias), the op's first three
+    arguments (``ctx.has_bias``: a bias was given)."""
+    return ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]
+
+
+def _head_grads(needs, grads, call_class) -> tuple:
+    """The backward's return: (hidden, weight, bias) gradients where ``needs`` asks, None for every
+    other argument of ``call_class``'s op."""
+    picked = tuple(g if need else None for g, need in zip(grads, needs))
+    return picked + (None,) * (len(call_class.PARAMS) - len(picked))
+
+
 def _no_double_backward(what: str) -> None:
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
@@ -111,7 +124,7 @@ def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     _no_double_backward("token_logprobs")
     hidden, weight, bias, targets, lse, entropy, logp = ctx.saved_tensors
     fwd: LogprobsCall = ctx.call
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+    needs = _head_needs(ctx)
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     if not fwd.need_entropy:  # the entropy was not computed: nobody can depend on it
@@ -124,8 +137,7 @@ def _tl_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     with torch.autocast(hidden.device.type, enabled=False) if hidden.device.type in ("cpu", "cuda") \
             else contextlib.nullcontext():
         gh, gw, gb = _tl_backward_op(*call.to_op_args())
-    grads = (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
-    return grads + (None,) * (len(LogprobsCall.PARAMS) - len(grads))
+    return _head_grads(needs, (gh, gw, gb), LogprobsCall)
 
 
 _tl_op.register_autograd(_tl_backward, setup_context=_tl_setup)
@@ -314,12 +326,11 @@ def _topk_setup(ctx, inputs, output):
 def _topk_backward(ctx, grad_losses, *_unused):
     _no_double_backward("topk_forward_kl")
     hidden, weight, bias, ids, lt = ctx.saved_tensors
-    needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2])
+    needs = _head_needs(ctx)
     call = dataclasses.replace(ctx.call, hidden=hidden, weight=weight, bias=bias, teacher_topk_ids=ids,
                                teacher_topk_logps=lt)
     gh, gw, gb = _topk_backward_op(*TopKGradCall(call, grad_losses.to(lt.dtype), needs).to_op_args())
-    grads = (gh if needs[0] else None, gw if needs[1] else None, gb if needs[2] else None)
-    return grads + (None,) * (len(TopKCall.PARAMS) - len(grads))
+    return _head_grads(needs, (gh, gw, gb), TopKCall)
 
 
 _topk_op.register_autograd(_topk_backward, setup_context=_topk_setup)
