@@ -224,6 +224,12 @@ DIVERGENCE_PARAMS: Params = (("beta", float), ("temperature", float), ("logit_sc
                              ("teacher_logit_softcap", Optional[float]))
 
 
+#: the distillation op's tensors: both heads, the kept positions [N] bool, the divisor or None
+DISTILL_TENSOR_PARAMS: Params = (("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]),
+                                 ("teacher_hidden", Tensor), ("teacher_weight", Tensor),
+                                 ("teacher_bias", Optional[Tensor]), ("keep", Tensor), ("num_items", Optional[Tensor]))
+
+
 @dataclass(frozen=True)
 class DistillCall:
     """A ``grpo_kernels::distill_loss`` call. hidden [N, H], weight [V, H], bias [V] or None: the
@@ -246,12 +252,8 @@ class DistillCall:
     vocab_parallel: VocabParallel
     needs: Tuple[bool, bool, bool]
 
-    TENSORS: ClassVar[Tuple[str, ...]] = ("hidden", "weight", "bias", "teacher_hidden", "teacher_weight",
-                                          "teacher_bias", "keep", "num_items")
-    PARAMS: ClassVar[Params] = ((("hidden", Tensor), ("weight", Tensor), ("bias", Optional[Tensor]),
-                                 ("teacher_hidden", Tensor), ("teacher_weight", Tensor),
-                                 ("teacher_bias", Optional[Tensor]), ("keep", Tensor), ("num_items", Optional[Tensor]))
-                                + DIVERGENCE_PARAMS + EXECUTION_OP_PARAMS + (("needs", List[bool]),))
+    TENSORS: ClassVar[Tuple[str, ...]] = _names(DISTILL_TENSOR_PARAMS)
+    PARAMS: ClassVar[Params] = DISTILL_TENSOR_PARAMS + DIVERGENCE_PARAMS + EXECUTION_OP_PARAMS + (("needs", List[bool]),)
     NAMES: ClassVar[Tuple[str, ...]] = _names(PARAMS)
 
     def to_op_args(self) -> tuple:
